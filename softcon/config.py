@@ -1,0 +1,288 @@
+"""One typed configuration for every stage.
+
+Each stage has a frozen pydantic model; the same models are the Prefect flow parameters, so the Prefect
+UI shows them as typed forms and refuses bad values before a run starts. Values come, from lowest to
+highest precedence, from the field defaults, a YAML file (one section per stage), ``SOFTCON_<STAGE>__<FIELD>``
+environment variables (for example ``SOFTCON_TRAIN__STEPS=500``) and CLI options.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import EnvSettingsSource
+
+from softcon.settings import get_settings
+
+S2_L2A_BANDS: tuple[str, ...] = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
+)  # fmt: skip
+"""Sentinel-2 L2A bands in the order the cube and the training store keep them (no B10 in L2A)."""
+S1_POLARIZATIONS: tuple[str, ...] = ("VV", "VH")
+S2Band = Literal["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+CollectionName = Literal["sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-rtc", "sentinel-1-grd"]
+"""STAC collections the ingest stage knows how to read (see ``tasks/collections.py``)."""
+LabelScheme = Literal["worldcover", "dynamic-world", "io-lulc", "corine-bigearthnet19"]
+
+
+def _default_path(name: str) -> str:
+    return str(get_settings().data_dir / name)
+
+
+class StageConfig(BaseModel):
+    """Common behaviour: frozen, unknown keys refused (a typo in YAML is an error, not a silent default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class IngestConfig(StageConfig):
+    """Search a STAC source and load Sentinel-2/-1 onto a fixed UTM tile grid in a Zarr cube."""
+
+    stac: str = Field(description="STAC API URL, static catalog, or ItemCollection file.")
+    collections: list[CollectionName] = Field(
+        default=["sentinel-2-l2a", "sentinel-1-rtc"], min_length=1, description="STAC collections to search."
+    )
+    bbox: tuple[float, float, float, float] = Field(description="Area as lon/lat west,south,east,north.")
+    start: date = Field(description="First acquisition day (inclusive).")
+    end: date = Field(description="Last acquisition day (inclusive).")
+    bands: list[S2Band] = Field(default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands.")
+    resolution: float = Field(default=10.0, gt=0, description="Pixel size in metres.")
+    tile_size: int = Field(default=256, gt=0, description="Tile side in pixels.")
+    max_cloud: float = Field(default=80.0, ge=0, le=100, description="Max item eo:cloud_cover, percent.")
+    max_tile_cloud: float = Field(
+        default=0.8, ge=0, le=1, description="Skip a tile-date whose SCL cloud/shadow fraction is above this."
+    )
+    max_tile_nodata: float = Field(
+        default=0.5, ge=0, le=1, description="Skip a tile-date whose nodata fraction is above this."
+    )
+    cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
+
+    @field_validator("bbox")
+    @classmethod
+    def _check_bbox(cls, bbox: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        west, south, east, north = bbox
+        if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
+            raise ValueError(f"bbox {bbox} is outside lon [-180, 180] / lat [-90, 90]; give W,S,E,N in degrees")
+        if west >= east or south >= north:
+            raise ValueError(f"bbox {bbox} needs west < east and south < north (order: W,S,E,N)")
+        return bbox
+
+    @model_validator(mode="after")
+    def _check_dates(self) -> Self:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+class LabelsConfig(StageConfig):
+    """Bring a land-cover product onto every tile of a cube as its ``landcover`` array."""
+
+    cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
+    source: str = Field(description="STAC API URL or file, a local raster, or a vector file.")
+    collection: str = Field(default="esa-worldcover", description="Collection to search when source is STAC.")
+    scheme: LabelScheme | str = Field(
+        default="worldcover", description="Class scheme name, or a path to a YAML code-to-class mapping."
+    )
+    class_field: str | None = Field(default=None, description="Class attribute of vector sources.")
+
+
+class PreprocessConfig(StageConfig):
+    """Cut tiles into patches with Dask and write the training store."""
+
+    cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
+    out: str = Field(default_factory=lambda: _default_path("store.zarr"), description="Training store.")
+    patch_size: int = Field(default=264, gt=0, description="Patch side in pixels (SSL4EO-S12: 264).")
+    stride: int | None = Field(default=None, gt=0, description="Patch stride in pixels; default patch_size.")
+    max_cloud_fraction: float = Field(default=0.1, ge=0, le=1, description="Drop patches cloudier than this.")
+    max_nodata_fraction: float = Field(default=0.05, ge=0, le=1, description="Drop patches with more nodata.")
+    label_threshold: float = Field(
+        default=0.05, ge=0, le=1, description="A class is present when it covers more than this fraction."
+    )
+    min_labelled_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Patches with less labelled area are flagged as unlabelled."
+    )
+    split_block: int | None = Field(
+        default=None, gt=0, description="Side in pixels of the spatial split blocks; default one tile."
+    )
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    seed: int = 0
+    dask_address: str | None = Field(default=None, description="Existing scheduler; default LocalCluster.")
+    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
+
+    @model_validator(mode="after")
+    def _check_split(self) -> Self:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no training split"
+            )
+        if self.stride is not None and self.stride > self.patch_size:
+            raise ValueError(f"stride {self.stride} is larger than patch_size {self.patch_size}")
+        return self
+
+
+class TrainConfig(StageConfig):
+    """SoftCon pretraining of an encoder on a training store."""
+
+    store: str = Field(default_factory=lambda: _default_path("store.zarr"), description="Training store.")
+    sensor: Literal["s2", "s1"] = Field(default="s2", description="Which modality the encoder sees.")
+    backbone: str = Field(default="resnet18", description="timm model name (resnet18, resnet50, vit_small…).")
+    weights: str | None = Field(default=None, description="Local pretrained weights file.")
+    lambda_soft: float = Field(default=1.0, ge=0, description="Weight of the soft term; 0 = hard contrastive.")
+    label_similarity: Literal["cosine", "jaccard", "fractions"] = "cosine"
+    temperature: float = Field(default=0.1, gt=0, description="InfoNCE temperature.")
+    mask_ratio: float = Field(default=0.3, ge=0, lt=1, description="Siamese masking ratio of the student view.")
+    mask_patch: int = Field(default=8, gt=0, description="Side in pixels of the masked squares.")
+    ema_momentum: float = Field(default=0.99, gt=0, le=1, description="Teacher EMA momentum at step 0.")
+    embed_dim: int = Field(default=128, gt=0, description="Projection head output size.")
+    crop_size: int | None = Field(default=None, gt=0, description="Random crop at training time.")
+    batch_size: int = Field(default=64, gt=1)
+    steps: int = Field(default=300, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    resume: bool = Field(default=False, description="Continue from the last checkpoint in out.")
+    out: str = Field(default_factory=lambda: _default_path("checkpoints"), description="Checkpoint folder.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    seed: int = 0
+
+
+class EvaluateConfig(StageConfig):
+    """Frozen-encoder linear probing and kNN on multi-label targets."""
+
+    model: str | None = Field(default=None, description="MLflow run id of a train stage, or a checkpoint file.")
+    store: str | None = Field(default=None, description="Training store whose held-out split is evaluated.")
+    bigearthnet: str | None = Field(default=None, description="BigEarthNet-format folder.")
+    split: Literal["val", "test"] = "test"
+    knn_k: int = Field(default=10, gt=0)
+    probe_epochs: int = Field(default=100, gt=0)
+    probe_lrs: list[float] = Field(default=[1e-3, 1e-2, 1e-1], min_length=1)
+    batch_size: int = Field(default=256, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_dataset(self) -> Self:
+        if self.store is None and self.bigearthnet is None:
+            raise ValueError("give a dataset to evaluate on: store (a training store) or bigearthnet (a folder)")
+        return self
+
+
+class PipelineConfig(StageConfig):
+    """All stages in order under one MLflow parent run; the stages share the cube and the store."""
+
+    name: str = Field(default="softcon", description="MLflow experiment of this pipeline.")
+    ingest: IngestConfig
+    labels: LabelsConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig | None = None
+
+    @model_validator(mode="after")
+    def _link_stages(self) -> Self:
+        """Each stage reads what the one before it wrote: one cube, one store."""
+        cube, store = self.ingest.cube, self.preprocess.out
+        evaluate = self.evaluate or EvaluateConfig(store=store)
+        object.__setattr__(self, "labels", self.labels.model_copy(update={"cube": cube}))
+        object.__setattr__(self, "preprocess", self.preprocess.model_copy(update={"cube": cube}))
+        object.__setattr__(self, "train", self.train.model_copy(update={"store": store}))
+        object.__setattr__(self, "evaluate", evaluate.model_copy(update={"store": store}))
+        return self
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names each bad field and what is allowed."""
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file, refusing anything that is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def _env_values(model: type[BaseModel], section: str | None) -> dict[str, Any]:
+    if section is None:  # the pipeline: one env source per stage section
+        values: dict[str, Any] = {}
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            stage = next(
+                (t for t in getattr(annotation, "__args__", (annotation,)) if isinstance(t, type)), None
+            )
+            if stage is not None and issubclass(stage, StageConfig):
+                found = _env_values(stage, name)
+                if found:
+                    values[name] = found
+        return values
+    source = EnvSettingsSource(
+        model,  # type: ignore[arg-type]
+        env_prefix=f"SOFTCON_{section.upper()}__",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+    return source()
+
+
+def format_validation_error(error: ValidationError, section: str | None = None) -> str:
+    """One line per bad field: where it is, what was given, what is allowed."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in ((section,) if section else ()) + tuple(item["loc"]))
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) or item["type"] == "missing" else f" (given: {given!r})"
+        lines.append(f"  {location or '<config>'}: {item['msg']}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(
+    model: type[Config],
+    *,
+    section: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build a stage (or pipeline) config from defaults < YAML section < environment < overrides.
+
+    Args:
+        model: the config class, e.g. ``TrainConfig``.
+        section: the YAML section and env prefix of a stage (``"train"``); ``None`` for the pipeline.
+        config_file: optional YAML file.
+        overrides: values given on the command line; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: naming every invalid field and the allowed values.
+    """
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data = read_yaml(config_file)
+        if section is not None:
+            data = data.get(section) or {}
+    data = _deep_merge(data, _env_values(model, section))
+    data = _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, section)) from error
