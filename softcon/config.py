@@ -229,9 +229,7 @@ def _env_values(model: type[BaseModel], section: str | None) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, field in model.model_fields.items():
             annotation = field.annotation
-            stage = next(
-                (t for t in getattr(annotation, "__args__", (annotation,)) if isinstance(t, type)), None
-            )
+            stage = next((t for t in getattr(annotation, "__args__", (annotation,)) if isinstance(t, type)), None)
             if stage is not None and issubclass(stage, StageConfig):
                 found = _env_values(stage, name)
                 if found:

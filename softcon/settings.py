@@ -66,4 +66,5 @@ def configure_runtime(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     # The temporary local Prefect API starts on demand; give it time on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return settings

@@ -1,0 +1,40 @@
+"""Ingest flow: search a STAC source and load Sentinel-2/-1 scenes into the Zarr cube."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger, task
+
+from flows.result import StageResult
+from flows.tracking import stage_run
+from softcon.config import IngestConfig
+from tasks.ingest import run_ingest
+
+ingest_task = task(run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30])
+
+
+@flow(name="ingest")
+def ingest_flow(config: IngestConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
+    """Ingest every item matching the request onto the tile grid; re-running adds only new dates."""
+    logger = get_run_logger()
+    with stage_run("ingest", config, parent_run_id=parent_run_id, experiment=experiment) as run:
+        report = ingest_task(config)
+        metrics = report.metrics()
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            listing = Path(folder) / "ingest_report.json"
+            listing.write_text(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+            mlflow.log_artifact(str(listing))
+        logger.info(
+            "ingested %d items into %d tiles of %s (%d tile-dates written)",
+            report.items_ingested,
+            len(report.tiles),
+            config.cube,
+            report.tile_dates_written,
+        )
+        return StageResult(stage="ingest", run_id=run.info.run_id, output=config.cube, metrics=metrics)

@@ -1,0 +1,50 @@
+"""Train flow: SoftCon pretraining of an encoder, every step recorded in MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+from prefect import flow, get_run_logger, task
+
+from flows.result import StageResult
+from flows.tracking import stage_run
+from softcon.config import TrainConfig
+from tasks.train import load_encoder, run_training
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+"""Artifact folder of the final checkpoint in a train run; the evaluate stage reads it from there."""
+
+
+def _log_step_metrics(step: int, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics, step=step)
+
+
+train_task = task(run_training, name="soft-contrastive-training")
+
+
+def log_encoder(checkpoint: str) -> None:
+    """Log the evaluation encoder as an MLflow model with an input/output signature."""
+    encoder, meta = load_encoder(checkpoint)
+    encoder.eval()
+    size = int(meta.get("patch_size") or 32)
+    example = torch.zeros(1, int(meta["in_chans"]), size, size)
+    with torch.no_grad():
+        output = encoder(example)
+    signature = mlflow.models.infer_signature(example.numpy(), output.numpy())
+    mlflow.pytorch.log_model(encoder, name="encoder", signature=signature, pip_requirements=["torch", "timm"])
+
+
+@flow(name="train")
+def train_flow(config: TrainConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
+    """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
+    logger = get_run_logger()
+    with stage_run("train", config, parent_run_id=parent_run_id, experiment=experiment) as run:
+        result = train_task(config, on_metrics=_log_step_metrics)
+        mlflow.log_metrics(
+            {f"final_{name}": value for name, value in result.metrics.items()}
+            | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}
+        )
+        mlflow.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
+        log_encoder(str(result.checkpoint))
+        logger.info("trained %s for %d steps: loss %.4f", config.backbone, result.steps, result.metrics["loss"])
+        return StageResult(stage="train", run_id=run.info.run_id, output=str(result.checkpoint), metrics=result.metrics)

@@ -1,0 +1,5 @@
+"""Allow ``python -m softcon``."""
+
+from softcon.cli import main
+
+main()

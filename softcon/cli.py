@@ -1,0 +1,326 @@
+"""The ``softcon`` command: one subcommand per stage, plus ``pipeline``, ``demo`` and ``sample-data``.
+
+Every option can also come from a YAML file (``--config``, one section per stage) or from
+``SOFTCON_<STAGE>__<FIELD>`` environment variables; options given here win. Each stage prints the MLflow
+run id it logged to.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from softcon.config import (
+    ConfigError,
+    EvaluateConfig,
+    IngestConfig,
+    LabelsConfig,
+    PipelineConfig,
+    PreprocessConfig,
+    TrainConfig,
+    load_config,
+)
+from softcon.settings import configure_runtime, get_settings
+
+app = typer.Typer(
+    help="Sentinel-1/2 + land cover → SoftCon pretraining, each stage a Prefect flow and an MLflow run.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML file with one section per stage.", show_default=False),
+]
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _parse_bbox(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not four numbers W,S,E,N", param_hint="--bbox") from None
+    if len(values) != 4:
+        raise typer.BadParameter(f"{text!r} has {len(values)} numbers, expected W,S,E,N", param_hint="--bbox")
+    return values
+
+
+def _build(model: type, section: str | None, config_file: Path | None, overrides: dict[str, Any]) -> Any:
+    try:
+        return load_config(model, section=section, config_file=config_file, overrides=overrides)
+    except ConfigError as error:
+        err_console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _run(stage_flow: Any, config: Any) -> Any:
+    """Run a stage flow, turning the errors users can fix into a message instead of a traceback."""
+    try:
+        result = stage_flow(config)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    return result
+
+
+def _print_result(result: Any) -> None:
+    console.print(f"MLflow run id: [bold]{result.run_id}[/bold]   output: {result.output}")
+    for name, value in sorted(result.metrics.items()):
+        console.print(f"  {name} = {value:g}")
+
+
+@app.command()
+def ingest(
+    stac: Annotated[str | None, typer.Option(help="STAC API URL, static catalog or ItemCollection file.")] = None,
+    collection: Annotated[
+        list[str] | None, typer.Option("--collection", help="Collection to search (repeat for several).")
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="Area as lon/lat W,S,E,N, e.g. 11.0,46.4,11.1,46.5.")] = None,
+    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")] = None,
+    bands: Annotated[str | None, typer.Option(help="Sentinel-2 bands, e.g. B02,B03,B04,B08.")] = None,
+    resolution: Annotated[float | None, typer.Option(help="Pixel size in metres [default: 10].")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 256].")] = None,
+    max_cloud: Annotated[float | None, typer.Option(help="Max item cloud cover, percent [default: 80].")] = None,
+    cube: Annotated[str | None, typer.Option(help="Cube path or URL [default: .softcon/data/cube.zarr].")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Search a STAC source and load Sentinel-2 L2A / Sentinel-1 onto a UTM tile grid in a Zarr cube."""
+    overrides = {
+        "stac": stac,
+        "collections": collection,
+        "bbox": _parse_bbox(bbox),
+        "start": start,
+        "end": end,
+        "bands": _split_list(bands),
+        "resolution": resolution,
+        "tile_size": tile_size,
+        "max_cloud": max_cloud,
+        "cube": cube,
+    }
+    settings_config = _build(IngestConfig, "ingest", config, overrides)
+    configure_runtime()
+    from flows.ingest import ingest_flow
+
+    _print_result(_run(ingest_flow, settings_config))
+
+
+@app.command()
+def labels(
+    cube: Annotated[str | None, typer.Option(help="Cube written by `softcon ingest`.")] = None,
+    source: Annotated[str | None, typer.Option(help="STAC API URL or file, a local raster, or a vector file.")] = None,
+    scheme: Annotated[str | None, typer.Option(help="worldcover, dynamic-world, io-lulc, … or a YAML file.")] = None,
+    class_field: Annotated[str | None, typer.Option(help="Class attribute of a vector source.")] = None,
+    collection: Annotated[str | None, typer.Option(help="Collection when source is STAC.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Bring a land-cover product onto every tile of the cube (the ``landcover`` array)."""
+    overrides = {
+        "cube": cube,
+        "source": source,
+        "scheme": scheme,
+        "class_field": class_field,
+        "collection": collection,
+    }
+    stage_config = _build(LabelsConfig, "labels", config, overrides)
+    configure_runtime()
+    from flows.labels import labels_flow
+
+    _print_result(_run(labels_flow, stage_config))
+
+
+@app.command()
+def preprocess(
+    cube: Annotated[str | None, typer.Option(help="Cube with s2, scl, s1 and landcover.")] = None,
+    out: Annotated[str | None, typer.Option(help="Training store to write.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels [default: 264].")] = None,
+    stride: Annotated[int | None, typer.Option(help="Patch stride in pixels [default: patch size].")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Cut tiles into patches with Dask: quality checks, targets, split, statistics → training store."""
+    overrides = {
+        "cube": cube,
+        "out": out,
+        "patch_size": patch_size,
+        "stride": stride,
+        "dask_address": dask_address,
+    }
+    stage_config = _build(PreprocessConfig, "preprocess", config, overrides)
+    configure_runtime()
+    from flows.preprocess import preprocess_flow
+
+    _print_result(_run(preprocess_flow, stage_config))
+
+
+@app.command()
+def train(
+    store: Annotated[str | None, typer.Option(help="Training store written by `softcon preprocess`.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="timm model name [default: resnet18].")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
+    lambda_soft: Annotated[
+        float | None, typer.Option(help="Weight of the soft term; 0 = hard contrastive [default: 1].")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """SoftCon pretraining of an encoder on the training store (GPU when there is one)."""
+    overrides = {
+        "store": store,
+        "backbone": backbone,
+        "weights": weights,
+        "lambda_soft": lambda_soft,
+        "steps": steps,
+        "batch_size": batch_size,
+        "resume": resume or None,
+    }
+    stage_config = _build(TrainConfig, "train", config, overrides)
+    configure_runtime()
+    from flows.train import train_flow
+
+    _print_result(_run(train_flow, stage_config))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="MLflow run id of a train stage, or a checkpoint.")] = None,
+    store: Annotated[str | None, typer.Option(help="Training store; its held-out split is evaluated.")] = None,
+    bigearthnet: Annotated[str | None, typer.Option(help="BigEarthNet-format folder.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Linear probe and kNN of the frozen encoder: mAP micro/macro and F1 on multi-label targets."""
+    overrides = {"model": model, "store": store, "bigearthnet": bigearthnet}
+    stage_config = _build(EvaluateConfig, "evaluate", config, overrides)
+    if stage_config.model is None:
+        err_console.print("[red]error:[/red] --model is required (an MLflow train run id or a checkpoint file)")
+        raise typer.Exit(2)
+    configure_runtime()
+    from flows.evaluate import evaluate_flow
+
+    _print_result(_run(evaluate_flow, stage_config))
+
+
+@app.command()
+def pipeline(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML file with one section per stage.")],
+) -> None:
+    """Run every stage in order under one MLflow parent run."""
+    pipeline_config = _build(PipelineConfig, None, config, {})
+    configure_runtime()
+    from flows.pipeline import pipeline_flow
+
+    results = _run(pipeline_flow, pipeline_config)
+    print_summary(results, pipeline_config)
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the sample COGs and STAC items [default: .softcon/sample]."),
+    ] = None,
+    tiles: Annotated[int, typer.Option(min=1, help="Number of tiles.")] = 4,
+    tile_size: Annotated[int, typer.Option(min=16, help="Tile side in pixels.")] = 256,
+    dates: Annotated[int, typer.Option(min=1, help="Sentinel-2 acquisition dates.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write deterministic Sentinel-like sample scenes, a land-cover COG and STAC Items to a folder."""
+    from tasks.sample_data import write_sample_data
+
+    out = out or get_settings().root / "sample"
+    sample = write_sample_data(out, tiles=tiles, tile_size=tile_size, dates=dates, seed=seed)
+    console.print(f"wrote sample catalog to {sample.root}")
+    console.print(f"  items: {sample.items_file}")
+    console.print(f"  bbox: {','.join(f'{v:.5f}' for v in sample.bbox)}   dates: {sample.start} .. {sample.end}")
+    console.print(f"serve it with: rustac serve {sample.items_file} --create-collections")
+
+
+@app.command()
+def demo(
+    tiles: Annotated[int, typer.Option(min=1, help="Number of sample tiles.")] = 4,
+    tile_size: Annotated[int, typer.Option(min=64, help="Tile side in pixels.")] = 256,
+    dates: Annotated[int, typer.Option(min=2, help="Sentinel-2 acquisition dates.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 300,
+) -> None:
+    """Run the whole pipeline on generated sample scenes behind a local STAC API, with no server to start."""
+    settings = configure_runtime()
+    from flows.pipeline import pipeline_flow
+    from softcon.demo import demo_config
+    from tasks.sample_data import write_sample_data
+    from tasks.stac_server import serve_stac
+
+    console.rule("softcon demo")
+    sample = write_sample_data(settings.root / "sample", tiles=tiles, tile_size=tile_size, dates=dates)
+    console.print(f"sample scenes: {sample.root}")
+    with serve_stac([sample.items_file]) as stac_url:
+        console.print(f"local STAC API: {stac_url}")
+        config = demo_config(
+            stac_url,
+            sample.bbox,
+            str(sample.start),
+            str(sample.end),
+            settings,
+            steps=steps,
+            tile_size=tile_size,
+        )
+        results = _run(pipeline_flow, config)
+    print_summary(results, config)
+
+
+def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
+    """What the pipeline made, how good it is, how long each stage took, and where the records are."""
+    settings = get_settings()
+    results = pipeline_result.stages
+    ingest_metrics = results["ingest"].metrics
+    preprocess_metrics = results["preprocess"].metrics
+    train_metrics = results["train"].metrics
+    evaluate_metrics = results["evaluate"].metrics
+    table = Table(title="softcon pipeline", show_header=True)
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("MLflow run")
+    table.add_column("result")
+    lines = {
+        "ingest": f"{ingest_metrics.get('tiles', 0):g} tiles, {ingest_metrics.get('dates', 0):g} dates, "
+        f"{ingest_metrics.get('tile_dates_written', 0):g} tile-dates written now",
+        "labels": f"{results['labels'].metrics.get('classes_present', 0):g} classes present",
+        "preprocess": f"{preprocess_metrics.get('patches_kept', 0):g} patches "
+        f"({preprocess_metrics.get('samples_train', 0):g} train)",
+        "train": f"final loss {train_metrics.get('loss', float('nan')):.4f}",
+        "evaluate": f"linear-probe mAP micro {evaluate_metrics.get('linear_map_micro', float('nan')):.3f} "
+        f"macro {evaluate_metrics.get('linear_map_macro', float('nan')):.3f}",
+    }
+    for stage, result in results.items():
+        table.add_row(stage, f"{result.seconds:.1f}", result.run_id, lines.get(stage, ""))
+    console.print(table)
+    console.print(f"MLflow experiment '{config.name}', parent run {pipeline_result.run_id}, in {settings.tracking_uri}")
+    console.print(f"  open it:  mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000")
+    console.print(f"  Prefect flow runs in {settings.root / 'prefect'}")
+    console.print(f"  open it:  PREFECT_HOME={settings.root / 'prefect'} prefect server start")
+    console.print(
+        f"  cube: {config.ingest.cube}   store: {config.preprocess.out}   checkpoint: {results['train'].output}"
+    )
+
+
+def main() -> None:
+    """Entry point for ``python -m softcon``."""
+    app(prog_name="softcon")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
