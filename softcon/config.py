@@ -260,24 +260,27 @@ def load_config(
     *,
     section: str | None = None,
     config_file: str | Path | None = None,
+    base: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a stage (or pipeline) config from defaults < YAML section < environment < overrides.
+    """Build a stage (or pipeline) config from defaults < base < YAML section < environment < overrides.
 
     Args:
         model: the config class, e.g. ``TrainConfig``.
         section: the YAML section and env prefix of a stage (``"train"``); ``None`` for the pipeline.
         config_file: optional YAML file.
+        base: preset values below the YAML file (the demo's sizes, for instance).
         overrides: values given on the command line; ``None`` values are ignored.
 
     Raises:
         ConfigError: naming every invalid field and the allowed values.
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     if config_file is not None:
-        data = read_yaml(config_file)
+        from_file = read_yaml(config_file)
         if section is not None:
-            data = data.get(section) or {}
+            from_file = from_file.get(section) or {}
+        data = _deep_merge(data, from_file)
     data = _deep_merge(data, _env_values(model, section))
     data = _deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
     try:

@@ -25,7 +25,7 @@ def demo_config(
     tile_size: int = 256,
     overrides: dict[str, Any] | None = None,
 ) -> PipelineConfig:
-    """The demo's pipeline configuration over the sample area (env and overrides still apply)."""
+    """The demo's pipeline configuration over the sample area; ``SOFTCON_*`` variables still override it."""
     data = settings.data_dir
     demo: dict[str, Any] = {
         "name": DEMO_EXPERIMENT,
@@ -56,11 +56,4 @@ def demo_config(
         },
         "evaluate": {"probe_epochs": 100},
     }
-    return load_config(PipelineConfig, overrides=_merge(demo, overrides or {}))
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
-    return merged
+    return load_config(PipelineConfig, base=demo, overrides=overrides)

@@ -133,3 +133,9 @@ def test_stage_configs_have_json_schemas_for_the_prefect_ui() -> None:
     ingest = schema["$defs"]["IngestConfig"]["properties"]
     assert ingest["bbox"]["description"].startswith("Area as lon/lat")
     assert "B8A" in str(ingest["bands"])
+
+
+def test_base_values_sit_below_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFTCON_TRAIN__STEPS", "5")
+    config = load_config(TrainConfig, section="train", base={"steps": 300, "batch_size": 8})
+    assert (config.steps, config.batch_size) == (5, 8)
