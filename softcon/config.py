@@ -182,18 +182,30 @@ class PipelineConfig(StageConfig):
     labels: LabelsConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig | None = None
+    evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig(store=_default_path("store.zarr")))
 
-    @model_validator(mode="after")
-    def _link_stages(self) -> Self:
-        """Each stage reads what the one before it wrote: one cube, one store."""
-        cube, store = self.ingest.cube, self.preprocess.out
-        evaluate = self.evaluate or EvaluateConfig(store=store)
-        object.__setattr__(self, "labels", self.labels.model_copy(update={"cube": cube}))
-        object.__setattr__(self, "preprocess", self.preprocess.model_copy(update={"cube": cube}))
-        object.__setattr__(self, "train", self.train.model_copy(update={"store": store}))
-        object.__setattr__(self, "evaluate", evaluate.model_copy(update={"store": store}))
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _link_stages(cls, data: Any) -> Any:
+        """Each stage reads what the one before it wrote: the ingest cube and the preprocess store."""
+        if not isinstance(data, dict):
+            return data
+
+        def section(name: str) -> dict[str, Any]:
+            value = data.get(name) or {}
+            return value.model_dump() if isinstance(value, BaseModel) else dict(value)
+
+        linked = dict(data)
+        ingest, preprocess = section("ingest"), section("preprocess")
+        cube = ingest.get("cube") or _default_path("cube.zarr")
+        store = preprocess.get("out") or _default_path("store.zarr")
+        if ingest:
+            linked["ingest"] = ingest | {"cube": cube}
+        linked["labels"] = section("labels") | {"cube": cube}
+        linked["preprocess"] = preprocess | {"cube": cube, "out": store}
+        linked["train"] = section("train") | {"store": store}
+        linked["evaluate"] = section("evaluate") | {"store": store}
+        return linked
 
 
 Config = TypeVar("Config", bound=BaseModel)

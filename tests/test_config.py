@@ -139,3 +139,10 @@ def test_base_values_sit_below_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOFTCON_TRAIN__STEPS", "5")
     config = load_config(TrainConfig, section="train", base={"steps": 300, "batch_size": 8})
     assert (config.steps, config.batch_size) == (5, 8)
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "pipeline.example.yaml"
+    config = load_config(PipelineConfig, config_file=example)
+    assert config.labels.cube == config.ingest.cube
+    assert config.evaluate.store == config.preprocess.out
