@@ -1,0 +1,134 @@
+"""Encoder: a timm backbone as a feature extractor, its input layer adapted to the sensor's channels.
+
+Pretrained weights come only from a local file (never downloaded). When the file's first layer has
+3-channel RGB filters and the encoder sees Sentinel-2 bands, the filters are mapped band by band:
+
+    B04 <- R,  B03 <- G,  B02 <- B,  every other band <- mean(R, G, B)
+
+and the whole kernel is then multiplied by 3 / in_chans, so that an input with the same per-channel
+statistics gives first-layer activations of the same size as the RGB original (timm's
+``adapt_input_conv`` uses the same rescaling). Without band names (e.g. Sentinel-1 VV/VH) every channel
+gets mean(R, G, B), rescaled the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+RGB_TO_S2: dict[str, int] = {"B04": 0, "B03": 1, "B02": 2}
+"""Which RGB filter (0=R, 1=G, 2=B) initialises each visible Sentinel-2 band."""
+
+
+def build_encoder(
+    backbone: str,
+    in_chans: int,
+    weights: str | Path | None = None,
+    *,
+    bands: Sequence[str] | None = None,
+    img_size: int | None = None,
+) -> nn.Module:
+    """A timm model with ``in_chans`` inputs and no classifier: (B, C, H, W) -> (B, num_features).
+
+    Args:
+        backbone: timm model name, e.g. "resnet18", "resnet50", "vit_tiny_patch16_224".
+        in_chans: number of input channels (12 Sentinel-2 L2A bands, 2 Sentinel-1 polarisations).
+        weights: optional local weights file (.safetensors, or a torch state dict .pt/.pth).
+        bands: band names in input order, used to map RGB filters (see module docstring).
+        img_size: input side for ViTs (position embeddings); other sizes still work (dynamic size).
+
+    Raises:
+        ValueError: unknown backbone, or a weights file that does not fit the model (the message lists
+            the missing and unexpected keys and the shape mismatches).
+    """
+    if in_chans <= 0:
+        raise ValueError(f"in_chans must be > 0, got {in_chans}")
+    kwargs: dict[str, object] = {}
+    if backbone.startswith(("vit", "deit", "eva")):
+        kwargs = {"img_size": img_size or 224, "dynamic_img_size": True}
+    try:
+        model = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=0, **kwargs)
+    except RuntimeError as error:  # timm raises RuntimeError("Unknown model ...")
+        raise ValueError(f"unknown backbone {backbone!r}: {error}") from error
+    if weights is not None:
+        load_pretrained(model, weights, bands=bands)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a torch file (weights_only); unwraps {"state_dict"/"model": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def adapt_first_conv(weight: torch.Tensor, in_chans: int, bands: Sequence[str] | None = None) -> torch.Tensor:
+    """Map (O, 3, k, k) RGB filters to (O, in_chans, k, k) following the module docstring's rule."""
+    if weight.shape[1] != 3:
+        raise ValueError(f"can only adapt 3-channel RGB filters, got {weight.shape[1]} channels")
+    mean = weight.mean(dim=1)  # (O, k, k)
+    channels = []
+    for c in range(in_chans):
+        band = bands[c] if bands is not None and c < len(bands) else None
+        channels.append(weight[:, RGB_TO_S2[band]] if band in RGB_TO_S2 else mean)
+    return torch.stack(channels, dim=1) * (3.0 / in_chans)  # (O, in_chans, k, k)
+
+
+def load_pretrained(model: nn.Module, path: str | Path, *, bands: Sequence[str] | None = None) -> None:
+    """Load a local weights file into ``model`` with a strict key check (classifier keys are dropped)."""
+    state = read_state_dict(path)
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    classifier = cfg.get("classifier")
+    classifiers = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    state = {k: v for k, v in state.items() if not any(k.startswith(f"{c}.") for c in classifiers)}
+
+    own = model.state_dict()
+    first_conv = cfg.get("first_conv")
+    conv_key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
+    if conv_key in state and conv_key in own:
+        in_chans = own[conv_key].shape[1]
+        if state[conv_key].shape[1] != in_chans:
+            if state[conv_key].shape[1] != 3:
+                raise ValueError(
+                    f"{path}: first layer {conv_key} has {state[conv_key].shape[1]} input channels; "
+                    f"the model needs {in_chans} and only 3-channel RGB filters can be adapted"
+                )
+            state[conv_key] = adapt_first_conv(state[conv_key], in_chans, bands)
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+        )
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"weights file {path} does not fit {type(model).__name__}:\n"
+            f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}\n"
+            f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}"
+        )
+    model.load_state_dict(state, strict=True)

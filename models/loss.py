@@ -1,0 +1,137 @@
+"""SoftCon loss: InfoNCE between the two views plus a label-guided soft contrastive term.
+
+The published SoftCon code (Wang et al., 2024) does not include the training loss, so this module is
+the project's own reading of the paper, written out here and kept configurable:
+
+    z  = student embeddings (B, D), z' = teacher embeddings (B, D), both L2-normalised.
+
+    Instance term (symmetric InfoNCE, positive = the same scene's other view):
+        S_ij      = <z_i, z'_j> / tau
+        instance  = 1/2 * [ mean_i CE(S_i,:, i) + mean_j CE(S_:,j, j) ]
+    Both directions are kept (as in CLIP / MoCo v3): the gradient reaches the student through rows and
+    columns; the teacher is an EMA copy, so it receives no gradient either way.
+
+    Soft term (SigLIP-style sigmoid over all pairs, soft targets from the labels):
+        T_ij = sim(y_i, y_j)                      cosine of multi-hot vectors (default), Jaccard,
+                                                  or cosine of class-fraction vectors ("fractions")
+        P_ij = sigmoid(exp(s) * <z_i, z'_j> + b)  learnable log-scale s (init log 10) and bias b
+        soft = mean over pairs (i, j) with both i and j labelled of BCE(P_ij, T_ij)
+    Scenes without labels are masked out of the soft term (their rows and columns), so they contribute
+    only to the instance term. An all-zero label vector has similarity 0 to everything (also itself).
+
+    loss = instance + lambda_soft * soft         (lambda_soft = 0 is the hard-contrastive baseline)
+
+Bias initialisation: SigLIP starts at b = -10 because with hard targets only B of the B^2 pairs are
+positive. Here the targets are soft and land-cover scenes share classes often (mean T is typically
+0.3-0.6), so the default starts at b = 0, where P covers [sigmoid(-10), sigmoid(10)] symmetrically and the
+first steps are not spent only on moving the bias. ``init_bias=-10`` gives the SigLIP start.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LabelSimilarity = Literal["cosine", "jaccard", "fractions"]
+LABEL_SIMILARITIES: tuple[str, ...] = ("cosine", "jaccard", "fractions")
+
+
+def label_similarity(labels: torch.Tensor, *, kind: LabelSimilarity = "cosine") -> torch.Tensor:
+    """Target similarity T (B, B) in [0, 1] between label vectors (B, K).
+
+    ``labels`` is the multi-hot matrix for "cosine" and "jaccard", the class-fraction matrix for
+    "fractions" (cosine of non-negative vectors, so also in [0, 1]).
+    """
+    if kind not in LABEL_SIMILARITIES:
+        raise ValueError(f"label similarity {kind!r} is not one of {LABEL_SIMILARITIES}")
+    y = labels.float()  # (B, K)
+    if kind == "jaccard":
+        y = (y > 0).float()
+        intersection = y @ y.T  # (B, B)
+        union = y.sum(1, keepdim=True) + y.sum(1) - intersection  # (B, B)
+        return torch.where(union > 0, intersection / union.clamp_min(1), torch.zeros_like(union))
+    # cosine; F.normalize maps an all-zero vector to zero, so its similarity is 0
+    y = F.normalize(y, dim=1, eps=1e-8)  # (B, K)
+    return (y @ y.T).clamp(0, 1)  # (B, B)
+
+
+class SoftConLoss(nn.Module):
+    """Instance InfoNCE + lambda_soft * label-guided sigmoid BCE (formula in the module docstring).
+
+    Args:
+        temperature: InfoNCE temperature tau.
+        lambda_soft: weight of the soft term; 0 gives pure InfoNCE.
+        label_similarity: "cosine" (multi-hot), "jaccard" (multi-hot) or "fractions" (class fractions).
+        init_scale: initial value of the sigmoid scale (stored as its log, learnable).
+        init_bias: initial value of the sigmoid bias (learnable).
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        lambda_soft: float = 1.0,
+        label_similarity: LabelSimilarity = "cosine",
+        init_scale: float = 10.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if label_similarity not in LABEL_SIMILARITIES:
+            raise ValueError(f"label_similarity {label_similarity!r} is not one of {LABEL_SIMILARITIES}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.lambda_soft = lambda_soft
+        self.label_similarity = label_similarity
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        z_teacher: torch.Tensor,
+        labels: torch.Tensor,
+        labelled: torch.Tensor,
+        fractions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for a batch.
+
+        Args:
+            z: student embeddings (B, D), L2-normalised.
+            z_teacher: teacher embeddings of the other view (B, D), L2-normalised.
+            labels: multi-hot labels (B, K).
+            labelled: (B,) bool, False for scenes without labels.
+            fractions: class fractions (B, K); required when label_similarity is "fractions".
+
+        Returns:
+            {"loss", "instance", "soft"}: scalar tensors; "loss" carries the gradient.
+        """
+        z = z.float()
+        z_teacher = z_teacher.float()
+        B = z.shape[0]
+        similarity = z @ z_teacher.T  # (B, B) cosine, student rows x teacher columns
+        targets = torch.arange(B, device=z.device)
+
+        logits = similarity / self.temperature  # (B, B)
+        instance = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+        if self.label_similarity == "fractions":
+            if fractions is None:
+                raise ValueError("label_similarity='fractions' needs the fractions tensor")
+            target = label_similarity(fractions, kind="fractions")  # (B, B)
+        else:
+            target = label_similarity(labels, kind=self.label_similarity)  # (B, B)
+        labelled = labelled.bool()
+        pair_mask = labelled[:, None] & labelled[None, :]  # (B, B)
+        pair_logits = self.log_scale.exp() * similarity + self.bias  # (B, B)
+        bce = F.binary_cross_entropy_with_logits(pair_logits, target, reduction="none")  # (B, B)
+        n_pairs = pair_mask.sum()
+        # with no labelled pair the soft term is 0 but stays in the graph (DDP wants every parameter used)
+        soft = (bce * pair_mask).sum() / n_pairs.clamp_min(1)
+
+        loss = instance + self.lambda_soft * soft
+        return {"loss": loss, "instance": instance.detach(), "soft": soft.detach()}
