@@ -1,0 +1,542 @@
+"""Preprocess stage: cut the cube's tiles into patches with Dask and write the training store.
+
+Three passes, each a map over small units on the Dask cluster, so no process ever holds the cube:
+
+1. per tile (``summarize_tile``): the patch grid, each patch-date's SCL cloud and S2 nodata fractions,
+   and each patch location's class fractions from the land cover (one land cover per location);
+2. per block of samples (``write_sample_block``): read the kept patches' S2 and nearest-date S1 from
+   the cube and write them as one shard of the store; the driver records finished blocks;
+3. per block of samples (``block_train_stats``): per-band moments and histograms of the training
+   samples, tree-reduced into the normalization statistics.
+
+Between 1 and 2 the driver builds the sample plan (order, spatial split, targets) and creates the
+store; see ``tasks/training_store.py`` for the layout and how a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time as timer
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
+from tasks import norm_stats, patches, split, training_store
+from tasks.training_store import SamplePlan
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+S1_MAX_GAP = np.timedelta64(3, "D")
+"""An S1 acquisition pairs with an S2 date when it is at most this far from it (nearest one wins)."""
+SAMPLES_PER_BLOCK = 64
+"""Samples per write block = per shard of the image arrays: one read of a shard is one batch."""
+
+ProgressCallback = Callable[[str, int, int], None]
+"""on_progress(step, done, total), step one of "tiles", "blocks", "stats"."""
+
+
+@dataclass(frozen=True)
+class CubeIndex:
+    """What the driver needs to know about a cube, read from its coordinates and attributes only."""
+
+    tiles: tuple[str, ...]
+    tile_shapes: tuple[tuple[int, int], ...]
+    times: tuple[np.ndarray, ...]  # per tile, datetime64[ns]
+    s1_times: tuple[np.ndarray, ...]  # per tile, datetime64[ns], empty when the tile has no s1
+    class_codes: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TileSummary:
+    """Per-tile result of pass 1: small arrays, sent from a worker to the driver."""
+
+    tile_id: str
+    windows: np.ndarray  # (n_windows, 2) int32 row, col
+    times: np.ndarray  # (n_times,) datetime64[ns]
+    verdicts: np.ndarray  # (n_times, n_windows) uint8 KEEP / DROP_CLOUD / DROP_NODATA
+    fractions: np.ndarray  # (n_windows, n_classes) float32
+    labelled_fraction: np.ndarray  # (n_windows,) float64
+
+
+@dataclass(frozen=True)
+class PreprocessReport:
+    """Outcome of ``run_preprocess``."""
+
+    store: str
+    """Path or URL of the training store."""
+    counts: dict[str, int]
+    """patches (total patch-dates), kept, dropped_cloud, dropped_nodata, and samples per split."""
+    seconds: float
+    """Wall time of this call."""
+    norm_stats: dict[str, Any]
+    """{"s2": {"mean", "std", "p01", "p99", "count"}, "s1": {...}} over the training split."""
+    dashboard_link: str | None = None
+    """Dask dashboard of the cluster used, None when the store was reused."""
+    reused: bool = False
+    """True when a complete store with the same fingerprint was found and nothing was computed."""
+
+    def metrics(self) -> dict[str, float]:
+        """Flat float metrics for MLflow."""
+        metrics = {f"{key}": float(value) for key, value in self.counts.items()}
+        metrics["kept_fraction"] = self.counts["kept"] / max(self.counts["patches"], 1)
+        metrics["seconds"] = self.seconds
+        return metrics
+
+
+def _open_tile(cube: str, tile_id: str) -> xr.Dataset:
+    # chunks=None: lazy backend arrays, no Dask graph inside a worker task (which could otherwise try to
+    # use the distributed scheduler it is running on).
+    return xr.open_zarr(cube, group=f"tiles/{tile_id}", chunks=None, consolidated=False)
+
+
+def read_cube_index(cube: str) -> CubeIndex:
+    """Tiles, their shapes and dates, and the class scheme of a cube; validates the contract.
+
+    Raises:
+        ValueError: when the cube, its tiles, an S2 array or the land cover is missing, or the tiles
+            disagree on the class scheme.
+    """
+    try:
+        root = zarr.open_group(cube, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+        raise ValueError(f"no cube at {cube!r}; run `softcon ingest --cube {cube}` first") from error
+    tile_ids = sorted(root["tiles"].group_keys()) if "tiles" in root else []
+    if not tile_ids:
+        raise ValueError(f"cube {cube!r} has no tiles; run `softcon ingest --cube {cube}` first")
+    shapes, times, s1_times = [], [], []
+    scheme: tuple[tuple[int, ...], tuple[str, ...]] | None = None
+    for tile_id in tile_ids:
+        tile = _open_tile(cube, tile_id)
+        if "s2" not in tile or "scl" not in tile:
+            raise ValueError(
+                f"tile {tile_id!r} of cube {cube!r} has no s2/scl arrays; run `softcon ingest --cube {cube}`"
+            )
+        if "landcover" not in tile:
+            raise ValueError(
+                f"tile {tile_id!r} of cube {cube!r} has no landcover; run `softcon labels --cube {cube}` first"
+            )
+        bands = tuple(str(b) for b in tile["s2"]["band"].values)
+        if bands != S2_L2A_BANDS:
+            raise ValueError(f"tile {tile_id!r} has S2 bands {bands}; the store needs {S2_L2A_BANDS}")
+        attrs = tile["landcover"].attrs
+        if "class_codes" not in attrs:
+            raise ValueError(f"landcover of tile {tile_id!r} has no class_codes attribute; re-run `softcon labels`")
+        codes = [int(c) for c in attrs["class_codes"]]
+        names = [str(n) for n in attrs.get("class_names", [str(c) for c in codes])]
+        # Code 0 is nodata by contract, never a class.
+        kept = [(c, n) for c, n in zip(codes, names, strict=True) if c != 0]
+        tile_scheme = (tuple(c for c, _ in kept), tuple(n for _, n in kept))
+        if scheme is not None and tile_scheme != scheme:
+            raise ValueError(f"tile {tile_id!r} has class scheme {tile_scheme}, other tiles {scheme}")
+        scheme = tile_scheme
+        shapes.append((int(tile.sizes["y"]), int(tile.sizes["x"])))
+        times.append(tile["time"].values.astype("datetime64[ns]"))
+        has_s1 = "s1" in tile and "time_s1" in tile.coords
+        s1_times.append(tile["time_s1"].values.astype("datetime64[ns]") if has_s1 else np.array([], "M8[ns]"))
+    assert scheme is not None  # at least one tile was read
+    return CubeIndex(
+        tiles=tuple(tile_ids),
+        tile_shapes=tuple(shapes),
+        times=tuple(times),
+        s1_times=tuple(s1_times),
+        class_codes=scheme[0],
+        class_names=scheme[1],
+    )
+
+
+def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_block: int) -> str:
+    """Hash of everything the store's bytes depend on: parameters that shape it and the cube's dates."""
+    params = config.model_dump(mode="json", exclude={"out", "n_workers", "dask_address"})
+    payload = {
+        "schema_version": training_store.SCHEMA_VERSION,
+        "params": params,
+        "samples_per_block": samples_per_block,
+        "s1_max_gap_days": int(S1_MAX_GAP / np.timedelta64(1, "D")),
+        "tiles": index.tiles,
+        "shapes": index.tile_shapes,
+        "times": [[str(t) for t in times] for times in index.times],
+        "s1_times": [[str(t) for t in times] for times in index.s1_times],
+        "classes": [index.class_codes, index.class_names],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def summarize_tile(
+    cube: str,
+    tile_id: str,
+    *,
+    patch_size: int,
+    stride: int | None,
+    class_codes: tuple[int, ...],
+    max_cloud_fraction: float,
+    max_nodata_fraction: float,
+) -> TileSummary:
+    """Pass 1 for one tile: patch grid, quality verdict per patch-date, class fractions per location."""
+    tile = _open_tile(cube, tile_id)
+    windows = patches.patch_windows((tile.sizes["y"], tile.sizes["x"]), patch_size, stride)
+    n_times = tile.sizes["time"]
+    cloud = np.zeros((n_times, len(windows)))
+    nodata = np.zeros((n_times, len(windows)))
+    for t in range(n_times):  # one date at a time bounds memory to one (band, y, x) image
+        scl = tile["scl"].isel(time=t).values
+        s2 = tile["s2"].isel(time=t).values
+        cloud[t] = patches.window_fractions(patches.cloud_mask(scl), windows, patch_size)
+        nodata[t] = patches.window_fractions(patches.s2_nodata_mask(s2), windows, patch_size)
+    landcover = tile["landcover"].values
+    fractions = np.zeros((len(windows), len(class_codes)), dtype=np.float32)
+    labelled = np.zeros(len(windows))
+    for i, (row, col) in enumerate(windows):
+        window = landcover[row : row + patch_size, col : col + patch_size]
+        fractions[i], labelled[i] = patches.class_fractions(window, class_codes)
+    verdicts = patches.quality_verdicts(
+        cloud, nodata, max_cloud_fraction=max_cloud_fraction, max_nodata_fraction=max_nodata_fraction
+    )
+    return TileSummary(
+        tile_id=tile_id,
+        windows=windows,
+        times=tile["time"].values.astype("datetime64[ns]"),
+        verdicts=verdicts,
+        fractions=fractions,
+        labelled_fraction=labelled,
+    )
+
+
+def build_plan(
+    summaries: list[TileSummary], config: PreprocessConfig, tile_shapes: tuple[tuple[int, int], ...]
+) -> tuple[SamplePlan, dict[str, int]]:
+    """Order kept patch-dates by location then time, assign spatial splits and targets.
+
+    Location ids number every patch window of every tile (tiles sorted, windows row-major), so a
+    location keeps its id whatever dates are dropped.
+
+    Returns:
+        The plan and the counts (patches, kept, dropped_cloud, dropped_nodata, train, val, test).
+    """
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in training_store.PLAN_DTYPES}
+    block_of_sample: list[split.BlockId] = []
+    counts = {"patches": 0, "kept": 0, "dropped_cloud": 0, "dropped_nodata": 0}
+    next_location = 0
+    for tile_index, summary in enumerate(summaries):
+        block_size = config.split_block or max(tile_shapes[tile_index])
+        counts["patches"] += summary.verdicts.size
+        counts["dropped_cloud"] += int((summary.verdicts == patches.DROP_CLOUD).sum())
+        counts["dropped_nodata"] += int((summary.verdicts == patches.DROP_NODATA).sum())
+        # (n_windows, n_times) so that a row-major walk is location-major then time.
+        keep = (summary.verdicts == patches.KEEP).T
+        window_index, time_index = np.nonzero(keep)
+        counts["kept"] += len(window_index)
+        rows, cols = summary.windows[window_index, 0], summary.windows[window_index, 1]
+        columns["location"].append(next_location + window_index.astype(np.int64))
+        columns["tile"].append(np.full(len(window_index), tile_index, dtype=np.int32))
+        columns["time"].append(summary.times[time_index])
+        columns["row"].append(rows)
+        columns["col"].append(cols)
+        fractions = summary.fractions[window_index]
+        columns["fractions"].append(fractions)
+        columns["labels"].append(patches.multi_hot(fractions, config.label_threshold))
+        columns["labelled"].append(summary.labelled_fraction[window_index] >= config.min_labelled_fraction)
+        block_of_sample += [
+            split.patch_block(summary.tile_id, int(r), int(c), config.patch_size, block_size)
+            for r, c in zip(rows, cols, strict=True)
+        ]
+        next_location += len(summary.windows)
+    # Blocks come from every window, not only kept ones, so a cloudier date cannot reshuffle the split.
+    all_blocks = [
+        split.patch_block(s.tile_id, int(r), int(c), config.patch_size, config.split_block or max(shape))
+        for s, shape in zip(summaries, tile_shapes, strict=True)
+        for r, c in s.windows
+    ]
+    assignment = split.assign_splits(all_blocks, config.val_fraction, config.test_fraction, config.seed)
+    columns["split"] = [np.array([assignment[b] for b in block_of_sample], dtype=np.uint8)]
+    n_classes = summaries[0].fractions.shape[1] if summaries else 0
+    plan_values = {}
+    for name, dtype in training_store.PLAN_DTYPES.items():
+        parts = columns[name]
+        if parts:
+            plan_values[name] = np.concatenate(parts).astype(dtype)
+        else:
+            plan_values[name] = np.zeros((0, n_classes) if name in ("labels", "fractions") else 0, dtype)
+    plan = SamplePlan(**plan_values)
+    for split_index, name in enumerate(split.SPLIT_NAMES):
+        counts[name] = int((plan.split == split_index).sum())
+    return plan, counts
+
+
+def read_block_images(
+    cube: str, tiles: tuple[str, ...], plan: SamplePlan, patch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """S2 (uint16) and nearest-date S1 (float32, NaN when none) patches of the samples of ``plan``.
+
+    Reads each (tile, date) once, as the bounding box of the block's patches on it.
+    """
+    n = len(plan)
+    s2_out = np.zeros((n, len(S2_L2A_BANDS), patch_size, patch_size), dtype=np.uint16)
+    s1_out = np.full((n, len(S1_POLARIZATIONS), patch_size, patch_size), np.nan, dtype=np.float32)
+    for tile_index in np.unique(plan.tile):
+        tile = _open_tile(cube, tiles[tile_index])
+        tile_times = tile["time"].values.astype("datetime64[ns]")
+        has_s1 = "s1" in tile and "time_s1" in tile.coords
+        s1_times = tile["time_s1"].values.astype("datetime64[ns]") if has_s1 else np.array([], "M8[ns]")
+        s1_match = patches.match_s1_dates(tile_times, s1_times, S1_MAX_GAP)
+        if has_s1:
+            pols = [str(p) for p in tile["s1"]["pol"].values]
+            pol_order = [pols.index(p) for p in S1_POLARIZATIONS]
+        in_tile = plan.tile == tile_index
+        for time_value in np.unique(plan.time[in_tile]):
+            members = np.nonzero(in_tile & (plan.time == time_value))[0]
+            time_index = int(np.searchsorted(tile_times, time_value))
+            rows, cols = plan.row[members], plan.col[members]
+            box = dict(
+                y=slice(int(rows.min()), int(rows.max()) + patch_size),
+                x=slice(int(cols.min()), int(cols.max()) + patch_size),
+            )
+            s2 = tile["s2"].isel(time=time_index, **box).values
+            s1 = None
+            if s1_match[time_index] >= 0:
+                s1 = tile["s1"].isel(time_s1=int(s1_match[time_index]), **box).values[pol_order]
+            for member, row, col in zip(members, rows - rows.min(), cols - cols.min(), strict=True):
+                s2_out[member] = s2[:, row : row + patch_size, col : col + patch_size]
+                if s1 is not None:
+                    s1_out[member] = s1[:, row : row + patch_size, col : col + patch_size]
+    return s2_out, s1_out
+
+
+def write_sample_block(
+    cube: str, out: str, tiles: tuple[str, ...], plan: SamplePlan, start: int, patch_size: int
+) -> int:
+    """Pass 2 for one block: read its patches from the cube and write them at ``start``; returns start."""
+    s2, s1 = read_block_images(cube, tiles, plan, patch_size)
+    training_store.write_images(out, start, s2, s1)
+    return start
+
+
+def block_train_stats(out: str, start: int, stop: int) -> tuple[norm_stats.SensorStats, norm_stats.SensorStats] | None:
+    """Pass 3 for one block: partial S2 and S1 statistics of its training samples (None if none)."""
+    s2, s1, sample_split = training_store.read_images(out, start, stop)
+    train = sample_split == split.TRAIN
+    if not train.any():
+        return None
+    return norm_stats.s2_partial_stats(s2[train]), norm_stats.s1_partial_stats(s1[train])
+
+
+def _add_partials(*partials: Any) -> Any:
+    present = [p for p in partials if p is not None]
+    if not present:
+        return None
+    s2, s1 = present[0]
+    for other_s2, other_s1 in present[1:]:
+        s2, s1 = s2 + other_s2, s1 + other_s1
+    return s2, s1
+
+
+@contextlib.contextmanager
+def _dask_client(config: PreprocessConfig, client: Client | None) -> Iterator[Client]:
+    """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
+    if client is not None:
+        yield client
+        return
+    from distributed import Client, LocalCluster  # imported here: nothing heavy at import time
+
+    if config.dask_address:
+        with Client(config.dask_address) as remote:
+            yield remote
+        return
+    with (
+        LocalCluster(
+            n_workers=config.n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as local,
+    ):
+        yield local
+
+
+def _report_from_attrs(out: str, attrs: dict[str, Any], seconds: float, **extra: Any) -> PreprocessReport:
+    return PreprocessReport(
+        store=out, counts=dict(attrs["counts"]), seconds=seconds, norm_stats=attrs["norm_stats"], **extra
+    )
+
+
+def run_preprocess(
+    config: PreprocessConfig,
+    *,
+    client: Client | None = None,
+    on_progress: ProgressCallback | None = None,
+    samples_per_block: int = SAMPLES_PER_BLOCK,
+) -> PreprocessReport:
+    """Cut the cube into patches and write the training store at ``config.out``.
+
+    A complete store with the same fingerprint (parameters and cube dates) is reused without starting
+    a cluster; an incomplete one is resumed, writing only the blocks not yet marked done.
+
+    Args:
+        config: the stage configuration (cube, out, patch grid, quality thresholds, split, Dask).
+        client: a Dask client to use; default: connect to ``config.dask_address`` or start a
+            LocalCluster of ``config.n_workers`` processes, closed on return.
+        on_progress: called as ``on_progress(step, done, total)`` for steps "tiles", "blocks", "stats".
+        samples_per_block: samples per write block, which is one shard of the image arrays.
+
+    Returns:
+        The report: store path, counts, normalization statistics, wall time, dashboard link.
+
+    Raises:
+        ValueError: when the cube has no tiles or no land cover (naming the stage to run), or when no
+            patch passes the quality checks.
+
+    Example:
+        >>> report = run_preprocess(PreprocessConfig(cube="cube.zarr", out="store.zarr", patch_size=32))
+        >>> report.counts["kept"], report.norm_stats["s2"]["mean"][:3]
+    """
+    started = timer.perf_counter()
+    progress = on_progress or (lambda step, done, total: None)
+    if samples_per_block <= 0:
+        raise ValueError(f"samples_per_block must be positive, got {samples_per_block}")
+    index = read_cube_index(config.cube)
+    fingerprint = store_fingerprint(config, index, samples_per_block)
+    attrs = training_store.read_store_attrs(config.out)
+    same = attrs is not None and attrs.get("fingerprint") == fingerprint
+    if same and attrs.get("complete"):
+        logger.info("training store %s is complete with the same parameters; reusing it", config.out)
+        return _report_from_attrs(config.out, attrs, timer.perf_counter() - started, reused=True)
+
+    with _dask_client(config, client) as dask_client:
+        if same:
+            logger.info("resuming training store %s (%d blocks done)", config.out, len(attrs["blocks_done"]))
+            plan, counts, done = training_store.read_plan(config.out), attrs["counts"], set(attrs["blocks_done"])
+        else:
+            plan, counts = _plan_store(config, index, fingerprint, samples_per_block, dask_client, progress)
+            done = set()
+        bounds = training_store.block_bounds(len(plan), samples_per_block)
+        _write_blocks(config, index, plan, bounds, done, dask_client, progress)
+        stats = _train_stats(config.out, bounds, dask_client, progress)
+        training_store.finish_store(config.out, {"norm_stats": stats})
+        dashboard_link = dask_client.dashboard_link
+    seconds = timer.perf_counter() - started
+    logger.info("wrote %s: %s in %.1f s", config.out, counts, seconds)
+    return PreprocessReport(
+        store=config.out, counts=counts, seconds=seconds, norm_stats=stats, dashboard_link=dashboard_link
+    )
+
+
+def _plan_store(
+    config: PreprocessConfig,
+    index: CubeIndex,
+    fingerprint: str,
+    samples_per_block: int,
+    client: Client,
+    progress: ProgressCallback,
+) -> tuple[SamplePlan, dict[str, int]]:
+    """Pass 1 on the cluster, then the plan, then a fresh store holding it."""
+    from distributed import as_completed
+
+    futures = client.map(
+        summarize_tile,
+        [config.cube] * len(index.tiles),
+        index.tiles,
+        patch_size=config.patch_size,
+        stride=config.stride,
+        class_codes=index.class_codes,
+        max_cloud_fraction=config.max_cloud_fraction,
+        max_nodata_fraction=config.max_nodata_fraction,
+        pure=False,
+    )
+    for done, _ in enumerate(as_completed(futures), start=1):
+        progress("tiles", done, len(futures))
+    summaries = client.gather(futures)
+    plan, counts = build_plan(summaries, config, index.tile_shapes)
+    logger.info("patch plan: %s", counts)
+    if counts["kept"] == 0:
+        raise ValueError(
+            f"no patch of cube {config.cube!r} passed the quality checks ({counts}); raise "
+            f"max_cloud_fraction ({config.max_cloud_fraction}) or max_nodata_fraction "
+            f"({config.max_nodata_fraction}), or ingest clearer dates"
+        )
+    training_store.create_store(
+        config.out,
+        plan,
+        n_bands=len(S2_L2A_BANDS),
+        n_pols=len(S1_POLARIZATIONS),
+        patch_size=config.patch_size,
+        samples_per_block=samples_per_block,
+        attrs={
+            "fingerprint": fingerprint,
+            "class_names": list(index.class_names),
+            "class_codes": list(index.class_codes),
+            "bands": list(S2_L2A_BANDS),
+            "pols": list(S1_POLARIZATIONS),
+            "tiles": list(index.tiles),
+            "split_names": list(split.SPLIT_NAMES),
+            "cube": config.cube,
+            "params": config.model_dump(mode="json"),
+            "counts": counts,
+            "samples_per_block": samples_per_block,
+            "s1_max_gap_days": int(S1_MAX_GAP / np.timedelta64(1, "D")),
+        },
+    )
+    return plan, counts
+
+
+def _write_blocks(
+    config: PreprocessConfig,
+    index: CubeIndex,
+    plan: SamplePlan,
+    bounds: list[tuple[int, int]],
+    done: set[int],
+    client: Client,
+    progress: ProgressCallback,
+) -> None:
+    """Pass 2: write every block not yet done, marking each as it finishes."""
+    from distributed import as_completed
+
+    todo = [i for i in range(len(bounds)) if i not in done]
+    logger.info("writing %d of %d blocks", len(todo), len(bounds))
+    futures = {
+        client.submit(
+            write_sample_block,
+            config.cube,
+            config.out,
+            index.tiles,
+            plan.select(*bounds[i]),
+            bounds[i][0],
+            config.patch_size,
+            pure=False,
+        ): i
+        for i in todo
+    }
+    finished = len(bounds) - len(todo)
+    progress("blocks", finished, len(bounds))
+    for future in as_completed(futures):
+        future.result()  # re-raises a worker's error here
+        training_store.mark_blocks_done(config.out, [futures[future]])
+        finished += 1
+        progress("blocks", finished, len(bounds))
+
+
+def _train_stats(out: str, bounds: list[tuple[int, int]], client: Client, progress: ProgressCallback) -> dict[str, Any]:
+    """Pass 3: per-block partial statistics of the training split, tree-reduced on the workers."""
+    partials = [client.submit(block_train_stats, out, start, stop, pure=False) for start, stop in bounds]
+    fan_in = 8  # partials per reduction task: S2 histograms are 12 x 65536 int64 (6 MB) each
+    while len(partials) > 1:
+        partials = [
+            client.submit(_add_partials, *partials[i : i + fan_in], pure=False) for i in range(0, len(partials), fan_in)
+        ]
+    reduced = partials[0].result()
+    progress("stats", 1, 1)
+    if reduced is None:
+        raise ValueError(f"the training split of {out!r} is empty; lower val_fraction/test_fraction")
+    s2, s1 = reduced
+    return {
+        "s2": norm_stats.finalize_stats(s2, np.arange(norm_stats.S2_LEVELS, dtype=np.float64)),
+        "s1": norm_stats.finalize_stats(s1, norm_stats.s1_bin_centres()),
+    }

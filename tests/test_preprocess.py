@@ -1,0 +1,252 @@
+"""End-to-end preprocess on a synthetic 2-tile cube: store layout, quality drops, split, stats, resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from distributed import Client
+
+from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
+from tasks import split, training_store
+from tasks.preprocess import PreprocessReport, run_preprocess
+from tests.cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
+
+PATCH = 16
+BLOCK = 32  # 4 split blocks per tile, 8 in all, so val and test both get one
+SAMPLES_PER_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class Written:
+    cube: SyntheticCube
+    config: PreprocessConfig
+    report: PreprocessReport
+
+
+@pytest.fixture(scope="module")
+def client():
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as dask_client:
+        yield dask_client
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory) -> SyntheticCube:
+    return write_cube(tmp_path_factory.mktemp("cube") / "cube.zarr")
+
+
+def _config(cube: SyntheticCube, out: Path, **changes) -> PreprocessConfig:
+    values = dict(cube=cube.path, out=str(out), patch_size=PATCH, split_block=BLOCK, val_fraction=0.2,
+                  test_fraction=0.2, max_nodata_fraction=0.5)  # fmt: skip
+    return PreprocessConfig(**(values | changes))
+
+
+@pytest.fixture(scope="module")
+def written(cube, client, tmp_path_factory) -> Written:
+    config = _config(cube, tmp_path_factory.mktemp("store") / "store.zarr")
+    report = run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    return Written(cube=cube, config=config, report=report)
+
+
+def test_store_arrays_dtypes_and_shapes(written):
+    group = zarr.open_group(written.config.out, mode="r")
+    n = written.report.counts["kept"]
+    expected = {
+        "s2": ((n, 12, PATCH, PATCH), np.uint16),
+        "s1": ((n, 2, PATCH, PATCH), np.float32),
+        "labels": ((n, 4), np.uint8),
+        "fractions": ((n, 4), np.float32),
+        "labelled": ((n,), np.bool_),
+        "split": ((n,), np.uint8),
+        "location": ((n,), np.int64),
+        "tile": ((n,), np.int32),
+        "time": ((n,), np.dtype("datetime64[ns]")),
+        "row": ((n,), np.int32),
+        "col": ((n,), np.int32),
+    }
+    assert sorted(group.array_keys()) == sorted(expected)
+    for name, (shape, dtype) in expected.items():
+        assert group[name].shape == shape, name
+        assert group[name].dtype == dtype, name
+    assert group["s2"].shards == (SAMPLES_PER_BLOCK, 12, PATCH, PATCH)
+    assert group["s2"].chunks == (1, 12, PATCH, PATCH)
+    assert group["labels"].chunks == (SAMPLES_PER_BLOCK, 4)
+
+
+def test_store_attrs(written):
+    attrs = zarr.open_group(written.config.out, mode="r").attrs
+    assert attrs["schema_version"] == 1
+    assert attrs["class_names"] == list(CLASS_NAMES)
+    assert attrs["class_codes"] == list(CLASS_CODES)
+    assert attrs["bands"] == list(S2_L2A_BANDS)
+    assert attrs["pols"] == list(S1_POLARIZATIONS)
+    assert attrs["tiles"] == list(written.cube.tile_ids)
+    assert attrs["split_names"] == ["train", "val", "test"]
+    assert attrs["cube"] == written.cube.path
+    assert attrs["params"]["patch_size"] == PATCH
+    assert attrs["norm_stats"] == written.report.norm_stats
+    assert attrs["counts"] == written.report.counts
+    assert attrs["complete"] is True
+
+
+def test_store_opens_with_xarray(written):
+    store = xr.open_zarr(written.config.out)
+    assert store["s2"].dims == ("sample", "band", "h", "w")
+    assert store["s1"].dims == ("sample", "pol", "h", "w")
+    assert store["labels"].dims == ("sample", "class")
+    assert store["time"].dtype == np.dtype("datetime64[ns]")
+    assert store["s2"].encoding["shards"] == (SAMPLES_PER_BLOCK, 12, PATCH, PATCH)
+
+
+def test_cloudy_and_nodata_patches_dropped(written):
+    counts = written.report.counts
+    per_date = (written.cube.size // PATCH) ** 2  # 16 patches per tile-date
+    assert counts["patches"] == 2 * 3 * per_date
+    assert counts["dropped_cloud"] == per_date  # the whole cloudy date of tile 0
+    assert counts["dropped_nodata"] == 1  # the 16 px nodata corner: exactly one patch
+    assert counts["kept"] == counts["patches"] - per_date - 1
+    assert counts["train"] + counts["val"] + counts["test"] == counts["kept"]
+    store = zarr.open_group(written.config.out, mode="r")
+    cloudy_tile, cloudy_time = written.cube.cloudy
+    on_cloudy = (store["tile"][:] == 0) & (store["time"][:] == written.cube.times[cloudy_time])
+    assert cloudy_tile == written.cube.tile_ids[0] and not on_cloudy.any()
+
+
+def test_samples_ordered_by_location_then_time(written):
+    store = zarr.open_group(written.config.out, mode="r")
+    location, times = store["location"][:], store["time"][:].astype(np.int64)
+    order = np.lexsort((times, location))
+    assert (order == np.arange(len(location))).all()
+    # One location is one (tile, row, col).
+    keys = {(int(loc), int(t), int(r), int(c)) for loc, t, r, c in
+            zip(location, store["tile"][:], store["row"][:], store["col"][:], strict=True)}  # fmt: skip
+    assert len({k[0] for k in keys}) == len(keys)
+
+
+def test_fractions_sum_to_one_and_labels_follow(written):
+    store = zarr.open_group(written.config.out, mode="r")
+    fractions, labels, labelled = store["fractions"][:], store["labels"][:], store["labelled"][:]
+    # The top-left 16 px of land cover are nodata: that patch has no labelled pixel, so no fractions.
+    top_left = (store["row"][:] == 0) & (store["col"][:] == 0)
+    np.testing.assert_allclose(fractions[~top_left].sum(axis=1), 1.0, rtol=1e-6)
+    assert (fractions[top_left] == 0).all()
+    assert (labels == (fractions > written.config.label_threshold)).all()
+    assert not labelled[top_left].any() and labelled[~top_left].all()
+
+
+def test_split_blocks_are_not_shared(written):
+    store = zarr.open_group(written.config.out, mode="r")
+    tiles = store.attrs["tiles"]
+    blocks: dict[tuple, set[int]] = {}
+    for tile, row, col, value in zip(store["tile"][:], store["row"][:], store["col"][:], store["split"][:],
+                                     strict=True):  # fmt: skip
+        blocks.setdefault(split.patch_block(tiles[tile], int(row), int(col), PATCH, BLOCK), set()).add(int(value))
+    assert all(len(values) == 1 for values in blocks.values())
+    assert {next(iter(v)) for v in blocks.values()} == {0, 1, 2}
+
+
+def test_split_is_deterministic_by_seed(written, client, tmp_path):
+    again = run_preprocess(_config(written.cube, tmp_path / "again.zarr"), client=client, samples_per_block=8)
+    first = zarr.open_group(written.config.out, mode="r")["split"][:]
+    assert (zarr.open_group(again.store, mode="r")["split"][:] == first).all()
+
+
+def test_norm_stats_equal_numpy_over_training_split(written):
+    store = zarr.open_group(written.config.out, mode="r")
+    train = store["split"][:] == 0
+    s2, s1 = store["s2"][:][train], store["s1"][:][train]
+    stats = written.report.norm_stats
+    for band in range(12):
+        pixels = s2[:, band][s2[:, band] != 0].astype(np.float64)
+        np.testing.assert_allclose(stats["s2"]["mean"][band], pixels.mean(), rtol=1e-12)
+        np.testing.assert_allclose(stats["s2"]["std"][band], pixels.std(), rtol=1e-10)
+        assert stats["s2"]["p01"][band] == np.percentile(pixels, 1, method="inverted_cdf")
+        assert stats["s2"]["p99"][band] == np.percentile(pixels, 99, method="inverted_cdf")
+    for pol in range(2):
+        pixels = s1[:, pol][np.isfinite(s1[:, pol])].astype(np.float64)
+        np.testing.assert_allclose(stats["s1"]["mean"][pol], pixels.mean(), rtol=1e-12)
+        np.testing.assert_allclose(stats["s1"]["std"][pol], pixels.std(), rtol=1e-10)
+        assert abs(stats["s1"]["p99"][pol] - np.percentile(pixels, 99, method="inverted_cdf")) <= 0.0051
+
+
+def test_patches_equal_cube_pixels(written):
+    store = xr.open_zarr(written.config.out)
+    cube_tile = xr.open_zarr(written.cube.path, group=f"tiles/{written.cube.tile_ids[1]}")
+    sample = int(np.nonzero(store["tile"].values == 1)[0][5])
+    row, col, when = int(store["row"][sample]), int(store["col"][sample]), store["time"].values[sample]
+    window = dict(y=slice(row, row + PATCH), x=slice(col, col + PATCH))
+    np.testing.assert_array_equal(store["s2"][sample].values, cube_tile["s2"].sel(time=when).isel(window).values)
+    # S1 is one day after each S2 date except the last, which has none within 3 days.
+    if when == written.cube.times[-1]:
+        assert np.isnan(store["s1"][sample].values).all()
+    else:
+        s1 = cube_tile["s1"].sel(time_s1=when + np.timedelta64(1, "D")).isel(window).values
+        np.testing.assert_array_equal(store["s1"][sample].values, s1)
+
+
+def test_complete_store_is_reused(written, client):
+    started = time.perf_counter()
+    report = run_preprocess(written.config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    assert report.reused and report.counts == written.report.counts
+    assert report.norm_stats == written.report.norm_stats
+    assert time.perf_counter() - started < 2
+
+
+def test_resume_after_partial_write_equals_clean_run(written, client, tmp_path):
+    config = written.config.model_copy(update={"out": str(tmp_path / "partial.zarr")})
+    run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    # Simulate a kill: blocks 2.. never marked done, their images lost, statistics not yet written.
+    group = zarr.open_group(config.out, mode="r+")
+    group["s2"][2 * SAMPLES_PER_BLOCK :] = 0
+    group["s1"][2 * SAMPLES_PER_BLOCK :] = np.nan
+    group.attrs.update({"blocks_done": [0, 1], "complete": False, "norm_stats": None})
+    zarr.consolidate_metadata(config.out)
+    written_blocks = []
+    report = run_preprocess(
+        config,
+        client=client,
+        samples_per_block=SAMPLES_PER_BLOCK,
+        on_progress=lambda step, done, total: written_blocks.append((step, done, total)),
+    )
+    n_blocks = len(training_store.block_bounds(report.counts["kept"], SAMPLES_PER_BLOCK))
+    assert not report.reused
+    assert ("tiles", 1, 2) not in written_blocks  # the plan was read back, not recomputed
+    assert written_blocks[0] == ("blocks", 2, n_blocks)
+    assert report.norm_stats == written.report.norm_stats
+    xr.testing.assert_identical(
+        xr.open_zarr(config.out, chunks=None).drop_attrs(), xr.open_zarr(written.config.out, chunks=None).drop_attrs()
+    )
+
+
+def test_changed_parameters_rewrite_the_store(written, client, tmp_path):
+    config = written.config.model_copy(update={"out": str(tmp_path / "changed.zarr")})
+    run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    changed = config.model_copy(update={"max_cloud_fraction": 1.0})
+    report = run_preprocess(changed, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    assert not report.reused and report.counts["dropped_cloud"] == 0
+
+
+def test_missing_landcover_names_labels_stage(tmp_path):
+    cube = write_cube(tmp_path / "cube.zarr", n_tiles=1, size=32, n_dates=1, with_landcover=False)
+    with pytest.raises(ValueError, match=r"no landcover; run `softcon labels"):
+        run_preprocess(_config(cube, tmp_path / "store.zarr"))
+
+
+def test_cube_without_tiles_names_ingest_stage(tmp_path):
+    zarr.open_group(tmp_path / "empty.zarr", mode="w", zarr_format=3)
+    config = PreprocessConfig(cube=str(tmp_path / "empty.zarr"), out=str(tmp_path / "store.zarr"))
+    with pytest.raises(ValueError, match=r"has no tiles; run `softcon ingest"):
+        run_preprocess(config)
+
+
+def test_cube_without_s1_writes_nan(client, tmp_path):
+    cube = write_cube(tmp_path / "cube.zarr", n_tiles=1, size=32, n_dates=2, with_s1=False)
+    report = run_preprocess(_config(cube, tmp_path / "store.zarr"), client=client)
+    assert np.isnan(zarr.open_group(report.store, mode="r")["s1"][:]).all()
+    assert report.norm_stats["s1"]["mean"] == [None, None]
+    assert report.metrics()["kept"] == report.counts["kept"]
