@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
 from distributed import Client
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
 from tasks import split, training_store
 from tasks.preprocess import PreprocessReport, run_preprocess
-from tests.cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
 
 PATCH = 16
 BLOCK = 32  # 4 split blocks per tile, 8 in all, so val and test both get one
@@ -250,3 +250,10 @@ def test_cube_without_s1_writes_nan(client, tmp_path):
     assert np.isnan(zarr.open_group(report.store, mode="r")["s1"][:]).all()
     assert report.norm_stats["s1"]["mean"] == [None, None]
     assert report.metrics()["kept"] == report.counts["kept"]
+
+
+@pytest.mark.slow
+def test_default_local_cluster_in_processes(cube, tmp_path):
+    report = run_preprocess(_config(cube, tmp_path / "store.zarr", n_workers=1), samples_per_block=SAMPLES_PER_BLOCK)
+    assert report.dashboard_link and not report.reused
+    assert report.counts["kept"] == 2 * 3 * 16 - 16 - 1
