@@ -116,7 +116,9 @@ class StoreDataset(Dataset):
         self.mean = torch.tensor(stats["mean"], dtype=torch.float32).view(-1, 1, 1)  # (C, 1, 1)
         self.std = torch.tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6).view(-1, 1, 1)  # (C, 1, 1)
         if self.mean.shape[0] != self.image_shape[0]:
-            raise ValueError(f"norm_stats have {self.mean.shape[0]} bands, the {sensor} array has {self.image_shape[0]}")
+            raise ValueError(
+                f"norm_stats have {self.mean.shape[0]} bands, the {sensor} array has {self.image_shape[0]}"
+            )
 
         code = split_code(group, split)
         self.indices = np.flatnonzero(group["split"][:] == code)  # (N,) store sample indices

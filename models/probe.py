@@ -1,0 +1,134 @@
+"""Frozen-feature evaluation: feature extraction, multi-label linear probe, kNN, mAP and F1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, f1_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass(frozen=True)
+class Features:
+    """Frozen features of one split and their targets."""
+
+    x: torch.Tensor
+    """(N, D) float32 features."""
+    y: torch.Tensor
+    """(N, K) float32 multi-hot targets."""
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> Features:
+    """Run ``encoder`` (eval mode) over a single-view dataset, keeping labelled samples only."""
+    device = torch.device(device)
+    encoder = encoder.eval().to(device)
+    features, targets = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)  # sequential: one chunk read per block
+    for batch in loader:
+        keep = batch["labelled"].bool()  # (B,)
+        if not keep.any():
+            continue
+        image = batch["image"][keep].to(device)  # (b, C, H, W)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = encoder(image)  # (b, D)
+        features.append(x.float().cpu())
+        targets.append(batch["labels"][keep].float())
+    if not features:
+        return Features(x=torch.zeros(0, getattr(encoder, "num_features", 0)), y=torch.zeros(0, 0))
+    return Features(x=torch.cat(features), y=torch.cat(targets))
+
+
+def train_linear_probe(
+    train: Features,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
+    """Multi-label logistic regression on standardised features (statistics of ``train``).
+
+    Returns a module mapping raw features (N, D) to logits (N, K); the standardisation is inside it, so
+    it applies unchanged to other splits.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    mean = train.x.mean(0)  # (D,)
+    std = train.x.std(0).clamp_min(1e-6) if len(train.x) > 1 else torch.ones_like(mean)  # (D,)
+    linear = nn.Linear(train.x.shape[1], train.y.shape[1])
+    with torch.no_grad():  # seeded init, independent of the global RNG
+        linear.weight.normal_(0, 0.01, generator=generator)
+        linear.bias.zero_()
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=lr, weight_decay=weight_decay)
+    x = (train.x - mean) / std  # (N, D)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            index = order[start : start + batch_size]
+            loss = F.binary_cross_entropy_with_logits(linear(x[index]), train.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return StandardisedLinear(linear, mean, std).eval()
+
+
+class StandardisedLinear(nn.Module):
+    """Linear probe with the training-feature standardisation folded in."""
+
+    def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.std)  # (N, K) logits
+
+
+@torch.no_grad()
+def probe_scores(probe: nn.Module, features: Features) -> np.ndarray:
+    """Class probabilities (N, K) of a linear probe."""
+    return torch.sigmoid(probe(features.x)).numpy()
+
+
+@torch.no_grad()
+def knn_scores(train: Features, query: Features, *, k: int, temperature: float = 0.07) -> np.ndarray:
+    """Weighted kNN label voting with cosine similarity.
+
+    score_c(q) = sum_{j in top-k(q)} w_j y_jc / sum_j w_j, with w_j = exp(cos(q, x_j) / temperature)
+    (the DINO kNN weighting); scores are in [0, 1].
+    """
+    k = min(k, len(train.x))
+    train_x = F.normalize(train.x, dim=1)  # (N, D)
+    query_x = F.normalize(query.x, dim=1)  # (M, D)
+    similarity = query_x @ train_x.T  # (M, N)
+    top, index = similarity.topk(k, dim=1)  # (M, k)
+    weights = torch.softmax(top / temperature, dim=1)  # (M, k), sums to 1
+    votes = train.y[index]  # (M, k, K)
+    return (weights.unsqueeze(-1) * votes).sum(1).numpy()  # (M, K)
+
+
+def mean_average_precision(y: np.ndarray, scores: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(micro mAP, macro mAP, per-class AP); macro and per-class only over classes with a positive.
+
+    Per-class AP is NaN for classes without positives in ``y``.
+    """
+    y = np.asarray(y).astype(int)
+    micro = float(average_precision_score(y, scores, average="micro")) if y.any() else float("nan")
+    per_class = np.full(y.shape[1], np.nan)
+    for c in np.flatnonzero(y.sum(0) > 0):
+        per_class[c] = average_precision_score(y[:, c], scores[:, c])
+    macro = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return micro, macro, per_class
+
+
+def f1_samples(y: np.ndarray, scores: np.ndarray, *, threshold: float = 0.5) -> float:
+    """Sample-averaged F1 of ``scores >= threshold``; a sample with no true and no predicted class scores 1."""
+    return float(f1_score(np.asarray(y).astype(int), scores >= threshold, average="samples", zero_division=1.0))
