@@ -1,0 +1,50 @@
+"""Session fixtures for the ingest/labels tests: sample data, a local STAC API, an ingested cube.
+
+Imported by the test modules that need them (``from tests.data_fixtures import ...``), not by conftest,
+so that other suites are not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from softcon.config import IngestConfig
+from tasks.ingest import IngestReport, run_ingest
+from tasks.sample_data import SampleData, write_sample_data
+from tasks.stac_server import serve_stac
+
+SAMPLE_TILES, SAMPLE_TILE_SIZE, SAMPLE_DATES = 2, 64, 3
+
+
+@pytest.fixture(scope="session")
+def data_sample(tmp_path_factory: pytest.TempPathFactory) -> SampleData:
+    return write_sample_data(
+        tmp_path_factory.mktemp("sample"), tiles=SAMPLE_TILES, tile_size=SAMPLE_TILE_SIZE, dates=SAMPLE_DATES
+    )
+
+
+@pytest.fixture(scope="session")
+def data_stac_url(data_sample: SampleData) -> Iterator[str]:
+    with serve_stac([*data_sample.collection_files, data_sample.items_file]) as url:
+        yield url
+
+
+def sample_ingest_config(sample: SampleData, stac: str, cube: Path, **overrides: object) -> IngestConfig:
+    values: dict[str, object] = {
+        "stac": stac, "bbox": sample.bbox, "start": sample.start, "end": sample.end,
+        "tile_size": SAMPLE_TILE_SIZE, "cube": str(cube), "max_cloud": 100.0, "max_tile_cloud": 0.5,
+    }  # fmt: skip
+    values.update(overrides)
+    return IngestConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def data_cube(
+    data_sample: SampleData, data_stac_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, IngestReport]:
+    cube = tmp_path_factory.mktemp("cube") / "cube.zarr"
+    report = run_ingest(sample_ingest_config(data_sample, data_stac_url, cube))
+    return cube, report

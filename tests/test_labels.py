@@ -1,0 +1,72 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.data_fixtures are redefined as arguments)
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from softcon.config import LabelsConfig
+from tasks.ingest import IngestReport
+from tasks.labels import read_cube_tiles, run_labels
+from tasks.sample_data import SampleData, read_truth_classes
+from tasks.schemes import CORINE_BIGEARTHNET19, WORLDCOVER
+from tests.data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
+
+REAL_WORLDCOVER = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "worldcover"
+    / "ESA_WorldCover_10m_2021_v200_N00E006" / "ESA_WorldCover_10m_2021_v200_N00E006_Map.tif"
+)  # fmt: skip
+
+
+@pytest.fixture
+def labels_cube(data_cube: tuple[Path, IngestReport], tmp_path: Path) -> Path:  # noqa: F811
+    cube = tmp_path / "cube.zarr"
+    shutil.copytree(data_cube[0], cube)
+    return cube
+
+
+def test_labels_from_stac_match_the_source_map(labels_cube: Path, data_sample: SampleData, data_stac_url: str) -> None:  # noqa: F811
+    report = run_labels(LabelsConfig(cube=str(labels_cube), source=data_stac_url))
+    assert report.tiles == data_sample.tile_ids and not report.unknown_codes
+    for tile in read_cube_tiles(str(labels_cube)):
+        ds = xr.open_zarr(labels_cube, group=f"tiles/{tile.tile_id}", consolidated=False)
+        land_cover = ds.landcover.values
+        assert ds.landcover.dims == ("y", "x") and land_cover.dtype == np.uint8
+        assert ds.landcover.attrs["class_scheme"] == "worldcover" and ds.landcover.attrs["year"] == "2021"
+        truth = read_truth_classes(data_sample, tile)
+        for code in np.unique(truth):
+            assert abs((land_cover == code).mean() - (truth == code).mean()) < 0.02, code
+        assert (land_cover == truth).mean() > 0.97
+
+
+def test_local_raster_gives_the_same_labels_and_rerun_same_bytes(
+    labels_cube: Path,
+    data_sample: SampleData,
+    data_stac_url: str,  # noqa: F811
+) -> None:
+    run_labels(LabelsConfig(cube=str(labels_cube), source=str(data_sample.worldcover)))
+    chunk_files = sorted(labels_cube.glob("tiles/*/landcover/c/**/*"))
+    first = [p.read_bytes() for p in chunk_files if p.is_file()]
+    report = run_labels(LabelsConfig(cube=str(labels_cube), source=str(data_sample.worldcover)))
+    assert [p.read_bytes() for p in chunk_files if p.is_file()] == first
+    assert sum(report.class_pixels.values()) == len(report.tiles) * 64 * 64
+    assert report.metrics()["tiles"] == len(report.tiles)
+
+
+def test_product_not_overlapping_a_tile_is_an_error(labels_cube: Path) -> None:
+    with pytest.raises(ValueError, match="does not overlap tile 32632_"):
+        run_labels(LabelsConfig(cube=str(labels_cube), source=str(REAL_WORLDCOVER)))
+
+
+def test_vector_sources_are_not_implemented_yet(labels_cube: Path, tmp_path: Path) -> None:
+    with pytest.raises(NotImplementedError, match="vector"):
+        run_labels(LabelsConfig(cube=str(labels_cube), source=str(tmp_path / "polygons.gpkg")))
+
+
+def test_schemes() -> None:
+    assert len(WORLDCOVER.codes) == 11 and WORLDCOVER.name_of(80) == "Permanent water bodies"
+    assert len(CORINE_BIGEARTHNET19.class_names) == 19
+    assert CORINE_BIGEARTHNET19.source_names["Peatbogs"] == "Inland wetlands"
