@@ -326,9 +326,7 @@ def _s1_item(
             "roles": ["data"],
             "title": f"{pol}: {'vertical' if pol == 'VV' else 'horizontal'} receive",
             "description": "Terrain-corrected gamma naught in dB (synthetic; the real collection is linear).",
-            "raster:bands": [
-                {"nodata": S1_NODATA, "data_type": "float32", "spatial_resolution": 10.0, "unit": "dB"}
-            ],  # fmt: skip
+            "raster:bands": [{"nodata": S1_NODATA, "data_type": "float32", "spatial_resolution": 10.0, "unit": "dB"}],
         }
         for pol in ("VV", "VH")
     }

@@ -31,7 +31,7 @@ def _open(cube: Path, tile_id: str) -> xr.Dataset:
     return xr.open_zarr(cube, group=f"tiles/{tile_id}", consolidated=False)
 
 
-def test_cube_follows_the_contract(data_cube: tuple[Path, IngestReport], data_sample: SampleData) -> None:  # noqa: F811
+def test_cube_follows_the_contract(data_cube: tuple[Path, IngestReport], data_sample: SampleData) -> None:
     cube, report = data_cube
     assert report.tiles == data_sample.tile_ids
     ds = _open(cube, report.tiles[0])
@@ -50,7 +50,7 @@ def test_cube_follows_the_contract(data_cube: tuple[Path, IngestReport], data_sa
     assert -30 < float(ds.s1.mean()) < 0  # dB, not linear
 
 
-def test_offset_is_removed_and_values_plausible(data_cube: tuple[Path, IngestReport]) -> None:  # noqa: F811
+def test_offset_is_removed_and_values_plausible(data_cube: tuple[Path, IngestReport]) -> None:
     cube, report = data_cube
     ds = _open(cube, report.tiles[0]).isel(time=0)
     clear = ds.scl.isin([4, 5, 6]).values
@@ -58,7 +58,7 @@ def test_offset_is_removed_and_values_plausible(data_cube: tuple[Path, IngestRep
     assert 0 < np.median(nir[clear]) < 4000
 
 
-def test_cloudy_tile_date_is_skipped(data_cube: tuple[Path, IngestReport], data_sample: SampleData) -> None:  # noqa: F811
+def test_cloudy_tile_date_is_skipped(data_cube: tuple[Path, IngestReport], data_sample: SampleData) -> None:
     cube, report = data_cube
     assert report.tile_dates_skipped.get("cloud", 0) >= len(report.tiles)  # the ~85 % cloudy date, every tile
     for tile_id in report.tiles:
@@ -69,7 +69,7 @@ def test_cloudy_tile_date_is_skipped(data_cube: tuple[Path, IngestReport], data_
 def test_rerun_writes_nothing(
     data_cube: tuple[Path, IngestReport],
     data_sample: SampleData,
-    data_stac_url: str,  # noqa: F811
+    data_stac_url: str,
 ) -> None:
     cube, first = data_cube
     files = {p: p.stat().st_mtime_ns for p in cube.rglob("*") if p.is_file()}
@@ -98,15 +98,15 @@ def test_extending_the_dates_appends_only_new_ones(
     assert (np.diff(after.time.values) > np.timedelta64(0)).all()
 
 
-def test_no_items_raises_and_creates_no_store(data_sample: SampleData, data_stac_url: str, tmp_path: Path) -> None:  # noqa: F811
+def test_no_items_raises_and_creates_no_store(data_sample: SampleData, data_stac_url: str, tmp_path: Path) -> None:
     cube = tmp_path / "none.zarr"
     config = sample_ingest_config(data_sample, data_stac_url, cube, start="2020-01-01", end="2020-01-31")
-    with pytest.raises(ValueError, match="no STAC items .*2020-01-01"):
+    with pytest.raises(ValueError, match=r"no STAC items .*2020-01-01"):
         run_ingest(config)
     assert not cube.exists()
 
 
-def test_unreadable_item_is_skipped_and_reported(data_sample: SampleData, tmp_path: Path) -> None:  # noqa: F811
+def test_unreadable_item_is_skipped_and_reported(data_sample: SampleData, tmp_path: Path) -> None:
     items = json.loads(data_sample.items_file.read_text())
     broken = next(i for i in items["features"] if i["collection"] == "sentinel-2-l2a")
     broken["assets"]["red"]["href"] = str(tmp_path / "missing.tif")
@@ -138,7 +138,8 @@ def _virginia_items(folder: Path) -> dict:
     )
     ring = [[lo, la] for lo, la in zip(lons, lats, strict=True)]
     item = {
-        "type": "Feature", "stac_version": "1.0.0", "id": "S2A_18SUH_20200101_0_L1C-crop", "collection": "sentinel-2-l2a",
+        "type": "Feature", "stac_version": "1.0.0", "id": "S2A_18SUH_20200101_0_L1C-crop",
+        "collection": "sentinel-2-l2a",
         "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
         "bbox": [min(lons), min(lats), max(lons), max(lats)],
         "properties": {"datetime": "2020-01-01T15:50:00Z", "eo:cloud_cover": 0, "proj:epsg": crs.to_epsg(),

@@ -22,13 +22,13 @@ REAL_WORLDCOVER = (
 
 
 @pytest.fixture
-def labels_cube(data_cube: tuple[Path, IngestReport], tmp_path: Path) -> Path:  # noqa: F811
+def labels_cube(data_cube: tuple[Path, IngestReport], tmp_path: Path) -> Path:
     cube = tmp_path / "cube.zarr"
     shutil.copytree(data_cube[0], cube)
     return cube
 
 
-def test_labels_from_stac_match_the_source_map(labels_cube: Path, data_sample: SampleData, data_stac_url: str) -> None:  # noqa: F811
+def test_labels_from_stac_match_the_source_map(labels_cube: Path, data_sample: SampleData, data_stac_url: str) -> None:
     report = run_labels(LabelsConfig(cube=str(labels_cube), source=data_stac_url))
     assert report.tiles == data_sample.tile_ids and not report.unknown_codes
     for tile in read_cube_tiles(str(labels_cube)):
@@ -45,7 +45,7 @@ def test_labels_from_stac_match_the_source_map(labels_cube: Path, data_sample: S
 def test_local_raster_gives_the_same_labels_and_rerun_same_bytes(
     labels_cube: Path,
     data_sample: SampleData,
-    data_stac_url: str,  # noqa: F811
+    data_stac_url: str,
 ) -> None:
     run_labels(LabelsConfig(cube=str(labels_cube), source=str(data_sample.worldcover)))
     chunk_files = sorted(labels_cube.glob("tiles/*/landcover/c/**/*"))

@@ -33,13 +33,13 @@ def test_rerun_reuses_files(tmp_path: Path) -> None:
     assert sample.items_file.stat().st_mtime_ns == mtime
 
 
-def test_bbox_maps_to_exactly_the_sample_tiles(data_sample: SampleData) -> None:  # noqa: F811
+def test_bbox_maps_to_exactly_the_sample_tiles(data_sample: SampleData) -> None:
     tiles = tiles_for_bbox(data_sample.bbox, resolution=10, tile_size=SAMPLE_TILE_SIZE)
     assert [t.tile_id for t in tiles] == data_sample.tile_ids
     assert data_sample.epsg == 32632
 
 
-def test_items_look_like_earth_search_and_planetary_computer(data_sample: SampleData) -> None:  # noqa: F811
+def test_items_look_like_earth_search_and_planetary_computer(data_sample: SampleData) -> None:
     items = json.loads(data_sample.items_file.read_text())["features"]
     s2 = next(i for i in items if i["collection"] == "sentinel-2-l2a")
     assert {"coastal", "blue", "red", "nir", "nir08", "swir22", "scl"} <= set(s2["assets"])
@@ -50,7 +50,7 @@ def test_items_look_like_earth_search_and_planetary_computer(data_sample: Sample
     assert any(i["collection"] == "esa-worldcover" and "map" in i["assets"] for i in items)
 
 
-def test_spectra_are_plausible(data_sample: SampleData) -> None:  # noqa: F811
+def test_spectra_are_plausible(data_sample: SampleData) -> None:
     from tasks.sample_data import read_truth_classes  # the generator's own class map
 
     tile = tiles_for_bbox(data_sample.bbox, resolution=10, tile_size=SAMPLE_TILE_SIZE)[0]
@@ -71,6 +71,6 @@ def test_spectra_are_plausible(data_sample: SampleData) -> None:  # noqa: F811
     assert np.median(nir[water]) < 500
 
 
-def test_cloud_amount_varies_by_date(data_sample: SampleData) -> None:  # noqa: F811
+def test_cloud_amount_varies_by_date(data_sample: SampleData) -> None:
     assert data_sample.cloud_fractions[0] < 0.1
     assert data_sample.cloud_fractions[1] > 0.6
