@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.data_fixtures are redefined as arguments)
+# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from pyproj import Transformer
-
-from softcon.config import IngestConfig
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.stac_server import serve_stac
-from tests.data_fixtures import (  # noqa: F401  (fixtures)
+from data_fixtures import (  # noqa: F401  (fixtures)
     SAMPLE_TILE_SIZE,
     data_cube,
     data_sample,
     data_stac_url,
     sample_ingest_config,
 )
+from pyproj import Transformer
+
+from softcon.config import IngestConfig
+from tasks.ingest import IngestReport, run_ingest
+from tasks.sample_data import SampleData
+from tasks.stac_server import serve_stac
 
 VIRGINIA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "sentinel2_l1c_virginia"
 

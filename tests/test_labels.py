@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.data_fixtures are redefined as arguments)
+# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import shutil
@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
 
 from softcon.config import LabelsConfig
 from tasks.ingest import IngestReport
 from tasks.labels import read_cube_tiles, run_labels
 from tasks.sample_data import SampleData, read_truth_classes
 from tasks.schemes import CORINE_BIGEARTHNET19, WORLDCOVER
-from tests.data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
 
 REAL_WORLDCOVER = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "worldcover"

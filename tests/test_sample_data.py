@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.data_fixtures are redefined as arguments)
+# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from data_fixtures import SAMPLE_TILE_SIZE, data_sample  # noqa: F401
 
 from tasks.grid import tiles_for_bbox
 from tasks.sample_data import SampleData, write_sample_data
-from tests.data_fixtures import SAMPLE_TILE_SIZE, data_sample  # noqa: F401
 
 
 def _read(path: str | Path) -> np.ndarray:

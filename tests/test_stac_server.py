@@ -1,13 +1,13 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.data_fixtures are redefined as arguments)
+# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import urllib.request
 
+from data_fixtures import data_sample, data_stac_url  # noqa: F401  (fixtures)
 from pystac_client import Client
 
 from tasks.sample_data import SampleData
 from tasks.stac_server import serve_stac
-from tests.data_fixtures import data_sample, data_stac_url  # noqa: F401  (fixtures)
 
 
 def test_search_by_collection_bbox_and_datetime(data_sample: SampleData, data_stac_url: str) -> None:
