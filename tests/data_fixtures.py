@@ -1,7 +1,7 @@
 """Session fixtures for the ingest/labels tests: sample data, a local STAC API, an ingested cube.
 
-Imported by the test modules that need them (``from data_fixtures import ...``; pytest puts tests/ on sys.path), not by conftest,
-so that other suites are not affected.
+Imported by the test modules that need them (``from data_fixtures import ...``;
+pytest puts tests/ on sys.path), not by conftest, so that other suites are not affected.
 """
 
 from __future__ import annotations
