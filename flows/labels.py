@@ -22,7 +22,7 @@ def labels_flow(config: LabelsConfig, parent_run_id: str | None = None, experime
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         mlflow.log_dict(
-            {"class_histogram": report.class_histogram, "unknown_codes": report.unknown_codes},
+            {"class_pixels": report.class_pixels, "unknown_codes": report.unknown_codes},
             "class_histogram.json",
         )
         logger.info("labelled %d tiles of %s", len(report.tiles), config.cube)

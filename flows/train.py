@@ -15,8 +15,14 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 """Artifact folder of the final checkpoint in a train run; the evaluate stage reads it from there."""
 
 
-def _log_step_metrics(step: int, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics, step=step)
+class StepLogger:
+    """Per-step metrics into one MLflow run, by id: the task may run in another thread than the flow."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step, run_id=self.run_id)
 
 
 train_task = task(run_training, name="soft-contrastive-training")
@@ -31,7 +37,9 @@ def log_encoder(checkpoint: str) -> None:
     with torch.no_grad():
         output = encoder(example)
     signature = mlflow.models.infer_signature(example.numpy(), output.numpy())
-    mlflow.pytorch.log_model(encoder, name="encoder", signature=signature, pip_requirements=["torch", "timm"])
+    mlflow.pytorch.log_model(
+        encoder, name="encoder", signature=signature, input_example=example.numpy(), pip_requirements=["torch", "timm"]
+    )
 
 
 @flow(name="train")
@@ -39,7 +47,7 @@ def train_flow(config: TrainConfig, parent_run_id: str | None = None, experiment
     """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
     logger = get_run_logger()
     with stage_run("train", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        result = train_task(config, on_metrics=_log_step_metrics)
+        result = train_task(config, on_metrics=StepLogger(run.info.run_id))
         mlflow.log_metrics(
             {f"final_{name}": value for name, value in result.metrics.items()}
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}

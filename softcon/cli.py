@@ -298,9 +298,11 @@ def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
     lines = {
         "ingest": f"{ingest_metrics.get('tiles', 0):g} tiles, {ingest_metrics.get('dates', 0):g} dates, "
         f"{ingest_metrics.get('tile_dates_written', 0):g} tile-dates written now",
-        "labels": f"{results['labels'].metrics.get('classes_present', 0):g} classes present",
-        "preprocess": f"{preprocess_metrics.get('patches_kept', 0):g} patches "
-        f"({preprocess_metrics.get('samples_train', 0):g} train)",
+        "labels": f"{sum(1 for k, v in results['labels'].metrics.items() if k.startswith('fraction_') and v > 0)}"
+        " classes present",
+        "preprocess": f"{preprocess_metrics.get('kept', 0):g} patches kept of {preprocess_metrics.get('patches', 0):g} "
+        f"({preprocess_metrics.get('train', 0):g} train / {preprocess_metrics.get('val', 0):g} val / "
+        f"{preprocess_metrics.get('test', 0):g} test)",
         "train": f"final loss {train_metrics.get('loss', float('nan')):.4f}",
         "evaluate": f"linear-probe mAP micro {evaluate_metrics.get('linear_map_micro', float('nan')):.3f} "
         f"macro {evaluate_metrics.get('linear_map_macro', float('nan')):.3f}",

@@ -73,6 +73,8 @@ class IngestReport:
     """Reason (``exists``, ``cloud``, ``nodata``) -> count."""
     bytes_written: int = 0
     seconds: float = 0.0
+    dates: int = 0
+    """Distinct Sentinel-2 days in the cube's tiles after this run."""
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics for MLflow."""
@@ -83,6 +85,7 @@ class IngestReport:
             "items_failed": float(len(self.items_failed)),
             "tiles": float(len(self.tiles)),
             "tile_dates_written": float(self.tile_dates_written),
+            "dates": float(self.dates),
             "bytes_written": float(self.bytes_written),
             "seconds": self.seconds,
         }
@@ -429,6 +432,7 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     skipped: Counter[str] = Counter()
     ingested: set[str] = set()
     written = 0
+    cube_days: set[date] = set()
     for tile in tiles:
         lon = _tile_centre_lon(tile)
         tile_items = _intersecting(readable, tile)
@@ -480,13 +484,14 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         for day_ids in (*ids.values(), *s1_ids.values()):
             ingested.update(day_ids)
         written += len(times) + len(s1_times)
+        cube_days |= existing_days(group, "time", lon)
         progress(f"{tile.tile_id}: wrote {len(times)} S2 and {len(s1_times)} S1 dates")
 
     report = IngestReport(
         cube=config.cube, tiles=[t.tile_id for t in tiles], items_found=len(found), items_filtered=len(filtered),
         items_ingested=len(ingested), items_failed=failed, tile_dates_written=written,
         tile_dates_skipped=dict(skipped), bytes_written=max(0, _store_bytes(config.cube) - bytes_before),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, dates=len(cube_days),
     )  # fmt: skip
     progress(f"ingest done: {report.metrics()}")
     return report
