@@ -67,4 +67,6 @@ def configure_runtime(settings: Settings | None = None) -> Settings:
     # The temporary local Prefect API starts on demand; give it time on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Dask's per-worker INFO lines drown the stage logs; warnings and errors still show.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     return settings
