@@ -150,6 +150,8 @@ def preprocess(
     patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels [default: 264].")] = None,
     stride: Annotated[int | None, typer.Option(help="Patch stride in pixels [default: patch size].")] = None,
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
+    samples_per_block: Annotated[int | None, typer.Option(help="Samples per Zarr shard [default: 64].")] = None,
+    s1_max_gap_days: Annotated[float | None, typer.Option(help="S1-S2 date matching window [default: 3].")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Cut tiles into patches with Dask: quality checks, targets, split, statistics → training store."""
@@ -159,12 +161,33 @@ def preprocess(
         "patch_size": patch_size,
         "stride": stride,
         "dask_address": dask_address,
+        "samples_per_block": samples_per_block,
+        "s1_max_gap_days": s1_max_gap_days,
     }
     stage_config = _build(PreprocessConfig, "preprocess", config, overrides)
     configure_runtime()
-    from flows.preprocess import preprocess_flow
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    _print_result(_run(preprocess_flow, stage_config))
+    from flows.preprocess import listen, preprocess_flow
+
+    # One bar per pass: tiles summarized, blocks (shards) written, statistics reduced.
+    with Progress(
+        TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    ) as bars:  # fmt: skip
+        bar_ids: dict[str, Any] = {}
+
+        def on_progress(step: str, done: int, total: int) -> None:
+            if step not in bar_ids:
+                bar_ids[step] = bars.add_task(step, total=total)
+            bars.update(bar_ids[step], completed=done, total=total)
+
+        def on_dashboard(link: str) -> None:
+            bars.console.print(f"Dask dashboard: [link={link}]{link}[/link]")
+
+        with listen(on_progress, on_dashboard):
+            result = _run(preprocess_flow, stage_config)
+    _print_result(result)
 
 
 @app.command()

@@ -46,7 +46,14 @@ class IngestConfig(StageConfig):
     collections: list[CollectionName] = Field(
         default=["sentinel-2-l2a", "sentinel-1-rtc"], min_length=1, description="STAC collections to search."
     )
-    bbox: tuple[float, float, float, float] = Field(description="Area as lon/lat west,south,east,north.")
+    bbox: tuple[float, float, float, float] | None = Field(
+        default=None, description="Area as lon/lat west,south,east,north (or give `area`)."
+    )
+    area: str | None = Field(
+        default=None,
+        description="GeoJSON/GeoPackage (any vector file) whose geometries are the area; only tiles that touch "
+        "them are ingested. With `bbox` too, the area is clipped to the bbox.",
+    )
     start: date = Field(description="First acquisition day (inclusive).")
     end: date = Field(description="Last acquisition day (inclusive).")
     bands: list[S2Band] = Field(default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands.")
@@ -59,11 +66,25 @@ class IngestConfig(StageConfig):
     max_tile_nodata: float = Field(
         default=0.5, ge=0, le=1, description="Skip a tile-date whose nodata fraction is above this."
     )
+    sign: Literal["auto", "planetary-computer", "none"] = Field(
+        default="auto",
+        description="Asset URL signing: planetary-computer (SAS tokens), none, or auto (Planetary Computer "
+        "when the STAC URL is on planetarycomputer.microsoft.com).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="HTTP header name -> NAME of the environment variable holding its value (never the secret "
+        "itself), sent to the STAC API and on asset reads, e.g. {Authorization: MY_STAC_TOKEN}.",
+    )
+    retries: int = Field(default=3, ge=0, description="Retries of a transient HTTP/read failure.")
+    retry_delay: float = Field(default=1.0, ge=0, description="First retry delay, seconds (doubles each retry).")
     cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
 
     @field_validator("bbox")
     @classmethod
-    def _check_bbox(cls, bbox: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    def _check_bbox(cls, bbox: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if bbox is None:
+            return None
         west, south, east, north = bbox
         if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
             raise ValueError(f"bbox {bbox} is outside lon [-180, 180] / lat [-90, 90]; give W,S,E,N in degrees")
@@ -75,6 +96,8 @@ class IngestConfig(StageConfig):
     def _check_dates(self) -> Self:
         if self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
+        if self.bbox is None and self.area is None:
+            raise ValueError("give the area to ingest: bbox (W,S,E,N) or area (a GeoJSON/GeoPackage file)")
         return self
 
 
@@ -111,6 +134,12 @@ class PreprocessConfig(StageConfig):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.2, ge=0, lt=1)
     seed: int = 0
+    s1_max_gap_days: float = Field(
+        default=3, ge=0, description="An S1 date pairs with an S2 date at most this many days away (nearest wins)."
+    )
+    samples_per_block: int = Field(
+        default=64, gt=0, description="Samples per write block = per Zarr shard: one shard read is one batch."
+    )
     dask_address: str | None = Field(default=None, description="Existing scheduler; default LocalCluster.")
     n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
 
@@ -152,6 +181,18 @@ class TrainConfig(StageConfig):
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     seed: int = 0
+    objective: Literal["softcon", "supervised"] = Field(
+        default="softcon", description="softcon, or the supervised multi-label head reference."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Autocast dtype on CUDA (fp16 uses a gradient scaler); CPU runs in fp32."
+    )
+    compile: bool = Field(default=False, description="torch.compile the student's forward.")
+    log_every: int = Field(default=10, gt=0, description="Steps per logged metrics window.")
+    registered_model_name: str | None = Field(
+        default="softcon-encoder", description="MLflow model registry name of the encoder (None: log only)."
+    )
+    log_system_metrics: bool = Field(default=True, description="MLflow system metrics (CPU, memory, GPU).")
 
 
 class EvaluateConfig(StageConfig):

@@ -111,3 +111,40 @@ def match_s1_dates(s2_times: np.ndarray, s1_times: np.ndarray, max_gap: np.timed
     nearest = gaps.argmin(axis=1)
     within = gaps[np.arange(len(s2_times)), nearest] <= max_gap.astype("timedelta64[ns]")
     return np.where(within, nearest, -1).astype(np.int64)
+
+
+S1_DB_UNITS = ("db", "decibel", "decibels")
+S1_POWER_UNITS = ("linear", "power", "1")
+S1_AMPLITUDE_UNITS = ("amplitude",)
+
+
+def s1_db_scale(units: str | None) -> float | None:
+    """The factor k of ``k * log10(value)`` that turns S1 values in ``units`` into dB; None when already dB.
+
+    A missing ``units`` attribute means dB, the cube contract.
+
+    Raises:
+        ValueError: for units that are neither dB, linear power nor amplitude.
+    """
+    unit = (units or "dB").strip().lower()
+    if unit in S1_DB_UNITS:
+        return None
+    if unit in S1_POWER_UNITS:
+        return 10.0
+    if unit in S1_AMPLITUDE_UNITS:
+        return 20.0
+    allowed = S1_DB_UNITS + S1_POWER_UNITS + S1_AMPLITUDE_UNITS
+    raise ValueError(f"S1 units {units!r} are not one of {allowed}; the store keeps S1 in dB")
+
+
+def s1_to_db(values: np.ndarray, scale: float | None) -> np.ndarray:
+    """S1 backscatter in dB as float32: unchanged when ``scale`` is None, else ``scale * log10``.
+
+    Zero or negative linear values (nodata in linear products) become NaN, the store's S1 nodata.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if scale is None:
+        return values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = scale * np.log10(values)
+    return np.where(values > 0, db, np.nan).astype(np.float32)

@@ -37,13 +37,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-S1_MAX_GAP = np.timedelta64(3, "D")
-"""An S1 acquisition pairs with an S2 date when it is at most this far from it (nearest one wins)."""
+S2_RESOLUTION_M = 10.0
+"""Pixel size the store is cut at: every S2 band on the 10 m grid (SSL4EO-S12 resamples 20/60 m bands too)."""
 SAMPLES_PER_BLOCK = 64
-"""Samples per write block = per shard of the image arrays: one read of a shard is one batch."""
+"""Default samples per write block = per shard of the image arrays (``PreprocessConfig.samples_per_block``)."""
 
 ProgressCallback = Callable[[str, int, int], None]
 """on_progress(step, done, total), step one of "tiles", "blocks", "stats"."""
+DashboardCallback = Callable[[str], None]
+"""on_dashboard(link): called once the Dask client is up, before any work is submitted."""
+
+
+def s1_max_gap(config: PreprocessConfig) -> np.timedelta64:
+    """The S1/S2 date-matching window of ``config`` as a timedelta (nanoseconds, so fractional days work)."""
+    return np.timedelta64(round(config.s1_max_gap_days * 86_400e9), "ns")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,8 @@ class PreprocessReport:
     """{"s2": {"mean", "std", "p01", "p99", "count"}, "s1": {...}} over the training split."""
     dashboard_link: str | None = None
     """Dask dashboard of the cluster used, None when the store was reused."""
+    blocks_written: int = 0
+    """Write blocks (shards) written by this call; a resumed run writes only the unfinished ones."""
     reused: bool = False
     """True when a complete store with the same fingerprint was found and nothing was computed."""
 
@@ -130,6 +139,14 @@ def read_cube_index(cube: str) -> CubeIndex:
         bands = tuple(str(b) for b in tile["s2"]["band"].values)
         if bands != S2_L2A_BANDS:
             raise ValueError(f"tile {tile_id!r} has S2 bands {bands}; the store needs {S2_L2A_BANDS}")
+        resolution = _tile_resolution(tile)
+        if resolution is not None and not np.isclose(resolution, S2_RESOLUTION_M):
+            raise ValueError(
+                f"tile {tile_id!r} of cube {cube!r} has {resolution:g} m pixels; the store needs every S2 band at "
+                f"{S2_RESOLUTION_M:g} m: re-run `softcon ingest --resolution {S2_RESOLUTION_M:g}` into a new cube"
+            )
+        if "s1" in tile:
+            patches.s1_db_scale(tile["s1"].attrs.get("units"))  # raises on units it cannot turn into dB
         attrs = tile["landcover"].attrs
         if "class_codes" not in attrs:
             raise ValueError(f"landcover of tile {tile_id!r} has no class_codes attribute; re-run `softcon labels`")
@@ -156,6 +173,15 @@ def read_cube_index(cube: str) -> CubeIndex:
     )
 
 
+def _tile_resolution(tile: xr.Dataset) -> float | None:
+    """Pixel size in metres from the x coordinate (or the ingest ``resolution`` attribute); None if unknown."""
+    if tile.sizes.get("x", 0) > 1:
+        x = tile["x"].values[:2].astype(np.float64)
+        return float(abs(x[1] - x[0]))
+    value = tile.attrs.get("resolution")
+    return float(value) if value is not None else None
+
+
 def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_block: int) -> str:
     """Hash of everything the store's bytes depend on: parameters that shape it and the cube's dates."""
     params = config.model_dump(mode="json", exclude={"out", "n_workers", "dask_address"})
@@ -163,7 +189,6 @@ def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_bl
         "schema_version": training_store.SCHEMA_VERSION,
         "params": params,
         "samples_per_block": samples_per_block,
-        "s1_max_gap_days": int(S1_MAX_GAP / np.timedelta64(1, "D")),
         "tiles": index.tiles,
         "shapes": index.tile_shapes,
         "times": [[str(t) for t in times] for times in index.times],
@@ -275,11 +300,12 @@ def build_plan(
 
 
 def read_block_images(
-    cube: str, tiles: tuple[str, ...], plan: SamplePlan, patch_size: int
+    cube: str, tiles: tuple[str, ...], plan: SamplePlan, patch_size: int, s1_max_gap: np.timedelta64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """S2 (uint16) and nearest-date S1 (float32, NaN when none) patches of the samples of ``plan``.
+    """S2 (uint16) and nearest-date S1 (float32 dB, NaN when none) patches of the samples of ``plan``.
 
-    Reads each (tile, date) once, as the bounding box of the block's patches on it.
+    Reads each (tile, date) once, as the bounding box of the block's patches on it. S1 stored as linear
+    power (``units`` attribute) is converted to dB here.
     """
     n = len(plan)
     s2_out = np.zeros((n, len(S2_L2A_BANDS), patch_size, patch_size), dtype=np.uint16)
@@ -289,10 +315,11 @@ def read_block_images(
         tile_times = tile["time"].values.astype("datetime64[ns]")
         has_s1 = "s1" in tile and "time_s1" in tile.coords
         s1_times = tile["time_s1"].values.astype("datetime64[ns]") if has_s1 else np.array([], "M8[ns]")
-        s1_match = patches.match_s1_dates(tile_times, s1_times, S1_MAX_GAP)
+        s1_match = patches.match_s1_dates(tile_times, s1_times, s1_max_gap)
         if has_s1:
             pols = [str(p) for p in tile["s1"]["pol"].values]
             pol_order = [pols.index(p) for p in S1_POLARIZATIONS]
+            s1_scale = patches.s1_db_scale(tile["s1"].attrs.get("units"))
         in_tile = plan.tile == tile_index
         for time_value in np.unique(plan.time[in_tile]):
             members = np.nonzero(in_tile & (plan.time == time_value))[0]
@@ -306,6 +333,7 @@ def read_block_images(
             s1 = None
             if s1_match[time_index] >= 0:
                 s1 = tile["s1"].isel(time_s1=int(s1_match[time_index]), **box).values[pol_order]
+                s1 = patches.s1_to_db(s1, s1_scale)
             for member, row, col in zip(members, rows - rows.min(), cols - cols.min(), strict=True):
                 s2_out[member] = s2[:, row : row + patch_size, col : col + patch_size]
                 if s1 is not None:
@@ -314,10 +342,16 @@ def read_block_images(
 
 
 def write_sample_block(
-    cube: str, out: str, tiles: tuple[str, ...], plan: SamplePlan, start: int, patch_size: int
+    cube: str,
+    out: str,
+    tiles: tuple[str, ...],
+    plan: SamplePlan,
+    start: int,
+    patch_size: int,
+    s1_max_gap: np.timedelta64,
 ) -> int:
     """Pass 2 for one block: read its patches from the cube and write them at ``start``; returns start."""
-    s2, s1 = read_block_images(cube, tiles, plan, patch_size)
+    s2, s1 = read_block_images(cube, tiles, plan, patch_size, s1_max_gap)
     training_store.write_images(out, start, s2, s1)
     return start
 
@@ -373,7 +407,8 @@ def run_preprocess(
     *,
     client: Client | None = None,
     on_progress: ProgressCallback | None = None,
-    samples_per_block: int = SAMPLES_PER_BLOCK,
+    on_dashboard: DashboardCallback | None = None,
+    samples_per_block: int | None = None,
 ) -> PreprocessReport:
     """Cut the cube into patches and write the training store at ``config.out``.
 
@@ -385,7 +420,8 @@ def run_preprocess(
         client: a Dask client to use; default: connect to ``config.dask_address`` or start a
             LocalCluster of ``config.n_workers`` processes, closed on return.
         on_progress: called as ``on_progress(step, done, total)`` for steps "tiles", "blocks", "stats".
-        samples_per_block: samples per write block, which is one shard of the image arrays.
+        on_dashboard: called with the Dask dashboard link once the client is up (the CLI prints it).
+        samples_per_block: overrides ``config.samples_per_block`` (samples per write block = per shard).
 
     Returns:
         The report: store path, counts, normalization statistics, wall time, dashboard link.
@@ -400,8 +436,11 @@ def run_preprocess(
     """
     started = timer.perf_counter()
     progress = on_progress or (lambda step, done, total: None)
-    if samples_per_block <= 0:
-        raise ValueError(f"samples_per_block must be positive, got {samples_per_block}")
+    if samples_per_block is not None:
+        if samples_per_block <= 0:
+            raise ValueError(f"samples_per_block must be positive, got {samples_per_block}")
+        config = config.model_copy(update={"samples_per_block": samples_per_block})
+    samples_per_block = config.samples_per_block
     index = read_cube_index(config.cube)
     fingerprint = store_fingerprint(config, index, samples_per_block)
     attrs = training_store.read_store_attrs(config.out)
@@ -411,6 +450,10 @@ def run_preprocess(
         return _report_from_attrs(config.out, attrs, timer.perf_counter() - started, reused=True)
 
     with _dask_client(config, client) as dask_client:
+        dashboard_link = dask_client.dashboard_link
+        logger.info("Dask dashboard: %s", dashboard_link)
+        if on_dashboard is not None:
+            on_dashboard(dashboard_link)
         if same:
             logger.info("resuming training store %s (%d blocks done)", config.out, len(attrs["blocks_done"]))
             plan, counts, done = training_store.read_plan(config.out), attrs["counts"], set(attrs["blocks_done"])
@@ -418,14 +461,18 @@ def run_preprocess(
             plan, counts = _plan_store(config, index, fingerprint, samples_per_block, dask_client, progress)
             done = set()
         bounds = training_store.block_bounds(len(plan), samples_per_block)
-        _write_blocks(config, index, plan, bounds, done, dask_client, progress)
+        written = _write_blocks(config, index, plan, bounds, done, dask_client, progress)
         stats = _train_stats(config.out, bounds, dask_client, progress)
         training_store.finish_store(config.out, {"norm_stats": stats})
-        dashboard_link = dask_client.dashboard_link
     seconds = timer.perf_counter() - started
-    logger.info("wrote %s: %s in %.1f s", config.out, counts, seconds)
+    logger.info("wrote %s: %s in %.1f s (%d blocks written now)", config.out, counts, seconds, written)
     return PreprocessReport(
-        store=config.out, counts=counts, seconds=seconds, norm_stats=stats, dashboard_link=dashboard_link
+        store=config.out,
+        counts=counts,
+        seconds=seconds,
+        norm_stats=stats,
+        dashboard_link=dashboard_link,
+        blocks_written=written,
     )
 
 
@@ -481,7 +528,9 @@ def _plan_store(
             "params": config.model_dump(mode="json"),
             "counts": counts,
             "samples_per_block": samples_per_block,
-            "s1_max_gap_days": int(S1_MAX_GAP / np.timedelta64(1, "D")),
+            "s1_max_gap_days": config.s1_max_gap_days,
+            "resolution_m": S2_RESOLUTION_M,
+            "s1_units": "dB",
         },
     )
     return plan, counts
@@ -495,8 +544,8 @@ def _write_blocks(
     done: set[int],
     client: Client,
     progress: ProgressCallback,
-) -> None:
-    """Pass 2: write every block not yet done, marking each as it finishes."""
+) -> int:
+    """Pass 2: write every block not yet done, marking each as it finishes; returns how many it wrote."""
     from distributed import as_completed
 
     todo = [i for i in range(len(bounds)) if i not in done]
@@ -510,6 +559,7 @@ def _write_blocks(
             plan.select(*bounds[i]),
             bounds[i][0],
             config.patch_size,
+            s1_max_gap(config),
             pure=False,
         ): i
         for i in todo
@@ -521,6 +571,7 @@ def _write_blocks(
         training_store.mark_blocks_done(config.out, [futures[future]])
         finished += 1
         progress("blocks", finished, len(bounds))
+    return len(todo)
 
 
 def _train_stats(out: str, bounds: list[tuple[int, int]], client: Client, progress: ProgressCallback) -> dict[str, Any]:
@@ -537,6 +588,9 @@ def _train_stats(out: str, bounds: list[tuple[int, int]], client: Client, progre
         raise ValueError(f"the training split of {out!r} is empty; lower val_fraction/test_fraction")
     s2, s1 = reduced
     return {
-        "s2": norm_stats.finalize_stats(s2, np.arange(norm_stats.S2_LEVELS, dtype=np.float64)),
-        "s1": norm_stats.finalize_stats(s1, norm_stats.s1_bin_centres()),
+        "s2": {
+            "names": list(S2_L2A_BANDS),
+            **norm_stats.finalize_stats(s2, np.arange(norm_stats.S2_LEVELS, dtype=np.float64)),
+        },
+        "s1": {"names": list(S1_POLARIZATIONS), **norm_stats.finalize_stats(s1, norm_stats.s1_bin_centres())},
     }
