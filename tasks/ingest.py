@@ -15,23 +15,41 @@ so a re-run writes nothing. New dates are appended along ``time`` in the order t
 within one run); a backfill of earlier dates lands after later ones, so readers that need order use
 ``ds.sortby("time")``.
 
-No partial time step is ever readable as data: each append first grows and fills the data arrays,
-then grows the time coordinate, and only then records the item ids. A run that dies in between leaves
-data arrays longer than ``time`` (``xr.open_zarr`` refuses such a tile rather than showing a partial
-step); the next ingest truncates them back to the time coordinate before doing anything else.
+Crash safety: an append writes the new chunks of every array *before* it grows any array's shape (through a
+view of the array at its future shape), then grows the data arrays, records the item ids, and grows the
+time coordinate last. Each shape change is one atomic metadata write (Zarr's local store writes a temporary
+file and renames it), so a reader sees either the old tile or, while only the data arrays have grown, arrays
+longer than ``time`` (``xr.open_zarr`` refuses such a tile rather than showing a partial step); a killed
+append never shows a time step with missing data. The next ingest truncates the data arrays back to the
+time coordinate and drops item ids of days that are not in it, before doing anything else.
+
+Concurrent runs: every change to a tile (creation, repair, append) happens under an exclusive lock on
+``<cube>/.ingest-locks/<tile_id>.lock`` (``fcntl.flock``, released by the kernel if the process dies), and
+the tile's existing days are re-read under the lock just before appending, so two runs over the same or
+different date ranges of one local store never duplicate or lose a step; loading from STAC happens outside
+the lock, in parallel. Stores given as URLs (object storage) get no lock: run one writer per cube there.
+
+Network: transient read failures (HTTP 5xx, timeouts, connection resets) are retried with exponential
+backoff (``retries``, ``retry_delay``); an item that still fails, or whose file is corrupt or missing, is
+skipped, named in ``IngestReport.items_failed`` with the reason, and the other items of its day are loaded.
+Planetary Computer asset URLs are signed (``planetary-computer`` package) as odc-stac opens them; other
+APIs get HTTP headers whose values come from environment variables (``IngestConfig.headers``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import odc.stac
@@ -41,10 +59,17 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 from shapely.geometry import box, shape
+from shapely.geometry.base import BaseGeometry
+from zarr.core.array import AsyncArray
 
 from softcon.config import IngestConfig
 from tasks.collections import CollectionSpec, sensor_of, spec_for_item
 from tasks.grid import Tile, tiles_for_bbox
+
+try:  # POSIX advisory locks; on other systems concurrent writers are not protected
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +77,18 @@ SCL_CLOUD_CODES = (3, 8, 9, 10)
 """Sen2Cor cloud shadow, cloud medium/high probability, thin cirrus."""
 TIME_UNITS = "seconds since 1970-01-01"
 S1_POLS = ("VV", "VH")
+PLANETARY_COMPUTER_HOST = "planetarycomputer.microsoft.com"
+PROGRESS_EXTRA = "ingest_progress"
+"""Key of the ``extra`` dict on this module's progress log records: ``(tiles done, tiles total)``."""
+WRITE_BATCH = 8
+"""Tile-dates held in memory before they are appended (bounds memory on long date ranges)."""
+_PERMANENT_ERRORS = (
+    "no such file", "not recognized as", "not a supported file format", "http response code: 404",
+    "http response code: 403", "http response code: 401", "tiffreaddirectory", "not a tiff", "does not exist",
+    "permission denied",
+)  # fmt: skip
+"""Read-error texts that no retry will fix (missing, forbidden or corrupt files)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,14 +104,26 @@ class IngestReport:
     items_ingested: int
     """Items behind the tile-dates written in this run."""
     items_failed: list[str]
-    """Items skipped because an asset could not be read."""
+    """Items skipped because an asset is missing or could not be read (after retries)."""
     tile_dates_written: int
     tile_dates_skipped: dict[str, int] = field(default_factory=dict)
     """Reason (``exists``, ``cloud``, ``nodata``) -> count."""
     bytes_written: int = 0
+    """Bytes added to the store on disk (compressed); 0 for object-storage URLs."""
+    pixel_bytes: int = 0
+    """Uncompressed bytes of the pixel arrays written (what MB/s is measured on)."""
     seconds: float = 0.0
     dates: int = 0
     """Distinct Sentinel-2 days in the cube's tiles after this run."""
+    failures: dict[str, str] = field(default_factory=dict)
+    """Failed item id -> why."""
+    items: dict[str, str] = field(default_factory=dict)
+    """Every item found -> what happened to it (``ingested``, ``filtered``, ``failed``, ``not written``)."""
+
+    @property
+    def mb_per_s(self) -> float:
+        """Pixel megabytes (1e6 bytes) written per second of the whole run."""
+        return self.pixel_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics for MLflow."""
@@ -87,10 +136,91 @@ class IngestReport:
             "tile_dates_written": float(self.tile_dates_written),
             "dates": float(self.dates),
             "bytes_written": float(self.bytes_written),
+            "pixel_bytes": float(self.pixel_bytes),
             "seconds": self.seconds,
+            "mb_per_s": self.mb_per_s,
         }
         metrics.update({f"tile_dates_skipped_{k}": float(v) for k, v in self.tile_dates_skipped.items()})
         return metrics
+
+
+# ----------------------------------------------------------------------------------------- access
+
+
+def request_headers(config: IngestConfig) -> dict[str, str]:
+    """HTTP headers for the STAC API and asset reads, each value read from the environment variable named.
+
+    Raises:
+        ValueError: naming the header and the variable when a variable is not set (before any request).
+    """
+    headers, missing = {}, []
+    for name, variable in config.headers.items():
+        value = os.environ.get(variable)
+        if value is None:
+            missing.append(f"{name} (from ${variable})")
+        else:
+            headers[name] = value
+    if missing:
+        raise ValueError(f"header(s) {', '.join(missing)} need their environment variable set; export it first")
+    return headers
+
+
+def url_signer(config: IngestConfig) -> Callable[[str], str] | None:
+    """The asset URL patcher for ``config.sign``: Planetary Computer SAS signing, or ``None`` (no patching)."""
+    mode = config.sign
+    if mode == "auto":
+        mode = "planetary-computer" if PLANETARY_COMPUTER_HOST in config.stac else "none"
+    if mode == "none":
+        return None
+    try:
+        import planetary_computer
+    except ImportError as error:  # pragma: no cover (a dependency)
+        raise ValueError("sign=planetary-computer needs the planetary-computer package: pip install it") from error
+
+    def sign(href: str) -> str:
+        # Local paths and non-Azure URLs pass through unchanged; tokens are cached until they expire.
+        return planetary_computer.sign_url(href) if href.startswith("http") else href
+
+    return sign
+
+
+def _gdal_options(headers: dict[str, str]) -> dict[str, Any]:
+    """GDAL settings for asset reads: its own HTTP retries below ours, headers, no directory listings."""
+    options: dict[str, Any] = {
+        "GDAL_HTTP_MAX_RETRY": 3, "GDAL_HTTP_RETRY_DELAY": 1, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "GDAL_HTTP_TIMEOUT": 60,
+    }  # fmt: skip
+    if headers:
+        options["GDAL_HTTP_HEADERS"] = "\r\n".join(f"{name}: {value}" for name, value in headers.items())
+    return options
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a read error may go away on retry (network, server 5xx) rather than a missing/corrupt file."""
+    text = str(error).lower()
+    if isinstance(error, (KeyError, ValueError, TypeError)) and not isinstance(error, rasterio.errors.RasterioError):
+        return False
+    return not any(marker in text for marker in _PERMANENT_ERRORS)
+
+
+def with_retries(
+    action: Callable[[], T], *, what: str, retries: int, delay: float, sleep: Callable[[float], None] = time.sleep
+) -> T:
+    """Call ``action``; on a transient error retry up to ``retries`` times, waiting delay, 2 delay, 4 delay, ….
+
+    Raises:
+        The last error, or at once a permanent one (see ``is_transient``).
+    """
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except Exception as error:
+            if attempt == retries or not is_transient(error):
+                raise
+            wait = delay * 2**attempt
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, error, attempt + 1, retries, wait)
+            sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -109,8 +239,6 @@ def read_static_items(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"STAC source {path} is neither a URL nor an existing file")
-    import json
-
     data = json.loads(path.read_text())
     kind = data.get("type")
     if kind == "FeatureCollection":
@@ -123,34 +251,78 @@ def read_static_items(path: str | Path) -> list[dict[str, Any]]:
     raise ValueError(f"{path} is a {kind!r}; expected a FeatureCollection, Item, Catalog or Collection")
 
 
+def read_area(config: IngestConfig) -> BaseGeometry:
+    """The area to ingest as one lon/lat geometry: ``config.area``'s geometries (clipped to ``bbox``) or ``bbox``.
+
+    Raises:
+        FileNotFoundError: a missing area file.
+        ValueError: an area file without geometries, or one that does not meet the bbox.
+    """
+    bbox_geometry = box(*config.bbox) if config.bbox is not None else None
+    if config.area is None:
+        assert bbox_geometry is not None  # the config validator requires one of the two
+        return bbox_geometry
+    import geopandas
+
+    path = Path(config.area)
+    if not path.is_file():
+        raise FileNotFoundError(f"area file {path} does not exist; give a GeoJSON or GeoPackage")
+    frame = geopandas.read_file(path)
+    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    if frame.empty:
+        raise ValueError(f"area file {path} holds no geometries")
+    if frame.crs is None:
+        log.warning("area file %s has no CRS; taking lon/lat (EPSG:4326)", path)
+        frame = frame.set_crs("EPSG:4326")
+    geometry = frame.to_crs("EPSG:4326").geometry.union_all()
+    if bbox_geometry is not None:
+        geometry = geometry.intersection(bbox_geometry)
+        if geometry.is_empty:
+            raise ValueError(f"area {path} does not meet bbox {config.bbox}")
+    return geometry
+
+
 def _item_datetime(item: dict[str, Any]) -> datetime:
     props = item["properties"]
     text = props.get("datetime") or props.get("start_datetime")
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _matches(item: dict[str, Any], collections: Sequence[str], bbox: Sequence[float], start: date, end: date) -> bool:
+def _matches(item: dict[str, Any], collections: Sequence[str], area: BaseGeometry, start: date, end: date) -> bool:
     if item.get("collection") not in collections:
         return False
-    if not shape(item["geometry"]).intersects(box(*bbox)):
+    if not shape(item["geometry"]).intersects(area):
         return False
     return start <= _item_datetime(item).date() <= end
 
 
-def search_items(config: IngestConfig) -> list[dict[str, Any]]:
-    """Items of ``config.collections`` over ``config.bbox`` and the date range, as STAC dicts.
+def search_items(config: IngestConfig, area: BaseGeometry | None = None) -> list[dict[str, Any]]:
+    """Items of ``config.collections`` over the area and the date range, as STAC dicts.
 
-    A STAC API is searched with pystac-client (with an ``eo:cloud_cover`` query on Sentinel-2 when the
-    server conforms to the Query extension); a file is read and filtered here.
+    A STAC API is searched with pystac-client (``intersects`` the area, an ``eo:cloud_cover`` query on
+    Sentinel-2 when the server conforms to the Query extension, HTTP retries with backoff, the configured
+    headers); a file is read and filtered here.
     """
+    area = area if area is not None else read_area(config)
     collections = list(config.collections)
     if not _is_url(config.stac):
         items = read_static_items(config.stac)
-        return [i for i in items if _matches(i, collections, config.bbox, config.start, config.end)]
+        return [i for i in items if _matches(i, collections, area, config.start, config.end)]
     from pystac_client import Client
     from pystac_client.conformance import ConformanceClasses
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
 
-    client = Client.open(config.stac)
+    retry = Retry(
+        total=config.retries, backoff_factor=config.retry_delay, status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=None,  # POST searches too
+    )  # fmt: skip
+    headers = request_headers(config)
+    stac_io = StacApiIO(headers=headers, max_retries=retry, timeout=60)
+    client = with_retries(
+        lambda: Client.open(config.stac, headers=headers, stac_io=stac_io),
+        what=f"opening {config.stac}", retries=config.retries, delay=config.retry_delay,
+    )  # fmt: skip
     found: list[dict[str, Any]] = []
     for sensor in ("s2", "s1"):
         names = [c for c in collections if sensor_of(c) == sensor]
@@ -159,11 +331,18 @@ def search_items(config: IngestConfig) -> list[dict[str, Any]]:
         query = None
         if sensor == "s2" and client.conforms_to(ConformanceClasses.QUERY):
             query = {"eo:cloud_cover": {"lte": config.max_cloud}}
+        # A bbox search (every API supports it), then the exact area here.
         search = client.search(
-            collections=names, bbox=config.bbox, datetime=_datetime_range(config.start, config.end),
+            collections=names, bbox=area.bounds, datetime=_datetime_range(config.start, config.end),
             query=query, limit=100,
         )  # fmt: skip
-        found.extend(search.items_as_dicts())
+        found.extend(
+            item for item in with_retries(
+                lambda search=search: list(search.items_as_dicts()),
+                what=f"searching {config.stac}", retries=config.retries, delay=config.retry_delay,
+            )
+            if shape(item["geometry"]).intersects(area)
+        )  # fmt: skip
     return found
 
 
@@ -179,19 +358,17 @@ def filter_cloudy_items(items: Iterable[dict[str, Any]], max_cloud: float) -> tu
     return kept, dropped
 
 
-def probe_item(item: dict[str, Any], asset_keys: Sequence[str]) -> str | None:
-    """Open the header of each asset; the first error as text, or ``None`` when all open."""
-    for key in asset_keys:
-        href = item["assets"][key]["href"]
-        try:
-            with rasterio.open(href):
-                pass
-        except Exception as error:  # rasterio raises many types for unreadable files
-            return f"{key}: {error}"
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How assets are read: URL patching (signing), GDAL settings, retry policy."""
+
+    patch_url: Callable[[str], str] | None = None
+    gdal: dict[str, Any] = field(default_factory=dict)
+    retries: int = 3
+    retry_delay: float = 1.0
 
 
 def solar_day(when: datetime, lon: float) -> date:
@@ -211,14 +388,16 @@ def group_by_solar_day(items: Iterable[dict[str, Any]], lon: float) -> dict[date
     return dict(sorted(groups.items()))
 
 
-def load_s2_day(items: Sequence[dict[str, Any]], tile: Tile, bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_s2_day(
+    items: Sequence[dict[str, Any]], tile: Tile, bands: Sequence[str], read: ReadOptions | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One solar day of S2 on the tile grid: (band, y, x) uint16 harmonized reflectance, (y, x) SCL."""
     spec = spec_for_item(items[0])
     band_keys = [spec.asset_key(band) for band in bands]
     with_scl = all(spec.assets["SCL"] in item["assets"] for item in items)
     keys = [*band_keys, spec.assets["SCL"]] if with_scl else band_keys
     resampling = {"*": "bilinear", spec.assets["SCL"]: "nearest"}
-    data = _odc_load(items, keys, tile, resampling)
+    data = _odc_load(items, keys, tile, resampling, read=read)
     stack = np.stack([data[key].values[0] for key in band_keys]).astype(np.int32)  # (band, y, x)
     offset = spec.s2_offset(items[0])
     if offset:  # BOA_ADD_OFFSET: keep 0 as nodata, clip valid pixels to 1
@@ -227,11 +406,11 @@ def load_s2_day(items: Sequence[dict[str, Any]], tile: Tile, bands: Sequence[str
     return np.clip(stack, 0, 65535).astype(np.uint16), scl
 
 
-def load_s1_day(items: Sequence[dict[str, Any]], tile: Tile) -> np.ndarray:
+def load_s1_day(items: Sequence[dict[str, Any]], tile: Tile, read: ReadOptions | None = None) -> np.ndarray:
     """One solar day of S1 on the tile grid: (pol, y, x) float32 dB, NaN where there is no data."""
     spec: CollectionSpec = spec_for_item(items[0])
     keys = [spec.asset_key(pol) for pol in S1_POLS]
-    data = _odc_load(items, keys, tile, {"*": "bilinear"}, dtype="float32")
+    data = _odc_load(items, keys, tile, {"*": "bilinear"}, dtype="float32", read=read)
     scale = spec.s1_value_scale(items[0])
     nodata = spec.asset_nodata(items[0], "VV")
     out = []
@@ -253,15 +432,50 @@ def _odc_load(
     tile: Tile,
     resampling: dict[str, str],
     dtype: str | None = None,
+    read: ReadOptions | None = None,
 ) -> xr.Dataset:
+    read = read or ReadOptions()
     # Without their links: a "self" link to an API would turn absolute local paths into API URLs.
     stac_items = [pystac.Item.from_dict({**item, "links": []}) for item in items]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), rasterio.Env(**read.gdal):
         warnings.simplefilter("ignore")  # odc-stac warns about common-name aliases
+        # fail_on_error: a read error must raise (and be retried or reported), never become silent nodata.
         return odc.stac.load(
             stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling, groupby="solar_day",
-            chunks=None, fail_on_error=False, dtype=dtype,
+            chunks=None, fail_on_error=True, dtype=dtype, patch_url=read.patch_url,
         )  # fmt: skip
+
+
+def load_day_isolating(
+    items: Sequence[dict[str, Any]], load: Callable[[Sequence[dict[str, Any]]], T], read: ReadOptions, what: str
+) -> tuple[T | None, dict[str, str]]:
+    """Load one tile-date with retries; if it keeps failing, find the failing items and load the rest.
+
+    Returns:
+        (the loaded day or ``None`` when every item failed, failed item id -> error text)
+    """
+
+    def attempt(subset: Sequence[dict[str, Any]]) -> T:
+        return with_retries(lambda: load(subset), what=what, retries=read.retries, delay=read.retry_delay)
+
+    try:
+        return attempt(items), {}
+    except Exception as error:
+        if len(items) == 1:
+            return None, {items[0]["id"]: f"{type(error).__name__}: {error}"}
+    good, failed = [], {}
+    for item in items:
+        try:
+            attempt([item])
+            good.append(item)
+        except Exception as error:
+            failed[item["id"]] = f"{type(error).__name__}: {error}"
+    if not good:
+        return None, failed
+    try:
+        return attempt(good), failed
+    except Exception as error:  # every item alone reads but not together: report them all
+        return None, {**failed, **{item["id"]: f"{type(error).__name__}: {error}" for item in good}}
 
 
 def s2_day_quality(s2: np.ndarray, scl: np.ndarray) -> tuple[float, float]:
@@ -310,10 +524,36 @@ def _tile_template(tile: Tile, bands: Sequence[str]) -> tuple[xr.Dataset, dict[s
     return ds, encoding
 
 
+TILE_ARRAYS = ("s2", "scl", "s1", "time", "time_s1", "band", "pol", "x", "y", "spatial_ref")
+
+
+@contextlib.contextmanager
+def tile_lock(cube: str, tile_id: str) -> Iterator[None]:
+    """Exclusive lock on one tile of a local cube, held across processes (none for URLs, see module doc)."""
+    if "://" in cube or fcntl is None:
+        yield
+        return
+    folder = Path(cube) / ".ingest-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{tile_id}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_tile_group(cube: str, tile: Tile, bands: Sequence[str]) -> zarr.Group:
-    """The tile's Zarr group, created empty if missing and repaired after an interrupted append."""
+    """The tile's Zarr group, created empty if missing and repaired after an interrupted append.
+
+    Call it holding ``tile_lock(cube, tile.tile_id)``.
+    """
     path = f"tiles/{tile.tile_id}"
     root = zarr.open_group(cube, mode="a", zarr_format=3)
+    if path in root and not all(name in root[path] for name in TILE_ARRAYS):
+        # A run killed while creating the tile: it holds no time step yet, so start it again.
+        log.warning("tile %s in %s is incomplete (interrupted creation); recreating it", tile.tile_id, cube)
+        del root[path]
     if path not in root:
         template, encoding = _tile_template(tile, bands)
         with warnings.catch_warnings():
@@ -328,8 +568,8 @@ def open_tile_group(cube: str, tile: Tile, bands: Sequence[str]) -> zarr.Group:
 
 
 def _repair(group: zarr.Group) -> None:
-    """Truncate data arrays left longer than their time coordinate by an interrupted append."""
-    for time_dim, names in (("time", ("s2", "scl")), ("time_s1", ("s1",))):
+    """Undo an interrupted append: truncate data arrays to their time coordinate, drop ids of unwritten days."""
+    for time_dim, names, attr in (("time", ("s2", "scl"), "s2_items"), ("time_s1", ("s1",), "s1_items")):
         steps = group[time_dim].shape[0]
         for name in names:
             array = group[name]
@@ -338,42 +578,74 @@ def _repair(group: zarr.Group) -> None:
                     "tile %s: %s has %d steps, %s %d; truncating", group.path, name, array.shape[0], time_dim, steps
                 )
                 array.resize((steps, *array.shape[1:]))
+        recorded = dict(group.attrs.get(attr, {}))
+        days = {_decode_time(int(s)).date().isoformat() for s in group[time_dim][:]}
+        # Item ids are keyed by solar day, time by acquisition time: a day's id key may differ from its
+        # UTC date by one, so keep keys within a day of a stored time.
+        near = {(date.fromisoformat(d) + timedelta(days=k)).isoformat() for d in days for k in (-1, 0, 1)}
+        stale = [day for day in recorded if day not in near]
+        if stale:
+            log.warning("tile %s: dropping item ids of unwritten days %s", group.path, stale)
+            group.attrs[attr] = {day: ids for day, ids in recorded.items() if day not in stale}
+
+
+def _decode_time(seconds: int) -> datetime:
+    return datetime(1970, 1, 1) + timedelta(seconds=seconds)
 
 
 def existing_days(group: zarr.Group, time_dim: str, lon: float) -> set[date]:
     """Solar days already in a tile along ``time`` or ``time_s1``."""
-    seconds = group[time_dim][:]
-    return {solar_day(datetime(1970, 1, 1) + timedelta(seconds=int(s)), lon) for s in seconds}
+    return {solar_day(_decode_time(int(s)), lon) for s in group[time_dim][:]}
+
+
+def _write_ahead(array: zarr.Array, start: int, values: np.ndarray) -> None:
+    """Write ``values`` at ``start:`` along axis 0 *without* changing the array's stored shape.
+
+    A view of the array at its future shape writes the new chunks; the shape (what readers see) only grows
+    when ``_grow`` writes the metadata, so a crash before that leaves no visible trace.
+    """
+    current = array._async_array
+    future = current.metadata.update_shape((start + len(values), *array.shape[1:]))
+    view = zarr.Array(AsyncArray(future, current.store_path, current.config))
+    view[start:] = values
+
+
+def _grow(array: zarr.Array, steps: int) -> None:
+    """Make ``steps`` the array's length along axis 0 (one metadata write)."""
+    array.resize((steps, *array.shape[1:]))
 
 
 def append_steps(
     group: zarr.Group, time_dim: str, arrays: dict[str, list[np.ndarray]], times: Sequence[datetime],
     item_ids: dict[str, list[str]],
-) -> None:  # fmt: skip
-    """Append time steps: data arrays first, then the time coordinate, then the item-id attrs."""
+) -> int:  # fmt: skip
+    """Append time steps crash-safely (see the module doc); returns the uncompressed pixel bytes written.
+
+    Order: every new chunk written ahead, then data arrays grown, then the item ids recorded, then the
+    time coordinate grown: the commit point.
+    """
     if not times:
-        return
+        return 0
     steps = group[time_dim].shape[0]
     new = steps + len(times)
-    for name, values in arrays.items():
-        array = group[name]
-        array.resize((new, *array.shape[1:]))
-        array[steps:new] = np.stack(values)
-    coord = group[time_dim]
-    coord.resize((new,))
+    stacked = {name: np.stack(values) for name, values in arrays.items()}
     epoch = datetime(1970, 1, 1)
-    coord[steps:new] = np.array([int((t.replace(tzinfo=None) - epoch).total_seconds()) for t in times], np.int64)
+    seconds = np.array([int((t.replace(tzinfo=None) - epoch).total_seconds()) for t in times], np.int64)
+    for name, values in stacked.items():
+        _write_ahead(group[name], steps, values)
+    _write_ahead(group[time_dim], steps, seconds)
+    for name in stacked:
+        _grow(group[name], new)
     attr = "s2_items" if time_dim == "time" else "s1_items"
     recorded = dict(group.attrs.get(attr, {}))
     recorded.update(item_ids)
     group.attrs[attr] = recorded
+    _grow(group[time_dim], new)
+    return int(sum(values.nbytes for values in stacked.values()))
 
 
-def _store_bytes(cube: str) -> int:
-    if "://" in cube:
-        return 0
-    root = Path(cube)
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -384,8 +656,126 @@ def _intersecting(items: Iterable[dict[str, Any]], tile: Tile) -> list[dict[str,
     return [item for item in items if shape(item["geometry"]).intersects(footprint)]
 
 
+def tiles_for_area(area: BaseGeometry, *, resolution: float, tile_size: int) -> list[Tile]:
+    """Grid tiles of the area's bounding box that the area itself touches (all of them for a bbox)."""
+    tiles = tiles_for_bbox(area.bounds, resolution=resolution, tile_size=tile_size)
+    return [tile for tile in tiles if box(*tile.lonlat_bounds).intersects(area)]
+
+
+@dataclass
+class _TileBatch:
+    """Tile-dates of one sensor loaded and waiting to be appended."""
+
+    time_dim: str
+    arrays: dict[str, list[np.ndarray]]
+    times: list[datetime] = field(default_factory=list)
+    days: list[date] = field(default_factory=list)
+    ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, day: date, values: dict[str, np.ndarray], when: datetime, ids: list[str]) -> None:
+        for name, array in values.items():
+            self.arrays[name].append(array)
+        self.times.append(when)
+        self.days.append(day)
+        self.ids[day.isoformat()] = ids
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+@dataclass
+class _RunState:
+    skipped: Counter[str] = field(default_factory=Counter)
+    ingested: set[str] = field(default_factory=set)
+    failures: dict[str, str] = field(default_factory=dict)
+    written: int = 0
+    pixel_bytes: int = 0
+
+
+def _flush(cube: str, tile: Tile, bands: Sequence[str], batch: _TileBatch, lon: float, state: _RunState) -> None:
+    """Append a batch under the tile lock, dropping days another run wrote since they were loaded."""
+    if not batch:
+        return
+    with tile_lock(cube, tile.tile_id):
+        group = open_tile_group(cube, tile, bands)
+        have = existing_days(group, batch.time_dim, lon)
+        keep = [k for k, day in enumerate(batch.days) if day not in have]
+        state.skipped["exists"] += len(batch) - len(keep)
+        arrays = {name: [values[k] for k in keep] for name, values in batch.arrays.items()}
+        times = [batch.times[k] for k in keep]
+        ids = {batch.days[k].isoformat(): batch.ids[batch.days[k].isoformat()] for k in keep}
+        state.pixel_bytes += append_steps(group, batch.time_dim, arrays, times, ids)
+    state.written += len(keep)
+    for day_ids in ids.values():
+        state.ingested.update(day_ids)
+    batch.times.clear()
+    batch.days.clear()
+    batch.ids.clear()
+    for values in batch.arrays.values():
+        values.clear()
+
+
+def _ingest_tile(
+    config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
+    progress: Callable[[str], None],
+) -> None:  # fmt: skip
+    lon = _tile_centre_lon(tile)
+    with tile_lock(config.cube, tile.tile_id):
+        group = open_tile_group(config.cube, tile, config.bands)
+        have = {"time": existing_days(group, "time", lon), "time_s1": existing_days(group, "time_s1", lon)}
+    counts = {}
+    for sensor, time_dim in (("s2", "time"), ("s1", "time_s1")):
+        names = ("s2", "scl") if sensor == "s2" else ("s1",)
+        batch = _TileBatch(time_dim, {name: [] for name in names})
+        written_before = state.written
+        sensor_items = [i for i in items if sensor_of(i["collection"]) == sensor and i["id"] not in state.failures]
+        for day, day_items in group_by_solar_day(sensor_items, lon).items():
+            if day in have[time_dim]:
+                state.skipped["exists"] += 1
+                continue
+            what = f"{tile.tile_id} {day} {sensor.upper()}"
+            if sensor == "s2":
+                loaded, failed = load_day_isolating(
+                    day_items, lambda subset: load_s2_day(subset, tile, config.bands, read), read, what
+                )
+            else:
+                loaded, failed = load_day_isolating(
+                    day_items, lambda subset: load_s1_day(subset, tile, read), read, what
+                )
+            for item_id, reason in failed.items():
+                log.warning("skipping item %s: %s", item_id, reason)
+            state.failures.update(failed)
+            if loaded is None:
+                continue
+            day_items = [i for i in day_items if i["id"] not in failed]
+            if sensor == "s2":
+                s2, scl = loaded
+                cloud, nodata = s2_day_quality(s2, scl)
+                values = {"s2": s2, "scl": scl}
+            else:
+                cloud, nodata = 0.0, float(np.isnan(loaded).all(axis=0).mean())
+                values = {"s1": loaded}
+            if nodata > config.max_tile_nodata:
+                state.skipped["nodata"] += 1
+                progress(f"{what}: nodata {nodata:.2f} > {config.max_tile_nodata}; skipped")
+                continue
+            if cloud > config.max_tile_cloud:
+                state.skipped["cloud"] += 1
+                progress(f"{what}: cloud {cloud:.2f} > {config.max_tile_cloud}; skipped")
+                continue
+            batch.add(day, values, min(_item_datetime(i) for i in day_items), sorted(i["id"] for i in day_items))
+            if len(batch) >= WRITE_BATCH:
+                _flush(config.cube, tile, config.bands, batch, lon, state)
+        _flush(config.cube, tile, config.bands, batch, lon, state)
+        counts[sensor] = state.written - written_before
+    progress(f"{tile.tile_id}: wrote {counts['s2']} S2 and {counts['s1']} S1 dates")
+
+
 def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | None = None) -> IngestReport:
-    """Search, filter and load Sentinel-2/-1 items onto the tile grid of ``config.bbox`` into the cube.
+    """Search, filter and load Sentinel-2/-1 items onto the tile grid of the area into the cube.
+
+    Progress goes to ``on_progress`` (messages) and to this module's logger: one INFO record per tile done
+    carrying ``extra={"ingest_progress": (done, total)}``, which a CLI handler turns into a progress bar.
 
     Example:
         >>> config = IngestConfig(stac=url, bbox=(11.0, 46.49, 11.02, 46.51), start=date(2024, 6, 1),
@@ -394,14 +784,21 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         >>> xr.open_zarr("cube.zarr", group=f"tiles/{report.tiles[0]}").s2
 
     Raises:
-        ValueError: when the search finds no items (no store is created), or the cube holds other bands.
+        ValueError: when the search finds no items (no store is created), the cube holds other bands, or a
+            header's environment variable is unset.
+        FileNotFoundError: a missing static STAC file or area file.
     """
     started = time.perf_counter()
     progress = on_progress or (lambda message: log.info(message))
-    found = search_items(config)
+    read = ReadOptions(
+        patch_url=url_signer(config), gdal=_gdal_options(request_headers(config)), retries=config.retries,
+        retry_delay=config.retry_delay,
+    )  # fmt: skip
+    area = read_area(config)
+    found = search_items(config, area)
     if not found:
         raise ValueError(
-            f"no STAC items in {config.stac} for collections {list(config.collections)}, bbox {config.bbox}, "
+            f"no STAC items in {config.stac} for collections {list(config.collections)}, area {area.bounds}, "
             f"dates {config.start}..{config.end}"
         )
     s2_items = [i for i in found if sensor_of(i["collection"]) == "s2"]
@@ -409,89 +806,51 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     s2_items, filtered = filter_cloudy_items(s2_items, config.max_cloud)
     progress(f"found {len(found)} items, {len(filtered)} over {config.max_cloud}% cloud")
 
-    failed: list[str] = []
-    readable: list[dict[str, Any]] = []
+    state = _RunState()
+    usable: list[dict[str, Any]] = []
     for item in s2_items + s1_items:
         spec = spec_for_item(item)
         wanted = list(config.bands) if spec.sensor == "s2" else list(S1_POLS)
         try:
-            keys = [spec.asset_key(band, item) for band in wanted]
+            for band in wanted:
+                spec.asset_key(band, item)
         except KeyError as error:
-            log.warning("skipping item %s: %s", item["id"], error)
-            failed.append(item["id"])
+            log.warning("skipping item %s: %s", item["id"], error.args[0])
+            state.failures[item["id"]] = f"missing asset: {error.args[0]}"
             continue
-        problem = probe_item(item, keys)
-        if problem:
-            log.warning("skipping item %s: cannot read %s", item["id"], problem)
-            failed.append(item["id"])
-        else:
-            readable.append(item)
+        usable.append(item)
 
-    bytes_before = _store_bytes(config.cube)
-    tiles = tiles_for_bbox(config.bbox, resolution=config.resolution, tile_size=config.tile_size)
-    skipped: Counter[str] = Counter()
-    ingested: set[str] = set()
-    written = 0
+    tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size)
+    local = None if "://" in config.cube else Path(config.cube)
+    bytes_before = {tile.tile_id: _tree_bytes(local / "tiles" / tile.tile_id) for tile in tiles} if local else {}
     cube_days: set[date] = set()
-    for tile in tiles:
-        lon = _tile_centre_lon(tile)
-        tile_items = _intersecting(readable, tile)
-        group = open_tile_group(config.cube, tile, config.bands)
-        # Sentinel-2: skip existing days, load the new ones, drop cloudy / empty tile-dates.
-        have = existing_days(group, "time", lon)
-        arrays: dict[str, list[np.ndarray]] = {"s2": [], "scl": []}
-        times, ids = [], {}
-        for day, items in group_by_solar_day(
-            [i for i in tile_items if sensor_of(i["collection"]) == "s2"], lon
-        ).items():
-            if day in have:
-                skipped["exists"] += 1
-                continue
-            s2, scl = load_s2_day(items, tile, config.bands)
-            cloud, nodata = s2_day_quality(s2, scl)
-            if nodata > config.max_tile_nodata:
-                skipped["nodata"] += 1
-                progress(f"{tile.tile_id} {day}: S2 nodata {nodata:.2f} > {config.max_tile_nodata}; skipped")
-                continue
-            if cloud > config.max_tile_cloud:
-                skipped["cloud"] += 1
-                progress(f"{tile.tile_id} {day}: S2 cloud {cloud:.2f} > {config.max_tile_cloud}; skipped")
-                continue
-            arrays["s2"].append(s2)
-            arrays["scl"].append(scl)
-            times.append(min(_item_datetime(i) for i in items))
-            ids[day.isoformat()] = sorted(i["id"] for i in items)
-        append_steps(group, "time", arrays, times, ids)
-        # Sentinel-1 onto the same grid.
-        have_s1 = existing_days(group, "time_s1", lon)
-        s1_arrays: dict[str, list[np.ndarray]] = {"s1": []}
-        s1_times, s1_ids = [], {}
-        for day, items in group_by_solar_day(
-            [i for i in tile_items if sensor_of(i["collection"]) == "s1"], lon
-        ).items():
-            if day in have_s1:
-                skipped["exists"] += 1
-                continue
-            s1 = load_s1_day(items, tile)
-            nodata = float(np.isnan(s1).all(axis=0).mean())
-            if nodata > config.max_tile_nodata:
-                skipped["nodata"] += 1
-                continue
-            s1_arrays["s1"].append(s1)
-            s1_times.append(min(_item_datetime(i) for i in items))
-            s1_ids[day.isoformat()] = sorted(i["id"] for i in items)
-        append_steps(group, "time_s1", s1_arrays, s1_times, s1_ids)
-        for day_ids in (*ids.values(), *s1_ids.values()):
-            ingested.update(day_ids)
-        written += len(times) + len(s1_times)
-        cube_days |= existing_days(group, "time", lon)
-        progress(f"{tile.tile_id}: wrote {len(times)} S2 and {len(s1_times)} S1 dates")
+    for done, tile in enumerate(tiles, start=1):
+        _ingest_tile(config, tile, _intersecting(usable, tile), read, state, progress)
+        group = zarr.open_group(config.cube, path=f"tiles/{tile.tile_id}", mode="r", zarr_format=3)
+        cube_days |= existing_days(group, "time", _tile_centre_lon(tile))
+        log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id, extra={PROGRESS_EXTRA: (done, len(tiles))})
 
+    bytes_written = (
+        sum(max(0, _tree_bytes(local / "tiles" / t.tile_id) - bytes_before[t.tile_id]) for t in tiles) if local else 0
+    )
+    filtered_set = set(filtered)
+    statuses = {}
+    for item in found:
+        item_id = item["id"]
+        if item_id in state.failures:
+            statuses[item_id] = "failed"
+        elif item_id in filtered_set:
+            statuses[item_id] = "filtered"
+        elif item_id in state.ingested:
+            statuses[item_id] = "ingested"
+        else:
+            statuses[item_id] = "not written"  # its tile-dates exist already, or were cloudy / empty
     report = IngestReport(
         cube=config.cube, tiles=[t.tile_id for t in tiles], items_found=len(found), items_filtered=len(filtered),
-        items_ingested=len(ingested), items_failed=failed, tile_dates_written=written,
-        tile_dates_skipped=dict(skipped), bytes_written=max(0, _store_bytes(config.cube) - bytes_before),
-        seconds=time.perf_counter() - started, dates=len(cube_days),
+        items_ingested=len(state.ingested), items_failed=sorted(state.failures), tile_dates_written=state.written,
+        tile_dates_skipped=dict(state.skipped), bytes_written=bytes_written, pixel_bytes=state.pixel_bytes,
+        seconds=time.perf_counter() - started, dates=len(cube_days), failures=dict(state.failures),
+        items=statuses,
     )  # fmt: skip
     progress(f"ingest done: {report.metrics()}")
     return report
