@@ -27,14 +27,24 @@ def ingest_flow(config: IngestConfig, parent_run_id: str | None = None, experime
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as folder:
-            listing = Path(folder) / "ingest_report.json"
-            listing.write_text(json.dumps(dataclasses.asdict(report), indent=2, default=str))
-            mlflow.log_artifact(str(listing))
+            # The run's record: every item and what happened to it, the failed ones with their reason.
+            files = {
+                "ingest_report.json": dataclasses.asdict(report),
+                "items.json": report.items,
+                "failed_items.json": report.failures,
+            }
+            for name, content in files.items():
+                path = Path(folder) / name
+                path.write_text(json.dumps(content, indent=2, default=str, sort_keys=True))
+                mlflow.log_artifact(str(path))
+        if report.items_failed:
+            logger.warning("%d items failed and were skipped: %s", len(report.items_failed), report.failures)
         logger.info(
-            "ingested %d items into %d tiles of %s (%d tile-dates written)",
+            "ingested %d items into %d tiles of %s (%d tile-dates written, %.1f MB/s)",
             report.items_ingested,
             len(report.tiles),
             config.cube,
             report.tile_dates_written,
+            report.mb_per_s,
         )
         return StageResult(stage="ingest", run_id=run.info.run_id, output=config.cube, metrics=metrics)

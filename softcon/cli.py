@@ -90,33 +90,89 @@ def ingest(
         list[str] | None, typer.Option("--collection", help="Collection to search (repeat for several).")
     ] = None,
     bbox: Annotated[str | None, typer.Option(help="Area as lon/lat W,S,E,N, e.g. 11.0,46.4,11.1,46.5.")] = None,
+    area: Annotated[str | None, typer.Option(help="Area as a GeoJSON/GeoPackage file (instead of --bbox).")] = None,
     start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
     end: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")] = None,
     bands: Annotated[str | None, typer.Option(help="Sentinel-2 bands, e.g. B02,B03,B04,B08.")] = None,
     resolution: Annotated[float | None, typer.Option(help="Pixel size in metres [default: 10].")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 256].")] = None,
     max_cloud: Annotated[float | None, typer.Option(help="Max item cloud cover, percent [default: 80].")] = None,
+    max_tile_cloud: Annotated[
+        float | None, typer.Option(help="Skip tile-dates with a larger SCL cloud fraction [default: 0.8].")
+    ] = None,
+    max_tile_nodata: Annotated[
+        float | None, typer.Option(help="Skip tile-dates with a larger nodata fraction [default: 0.5].")
+    ] = None,
+    sign: Annotated[
+        str | None, typer.Option(help="URL signing: auto, planetary-computer or none [default: auto].")
+    ] = None,
+    header: Annotated[
+        list[str] | None,
+        typer.Option("--header", help="NAME=ENV_VAR: send header NAME with the value of $ENV_VAR (repeatable)."),
+    ] = None,
     cube: Annotated[str | None, typer.Option(help="Cube path or URL [default: .softcon/data/cube.zarr].")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Search a STAC source and load Sentinel-2 L2A / Sentinel-1 onto a UTM tile grid in a Zarr cube."""
+    import logging
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.ingest import PROGRESS_EXTRA
+
+    headers = None
+    if header:
+        bad = [h for h in header if "=" not in h]
+        if bad:
+            raise typer.BadParameter(f"{bad} are not NAME=ENV_VAR", param_hint="--header")
+        headers = dict(h.split("=", 1) for h in header)
     overrides = {
         "stac": stac,
         "collections": collection,
         "bbox": _parse_bbox(bbox),
+        "area": area,
         "start": start,
         "end": end,
         "bands": _split_list(bands),
         "resolution": resolution,
         "tile_size": tile_size,
         "max_cloud": max_cloud,
+        "max_tile_cloud": max_tile_cloud,
+        "max_tile_nodata": max_tile_nodata,
+        "sign": sign,
+        "headers": headers,
         "cube": cube,
     }
     settings_config = _build(IngestConfig, "ingest", config, overrides)
     configure_runtime()
     from flows.ingest import ingest_flow
 
-    _print_result(_run(ingest_flow, settings_config))
+    # The progress bar follows the ingest task's per-tile log records (flow parameters stay plain data).
+    progress = Progress(
+        TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )  # fmt: skip
+    bar = progress.add_task("tiles", total=None)
+
+    class _TileProgress(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            done_total = getattr(record, PROGRESS_EXTRA, None)
+            if done_total is not None:
+                progress.update(bar, completed=done_total[0], total=done_total[1])
+
+    ingest_logger = logging.getLogger("tasks.ingest")
+    handler = _TileProgress(level=logging.INFO)
+    previous_level = ingest_logger.level
+    ingest_logger.addHandler(handler)
+    if ingest_logger.getEffectiveLevel() > logging.INFO:
+        ingest_logger.setLevel(logging.INFO)
+    try:
+        with progress:
+            result = _run(ingest_flow, settings_config)
+    finally:
+        ingest_logger.removeHandler(handler)
+        ingest_logger.setLevel(previous_level)
+    _print_result(result)
 
 
 @app.command()
