@@ -9,6 +9,16 @@ and the whole kernel is then multiplied by 3 / in_chans, so that an input with t
 statistics gives first-layer activations of the same size as the RGB original (timm's
 ``adapt_input_conv`` uses the same rescaling). Without band names (e.g. Sentinel-1 VV/VH) every channel
 gets mean(R, G, B), rescaled the same way.
+
+Weight files read (``torch.load(weights_only=True)`` or safetensors, optionally under "state_dict"/"model"):
+
+- ResNet-50: torchvision (``torchvision.models.resnet50().state_dict()``) and timm use the same key names
+  (conv1, bn1, layer1..4, fc), so both load into timm's ``resnet50``; the classifier (fc) is dropped.
+- ViT: timm format (``vit_small_patch14_dinov2``), and the original DINOv2 format (facebookresearch
+  ``dinov2_vits14`` etc.: the same names plus ``mask_token`` (1, D), optionally ``register_tokens`` and
+  SwiGLU ``w12``/``w3``, converted by timm's DINOv2 filter). The position embedding is resampled to the
+  model's grid (DINOv2's 37x37 at 518 px to e.g. 16x16 at 224 px). A file's ``mask_token`` initialises
+  the encoder's mask token (used by Siamese masking); without one it keeps its N(0, 0.02) init.
 """
 
 from __future__ import annotations
@@ -20,8 +30,23 @@ import timm
 import torch
 from torch import nn
 
+from models.masking import add_mask_token
+
 RGB_TO_S2: dict[str, int] = {"B04": 0, "B03": 1, "B02": 2}
 """Which RGB filter (0=R, 1=G, 2=B) initialises each visible Sentinel-2 band."""
+
+
+def is_vit(model_or_name: nn.Module | str) -> bool:
+    """Whether a backbone (timm name or built model) is a ViT, masked with a mask token."""
+    if isinstance(model_or_name, str):
+        return model_or_name.startswith(("vit", "deit", "eva"))
+    return hasattr(model_or_name, "patch_embed") and hasattr(model_or_name, "blocks")
+
+
+def patch_size(model: nn.Module) -> int:
+    """A ViT's patch side in pixels (images must be multiples of it)."""
+    size = model.patch_embed.patch_size
+    return int(size[0] if isinstance(size, tuple | list) else size)
 
 
 def build_encoder(
@@ -35,7 +60,8 @@ def build_encoder(
     """A timm model with ``in_chans`` inputs and no classifier: (B, C, H, W) -> (B, num_features).
 
     Args:
-        backbone: timm model name, e.g. "resnet18", "resnet50", "vit_tiny_patch16_224".
+        backbone: timm model name: "resnet50", "vit_small_patch14_dinov2" (ViT-S/14),
+            "vit_base_patch14_dinov2" (ViT-B/14); small ones for tests ("resnet18", "vit_tiny_patch16_224").
         in_chans: number of input channels (12 Sentinel-2 L2A bands, 2 Sentinel-1 polarisations).
         weights: optional local weights file (.safetensors, or a torch state dict .pt/.pth).
         bands: band names in input order, used to map RGB filters (see module docstring).
@@ -48,12 +74,14 @@ def build_encoder(
     if in_chans <= 0:
         raise ValueError(f"in_chans must be > 0, got {in_chans}")
     kwargs: dict[str, object] = {}
-    if backbone.startswith(("vit", "deit", "eva")):
+    if is_vit(backbone):
         kwargs = {"img_size": img_size or 224, "dynamic_img_size": True}
     try:
         model = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=0, **kwargs)
     except RuntimeError as error:  # timm raises RuntimeError("Unknown model ...")
         raise ValueError(f"unknown backbone {backbone!r}: {error}") from error
+    if is_vit(model):
+        add_mask_token(model)
     if weights is not None:
         load_pretrained(model, weights, bands=bands)
     return model
@@ -98,6 +126,16 @@ def load_pretrained(model: nn.Module, path: str | Path, *, bands: Sequence[str] 
     state = {k: v for k, v in state.items() if not any(k.startswith(f"{c}.") for c in classifiers)}
 
     own = model.state_dict()
+    if "mask_token" in state and state["mask_token"].dim() == 2 and "mask_token" in own:
+        # original DINOv2 format: (1, D) mask token; the rest (register tokens, SwiGLU names) via timm
+        mask_token = state.pop("mask_token").reshape(own["mask_token"].shape)
+        if "register_tokens" in state or any(".mlp.w12." in k for k in state):
+            from timm.models.vision_transformer import _convert_dinov2
+
+            state = _convert_dinov2(state, model)
+        state["mask_token"] = mask_token
+    elif "mask_token" in own and "mask_token" not in state:
+        state["mask_token"] = own["mask_token"]  # no mask token in the file (timm format): keep the init
     first_conv = cfg.get("first_conv")
     conv_key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
     if conv_key in state and conv_key in own:

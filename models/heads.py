@@ -27,3 +27,16 @@ class ProjectionHead(nn.Module):
         x = F.relu(self.bn(self.fc1(features)))  # (B, hidden)
         x = self.fc2(x)  # (B, out_dim)
         return F.normalize(x.float(), dim=1)  # (B, out_dim), unit norm, float32 even under autocast
+
+
+class MultiLabelHead(nn.Module):
+    """Linear classifier encoder features -> (B, K) class logits, for the supervised reference objective."""
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__()
+        if n_classes <= 0:
+            raise ValueError(f"the supervised head needs at least one class, got {n_classes}")
+        self.fc = nn.Linear(in_dim, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)  # (B, K)

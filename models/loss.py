@@ -127,11 +127,34 @@ class SoftConLoss(nn.Module):
             target = label_similarity(labels, kind=self.label_similarity)  # (B, B)
         labelled = labelled.bool()
         pair_mask = labelled[:, None] & labelled[None, :]  # (B, B)
+        if self.lambda_soft == 0:
+            # hard-contrastive baseline: the soft term is only logged, so it costs no backward pass; the
+            # scale and bias stay in the graph with a zero gradient (DDP wants every parameter used)
+            with torch.no_grad():
+                soft = self.soft_term(similarity, target, pair_mask)
+            loss = instance + 0.0 * (self.log_scale + self.bias)
+        else:
+            soft = self.soft_term(similarity, target, pair_mask)
+            loss = instance + self.lambda_soft * soft
+        return {"loss": loss, "instance": instance.detach(), "soft": soft.detach()}
+
+    def soft_term(self, similarity: torch.Tensor, target: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """Mean BCE(sigmoid(exp(s) * similarity + b), target) over the pairs in ``pair_mask`` (all (B, B))."""
         pair_logits = self.log_scale.exp() * similarity + self.bias  # (B, B)
         bce = F.binary_cross_entropy_with_logits(pair_logits, target, reduction="none")  # (B, B)
         n_pairs = pair_mask.sum()
         # with no labelled pair the soft term is 0 but stays in the graph (DDP wants every parameter used)
-        soft = (bce * pair_mask).sum() / n_pairs.clamp_min(1)
+        return (bce * pair_mask).sum() / n_pairs.clamp_min(1)
 
-        loss = instance + self.lambda_soft * soft
-        return {"loss": loss, "instance": instance.detach(), "soft": soft.detach()}
+
+def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Supervised reference objective: mean binary cross-entropy of (B, K) logits against the multi-hot
+    labels, over the labelled scenes and all classes (0, still in the graph, when none is labelled).
+
+    This is the "supervised multi-label head" baseline of ``TrainConfig.objective="supervised"``: a linear
+    classifier on the encoder features, trained on the same store and schedule as SoftCon, to tell how
+    much of SoftCon's quality the labels alone would give.
+    """
+    mask = labelled.bool()[:, None].expand_as(logits)  # (B, K)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")  # (B, K)
+    return (bce * mask).sum() / mask.sum().clamp_min(1)

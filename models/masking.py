@@ -4,6 +4,10 @@ The image is divided into a grid of ``patch`` x ``patch`` cells; for each sample
 ``round(ratio * cells)`` cells are chosen at random and set to 0, which after normalisation is the band
 mean (the same value nodata gets). Cells cut by the right/bottom border are smaller, so the pixel ratio is
 only approximately ``ratio`` when the image side is not a multiple of ``patch``.
+
+ViTs are masked at the token level instead (iBOT / DINOv2 style): the grid is the ViT's patch grid, and
+the embedding of every masked patch is replaced by a learnable mask token right after the patch embedding
+(``vit_forward_masked``), so the encoder is told which patches it cannot see instead of being shown zeros.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def random_patch_mask(
@@ -49,3 +54,34 @@ def random_patch_mask(
 def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero the masked pixels of x (B, C, H, W) with mask (B, 1, H, W)."""
     return x.masked_fill(mask, 0.0)
+
+
+def add_mask_token(vit: nn.Module) -> None:
+    """Give a timm VisionTransformer a learnable ``mask_token`` (1, 1, D) (DINOv2's init: N(0, 0.02))."""
+    token = torch.zeros(1, 1, vit.embed_dim)
+    nn.init.trunc_normal_(token, std=0.02)
+    vit.mask_token = nn.Parameter(token)
+
+
+def vit_forward_masked(vit: nn.Module, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Pooled features (B, D) of a timm ViT whose masked patch tokens are replaced by its mask token.
+
+    Args:
+        vit: a timm VisionTransformer built with ``dynamic_img_size=True`` and ``add_mask_token`` applied.
+        x: images (B, C, H, W), H and W multiples of the patch size.
+        token_mask: (B, 1, H/p, W/p) bool, True where the patch is hidden (``random_patch_mask`` with
+            ``patch=1`` on the token grid).
+    """
+    tokens = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+    B, h, w, D = tokens.shape
+    if token_mask.shape != (B, 1, h, w):
+        raise ValueError(f"token mask of shape {tuple(token_mask.shape)} does not fit the patch grid {(B, 1, h, w)}")
+    hidden = token_mask.reshape(B, h, w, 1)  # (B, h, w, 1)
+    # torch.where keeps the mask token in the graph even with nothing masked (DDP wants every parameter used)
+    tokens = torch.where(hidden, vit.mask_token.to(tokens.dtype).view(1, 1, 1, D), tokens)  # (B, h, w, D)
+    tokens = vit._pos_embed(tokens)  # (B, prefix + h*w, D)
+    tokens = vit.patch_drop(tokens)
+    tokens = vit.norm_pre(tokens)
+    tokens = vit.blocks(tokens)
+    tokens = vit.norm(tokens)
+    return vit.forward_head(tokens, pre_logits=True)  # (B, D)

@@ -1,8 +1,15 @@
 """Train stage: SoftCon pretraining of an encoder on a training store.
 
 Read top to bottom, ``run_training`` is the whole method: build the data, the student (encoder +
-projection head), its EMA teacher, the loss, the optimiser and the schedule; then for every step mask the
-student's view (Siamese masking), embed both views, take the SoftCon loss, step, and move the teacher.
+projection head), its EMA teacher, the loss, the optimiser and the schedule (``build_trainer``); then for
+every step mask the student's view (Siamese masking), embed both views, take the SoftCon loss, step, and
+move the teacher (``Trainer.step``, shared with the benchmarks in ``bench/``).
+
+On CUDA the forward runs under bf16 autocast (``precision``; fp16 adds a gradient scaler) with
+channels_last inputs and weights; ``compile=True`` wraps the student's forward in ``torch.compile``.
+Launched by ``torchrun --nproc-per-node N`` the run is data-parallel (DDP, NCCL on GPUs, gloo on CPU): the
+global batch is split across ranks (``models.distributed``), the loss is taken per rank on its share
+(negatives come from the rank's own share), gradients are averaged, rank 0 logs and writes checkpoints.
 
 Checkpoint format (one ``torch.save`` file ``step_{step:06d}.pt`` in ``config.out``; state dicts and plain
 values only, so ``torch.load(..., weights_only=True)`` reads it):
@@ -10,7 +17,8 @@ values only, so ``torch.load(..., weights_only=True)`` reads it):
     format="softcon-checkpoint", version=1, step, config (TrainConfig as JSON-able dict),
     meta (backbone, in_chans, sensor, bands, norm_stats, embed_dim, img_size, class_names),
     student, projector, teacher, teacher_projector (module state dicts; uncompiled, no DDP prefix),
-    loss (learnable scale/bias), optimizer, scheduler, rng (torch, cuda, numpy, python), metrics.
+    classifier (supervised objective only), loss (learnable scale/bias), optimizer, scheduler,
+    scaler (GradScaler; disabled unless fp16), rng (torch, cuda, numpy, python), metrics.
 
 The evaluation encoder is the EMA teacher (``load_encoder``): as in BYOL/DINO it is the smoother,
 usually better model, and it is what the student was trained to agree with.
@@ -18,6 +26,7 @@ usually better model, and it is what the student was trained to agree with.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -33,16 +42,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from models.data import BlockShuffleSampler, StoreDataset
+from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
 from models.ema import ema_momentum, ema_update, make_teacher
 from models.encoder import build_encoder
-from models.heads import ProjectionHead
-from models.loss import SoftConLoss
-from models.masking import apply_mask, random_patch_mask
+from models.loss import SoftConLoss, multilabel_loss
+from models.student import Student
 from softcon.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "softcon-checkpoint"
 CHECKPOINT_VERSION = 1
-LOG_EVERY = 10
+COLLAPSE_FRACTION = 0.1
+"""Collapse guard: warn when the embedding std falls below this fraction of a healthy 1/sqrt(D)."""
 KEEP_CHECKPOINTS = 2  # older periodic checkpoints are removed; each one holds two models and AdamW state
 
 
@@ -59,9 +71,11 @@ class TrainResult:
     seconds: float
     """Wall time of this call."""
     samples_per_second: float
-    """Training throughput of this call (scenes per second)."""
+    """Training throughput of this call (scenes per second, all ranks)."""
     in_chans: int
     backbone: str
+    weights_checksum: float = 0.0
+    """Sum of the student's parameters (float64): equal on every DDP rank when replicas stay in sync."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,6 +163,179 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     partial_path.replace(path)
 
 
+def collapse_warning(embedding_std: float, embed_dim: int, *, step: int | None = None) -> bool:
+    """Collapse guard: True (and a logged warning) when the embedding std nears 0.
+
+    Unit-norm embeddings spread over the sphere have a per-dimension std of about 1/sqrt(D); a collapsed
+    encoder maps every scene to nearly the same point and the std goes to 0.
+    """
+    threshold = COLLAPSE_FRACTION / math.sqrt(embed_dim)
+    if embedding_std < threshold:
+        logger.warning(
+            "possible representation collapse%s: embedding std %.2e < %.2e (healthy ~%.2e); lower the lr, raise "
+            "the temperature or check the data",
+            f" at step {step}" if step is not None else "",
+            embedding_std,
+            threshold,
+            1 / math.sqrt(embed_dim),
+        )
+        return True
+    return False
+
+
+class Trainer:
+    """The model, optimiser and schedule of a run, and one training step (``step``).
+
+    Built by ``build_trainer``; ``run_training`` feeds it batches from the store, the benchmarks feed it
+    batches held on the device. ``student`` / ``teacher`` are the plain modules (checkpointed);
+    ``forward`` is what runs them (DDP-wrapped and/or compiled).
+    """
+
+    def __init__(
+        self, config: TrainConfig, student: Student, device: torch.device, dist_ctx: DistributedContext
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dist = dist_ctx
+        self.cuda = device.type == "cuda"
+        self.supervised = config.objective == "supervised"
+        self.student = student.to(device)
+        self.teacher = make_teacher(student)
+        self.loss_fn = SoftConLoss(
+            temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity
+        ).to(device)
+        if self.cuda:  # convolutions run faster in NHWC under bf16
+            self.student.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        forward: nn.Module = self.student
+        if dist_ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(
+                self.student,
+                device_ids=[device.index] if self.cuda else None,
+                # the supervised objective leaves the projector unused, SoftCon the classifier (absent)
+                find_unused_parameters=self.supervised,
+            )
+        self.forward = torch.compile(forward) if config.compile else forward
+
+        trained = [self.student] if self.supervised else [self.student, self.loss_fn]
+        self.parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(warmup_cosine, warmup=config.warmup_steps, total=config.steps)
+        )
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
+        self.autocast_enabled = self.cuda and config.precision != "fp32"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.cuda and config.precision == "fp16")
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.autocast_enabled)
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step on a batch (tensors on the device); returns the loss terms (detached)."""
+        config = self.config
+        view_a, view_b = batch["view_a"], batch["view_b"]  # (B, C, H, W) student's and teacher's views
+        labels, labelled = batch["labels"], batch["labelled"]  # (B, K), (B,)
+        B, _, H, W = view_a.shape
+        if self.cuda:
+            view_a = view_a.contiguous(memory_format=torch.channels_last)
+            view_b = view_b.contiguous(memory_format=torch.channels_last)
+
+        # Siamese masking: the student sees view_a with random squares (CNN) or patch tokens (ViT) hidden; a
+        # generator seeded by (step, rank) makes the mask independent of everything else that draws numbers
+        generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1009 + self.dist.rank)
+        mask = self.student.make_mask(
+            B, H, W, ratio=config.mask_ratio, patch=config.mask_patch, generator=generator
+        ).to(self.device, non_blocking=True)  # (B, 1, H, W) or (B, 1, H/p, W/p)
+        with self.autocast():
+            z, logits = self.forward(view_a, mask)  # (B, D) unit norm, (B, K) or None
+            if self.supervised:
+                z_teacher = None
+            else:
+                with torch.no_grad():
+                    z_teacher, _ = self.teacher(view_b)  # (B, D) unit norm
+        if self.supervised:
+            loss = multilabel_loss(logits, labels, labelled)
+            zero = torch.zeros((), device=self.device)
+            terms = {"loss": loss, "instance": zero, "soft": zero}
+        else:
+            terms = self.loss_fn(z, z_teacher, labels, labelled, batch.get("fractions"))
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (no-op when the scaler is disabled)
+        grad_norm = nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        momentum = ema_momentum(step, config.steps, config.ema_momentum)
+        ema_update(self.teacher, self.student, momentum)
+        # collapse shows as embedding_std -> 0; a healthy spread on the unit sphere is ~1/sqrt(D)
+        embedding_std = z.detach().float().std(dim=0).mean()
+        return {
+            "loss": terms["loss"].detach(),
+            "instance": terms["instance"],
+            "soft": terms["soft"],
+            "embedding_std": embedding_std,
+            "grad_norm": grad_norm.detach(),
+            "ema_momentum": torch.tensor(momentum),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Model, EMA, optimiser, scheduler and scaler state for a checkpoint (uncompiled, no DDP prefix)."""
+        state = {
+            "student": self.student.encoder.state_dict(),
+            "projector": self.student.projector.state_dict(),
+            "teacher": self.teacher.encoder.state_dict(),
+            "teacher_projector": self.teacher.projector.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.student.classifier is not None:
+            state["classifier"] = self.student.classifier.state_dict()
+            state["teacher_classifier"] = self.teacher.classifier.state_dict()
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.student.encoder.load_state_dict(state["student"])
+        self.student.projector.load_state_dict(state["projector"])
+        self.teacher.encoder.load_state_dict(state["teacher"])
+        self.teacher.projector.load_state_dict(state["teacher_projector"])
+        if self.student.classifier is not None:
+            self.student.classifier.load_state_dict(state["classifier"])
+            self.teacher.classifier.load_state_dict(state["teacher_classifier"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def weights_checksum(self) -> float:
+        return float(sum(p.detach().double().sum().item() for p in self.student.parameters()))
+
+
+def build_trainer(
+    config: TrainConfig,
+    in_chans: int,
+    *,
+    bands: list[str] | None = None,
+    img_size: int | None = None,
+    n_classes: int | None = None,
+    device: torch.device | None = None,
+    dist_ctx: DistributedContext | None = None,
+) -> Trainer:
+    """Student (encoder from ``config.weights`` when given), EMA teacher, loss, AdamW and schedule."""
+    device = device or resolve_device(config.device)
+    encoder = build_encoder(config.backbone, in_chans, config.weights, bands=bands, img_size=img_size)
+    if config.objective == "supervised" and not n_classes:
+        raise ValueError("objective 'supervised' needs the store's class count (n_classes)")
+    student = Student(encoder, config.embed_dim, n_classes=n_classes if config.objective == "supervised" else None)
+    return Trainer(config, student, device, dist_ctx or DistributedContext())
+
+
 def run_training(
     config: TrainConfig, *, on_metrics: Callable[[int, dict[str, float]], None] | None = None
 ) -> TrainResult:
@@ -156,9 +343,10 @@ def run_training(
 
     Args:
         config: the train stage configuration.
-        on_metrics: called as ``on_metrics(step, metrics)`` every 10 steps and at the last step, with
-            loss, instance, soft, lr, samples_per_second, embedding_std, ema_momentum, grad_norm,
-            loss_scale, loss_bias (the Prefect flow logs them to MLflow).
+        on_metrics: called on rank 0 as ``on_metrics(step, metrics)`` every ``config.log_every`` steps and
+            at the last step, with loss, instance, soft, lr, samples_per_second, embedding_std,
+            collapse_warning, ema_momentum, grad_norm, loss_scale, loss_bias, and on CUDA
+            gpu_memory_allocated_gb / gpu_memory_peak_gb (the Prefect flow logs them to MLflow).
 
     Returns:
         TrainResult with the final checkpoint.
@@ -169,10 +357,27 @@ def run_training(
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
+    dist_ctx = init_distributed(device.type)
+    try:
+        if dist_ctx.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist_ctx.local_rank)
+        return _train(config, device, dist_ctx, started, on_metrics)
+    finally:
+        dist_ctx.close()
+
+
+def _train(
+    config: TrainConfig,
+    device: torch.device,
+    dist_ctx: DistributedContext,
+    started: float,
+    on_metrics: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
     cuda = device.type == "cuda"
+    rank_batch_size(config.batch_size, dist_ctx.world_size)  # refuse an uneven split before any work
     seed_everything(config.seed)
 
-    # data: two dates (or two augmentations) of each scene, block-shuffled
+    # data: two dates (or two augmentations) of each scene, block-shuffled, sharded per rank
     dataset = StoreDataset(
         config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed
     )
@@ -183,31 +388,21 @@ def run_training(
     sampler = BlockShuffleSampler(dataset, seed=config.seed)
     steps_per_epoch = len(dataset) // config.batch_size  # drop_last: every batch has batch_size scenes
     img_size = config.crop_size or dataset.image_shape[1]
+    n_classes = int(dataset.labels.shape[1])
 
-    # model: student encoder + projector, EMA teacher copies, loss with learnable scale and bias
-    student = build_encoder(
-        config.backbone, dataset.in_chans, config.weights, bands=dataset.channel_names, img_size=img_size
+    trainer = build_trainer(
+        config,
+        dataset.in_chans,
+        bands=dataset.channel_names,
+        img_size=img_size,
+        n_classes=n_classes,
+        device=device,
+        dist_ctx=dist_ctx,
     )
-    projector = ProjectionHead(student.num_features, config.embed_dim)
-    teacher, teacher_projector = make_teacher(student), make_teacher(projector)
-    loss_fn = SoftConLoss(
-        temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity
-    )
-    for module in (student, projector, teacher, teacher_projector, loss_fn):
-        module.to(device)
-    if cuda:  # convolutions run faster in NHWC under bf16
-        student.to(memory_format=torch.channels_last)
-        teacher.to(memory_format=torch.channels_last)
-
-    trained = [student, projector, loss_fn]
-    optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, warmup=config.warmup_steps, total=config.steps)
-    )
-    parameters = [p for module in trained for p in module.parameters()]
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist_ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     meta = {
         "backbone": config.backbone,
         "in_chans": dataset.in_chans,
@@ -217,6 +412,7 @@ def run_training(
         "embed_dim": config.embed_dim,
         "img_size": img_size,
         "class_names": dataset.class_names,
+        "objective": config.objective,
     }
 
     def checkpoint_state(step: int, metrics: dict[str, float]) -> dict[str, Any]:
@@ -226,39 +422,26 @@ def run_training(
             "step": step,
             "config": config.model_dump(mode="json"),
             "meta": meta,
-            "student": student.state_dict(),
-            "projector": projector.state_dict(),
-            "teacher": teacher.state_dict(),
-            "teacher_projector": teacher_projector.state_dict(),
-            "loss": loss_fn.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            **trainer.state(),
             "rng": rng_state(),
             "metrics": metrics,
         }
 
     step = 0
     metrics: dict[str, float] = {}
-    last = latest_checkpoint(out) if config.resume else None
+    last = latest_checkpoint(out) if config.resume and out.is_dir() else None
     if last is not None:
         state = read_checkpoint(last)
         for key in ("backbone", "in_chans", "sensor", "embed_dim"):
             if state["meta"][key] != meta[key]:
                 raise ValueError(f"cannot resume from {last}: its {key} is {state['meta'][key]!r}, now {meta[key]!r}")
-        student.load_state_dict(state["student"])
-        projector.load_state_dict(state["projector"])
-        teacher.load_state_dict(state["teacher"])
-        teacher_projector.load_state_dict(state["teacher_projector"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        trainer.load_state(state)
         set_rng_state(state["rng"])
         step, metrics = state["step"], dict(state["metrics"])
     final = last
 
-    autocast = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
-    window = {"loss": 0.0, "instance": 0.0, "soft": 0.0, "embedding_std": 0.0}
-    window_sums = torch.zeros(4, device=device)  # loss, instance, soft, embedding_std; summed on device
+    names = ("loss", "instance", "soft", "embedding_std")
+    window_sums = torch.zeros(len(names), device=device)  # summed on the device: one sync per window
     window_steps, window_start = 0, time.perf_counter()
     trained_samples, loop_start = 0, time.perf_counter()
     while step < config.steps:
@@ -267,74 +450,57 @@ def run_training(
         epoch, skip = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        order = sampler.order()
-        batches = [order[b * config.batch_size : (b + 1) * config.batch_size].tolist()
-                   for b in range(skip, steps_per_epoch)]  # fmt: skip
-        batches = batches[: config.steps - step]
+        batches = ShardedBatchSampler(
+            sampler,
+            config.batch_size,
+            rank=dist_ctx.rank,
+            world_size=dist_ctx.world_size,
+            first_batch=skip,
+            max_batches=config.steps - step,
+        )
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=cuda)
         for batch in loader:
-            view_a = batch["view_a"].to(device, non_blocking=True)  # (B, C, H, W) student's view
-            view_b = batch["view_b"].to(device, non_blocking=True)  # (B, C, H, W) teacher's view
-            labels = batch["labels"].to(device, non_blocking=True)  # (B, K)
-            fractions = batch["fractions"].to(device, non_blocking=True)  # (B, K)
-            labelled = batch["labelled"].to(device, non_blocking=True)  # (B,)
-            B, _, H, W = view_a.shape
-            if cuda:
-                view_a = view_a.contiguous(memory_format=torch.channels_last)
-                view_b = view_b.contiguous(memory_format=torch.channels_last)
-
-            # Siamese masking: the student sees view_a with random squares hidden; a generator seeded by
-            # the step makes the mask independent of everything else that draws random numbers
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            mask = random_patch_mask(
-                B, H, W, ratio=config.mask_ratio, patch=config.mask_patch, generator=generator, device=device
-            )  # (B, 1, H, W)
-            with autocast():
-                z = projector(student(apply_mask(view_a, mask)))  # (B, D) unit norm
-                with torch.no_grad():
-                    z_teacher = teacher_projector(teacher(view_b))  # (B, D) unit norm
-            terms = loss_fn(z, z_teacher, labels, labelled, fractions)
-
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            grad_norm = nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            momentum = ema_momentum(step, config.steps, config.ema_momentum)
-            ema_update(teacher, student, momentum)
-            ema_update(teacher_projector, projector, momentum)
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            terms = trainer.step(batch, step)
             step += 1
-            trained_samples += B
+            trained_samples += config.batch_size
 
-            # collapse shows as embedding_std -> 0; a healthy spread on the unit sphere is ~1/sqrt(D)
-            embedding_std = z.detach().std(dim=0).mean()
-            window_sums += torch.stack([terms["loss"].detach(), terms["instance"], terms["soft"], embedding_std])
+            window_sums += torch.stack([terms[name] for name in names])
             window_steps += 1
-            if step % LOG_EVERY == 0 or step == config.steps:
-                values = (window_sums / window_steps).tolist()  # one device sync per window
-                window = dict(zip(window, values, strict=True))
+            if step % config.log_every == 0 or step == config.steps:
+                if dist_ctx.enabled:  # the mean over ranks, not rank 0's share alone
+                    torch.distributed.all_reduce(window_sums)
+                    window_sums /= dist_ctx.world_size
+                window = dict(zip(names, (window_sums / window_steps).tolist(), strict=True))
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     **window,
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_second": window_steps * B / max(elapsed, 1e-9),
-                    "ema_momentum": momentum,
-                    "grad_norm": float(grad_norm),
-                    "loss_scale": loss_fn.log_scale.detach().exp().item(),
-                    "loss_bias": loss_fn.bias.detach().item(),
+                    "lr": trainer.scheduler.get_last_lr()[0],
+                    "samples_per_second": window_steps * config.batch_size / max(elapsed, 1e-9),
+                    "ema_momentum": float(terms["ema_momentum"]),
+                    "grad_norm": float(terms["grad_norm"]),
+                    "loss_scale": trainer.loss_fn.log_scale.detach().exp().item(),
+                    "loss_bias": trainer.loss_fn.bias.detach().item(),
+                    "collapse_warning": float(collapse_warning(window["embedding_std"], config.embed_dim, step=step)),
                 }
+                if cuda:
+                    metrics["gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
+                    metrics["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if not all(math.isfinite(value) for value in window.values()):
                     raise FloatingPointError(f"non-finite loss at step {step}: {window}")
-                if on_metrics is not None:
+                if on_metrics is not None and dist_ctx.is_main:
                     on_metrics(step, metrics)
                 window_sums.zero_()
                 window_steps, window_start = 0, time.perf_counter()
 
             if step % config.checkpoint_every == 0 or step == config.steps:
                 final = out / f"step_{step:06d}.pt"
-                write_checkpoint(final, checkpoint_state(step, metrics))
-                for old in sorted(out.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
-                    old.unlink()
+                if dist_ctx.is_main:
+                    write_checkpoint(final, checkpoint_state(step, metrics))
+                    for old in sorted(out.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
+                        old.unlink()
+                if dist_ctx.enabled:
+                    torch.distributed.barrier()  # no rank runs ahead of a checkpoint being written
 
     if final is None:  # cannot happen: steps > 0 and every run ends on a checkpoint
         raise RuntimeError("training finished without writing a checkpoint")
@@ -342,11 +508,12 @@ def run_training(
     return TrainResult(
         checkpoint=final,
         steps=step,
-        metrics={key: metrics[key] for key in ("loss", "instance", "soft", "embedding_std") if key in metrics},
+        metrics={key: metrics[key] for key in names if key in metrics},
         seconds=time.perf_counter() - started,
         samples_per_second=trained_samples / loop_seconds if trained_samples else 0.0,
         in_chans=dataset.in_chans,
         backbone=config.backbone,
+        weights_checksum=trainer.weights_checksum(),
     )
 
 
