@@ -44,9 +44,15 @@ def write_cube(
     n_dates: int = 3,
     with_s1: bool = True,
     with_landcover: bool = True,
+    resolution: float = 10.0,
+    s1_units: str | None = None,
     seed: int = 0,
 ) -> SyntheticCube:
-    """Write a cube of ``n_tiles`` tiles of ``size`` px and ``n_dates`` S2 dates at ``path``."""
+    """Write a cube of ``n_tiles`` tiles of ``size`` px and ``n_dates`` S2 dates at ``path``.
+
+    ``s1_units="linear"`` writes S1 as linear power (10^(dB/10)) with that ``units`` attribute; the default
+    writes dB without a ``units`` attribute (the contract's default).
+    """
     rng = np.random.default_rng(seed)
     path = str(path)
     zarr.open_group(path, mode="w", zarr_format=3).require_group("tiles")
@@ -55,8 +61,8 @@ def write_cube(
     tile_ids = tuple(f"32632_{i:03d}_000" for i in range(n_tiles))
     band_means = np.linspace(500, 3000, len(S2_L2A_BANDS)).astype(np.float64)
     for tile_number, tile_id in enumerate(tile_ids):
-        x = 500_000 + tile_number * size * 10 + 5 + 10 * np.arange(size)
-        y = 5_000_000 - 5 - 10 * np.arange(size)
+        x = 500_000 + tile_number * size * resolution + resolution / 2 + resolution * np.arange(size)
+        y = 5_000_000 - resolution / 2 - resolution * np.arange(size)
         s2 = rng.normal(band_means[None, :, None, None], 200, (n_dates, len(S2_L2A_BANDS), size, size))
         s2 = np.clip(s2, 1, 10_000).astype(np.uint16)
         scl = np.full((n_dates, size, size), 4, dtype=np.uint8)
@@ -86,7 +92,10 @@ def write_cube(
         if with_s1:
             s1 = rng.normal(-12, 3, (len(s1_times), len(S1_POLARIZATIONS), size, size)).astype(np.float32)
             s1[:, :, :4, :4] = np.nan
-            data_vars["s1"] = (("time_s1", "pol", "y", "x"), s1)
+            s1_attrs = {}
+            if s1_units == "linear":
+                s1, s1_attrs = (10 ** (s1 / 10)).astype(np.float32), {"units": "linear"}
+            data_vars["s1"] = (("time_s1", "pol", "y", "x"), s1, s1_attrs)
             coords |= {"time_s1": s1_times, "pol": list(S1_POLARIZATIONS)}
         tile = xr.Dataset(data_vars, coords=coords).rio.write_crs("EPSG:32632")
         tile.attrs["s2_item_ids"] = [f"S2_{tile_id}_{i}" for i in range(n_dates)]

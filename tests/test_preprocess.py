@@ -257,3 +257,141 @@ def test_default_local_cluster_in_processes(cube, tmp_path):
     report = run_preprocess(_config(cube, tmp_path / "store.zarr", n_workers=1), samples_per_block=SAMPLES_PER_BLOCK)
     assert report.dashboard_link and not report.reused
     assert report.counts["kept"] == 2 * 3 * 16 - 16 - 1
+
+
+KILL_SCRIPT = """
+import os, sys, time
+from distributed import Client
+from softcon.config import PreprocessConfig
+from tasks.preprocess import run_preprocess
+
+config = PreprocessConfig.model_validate_json(sys.argv[1])
+
+def on_progress(step, done, total):
+    print(step, done, total, flush=True)
+    if step == "blocks" and done >= 1:
+        time.sleep(0.5)  # slow the driver down so the parent's SIGKILL lands mid-write
+
+with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+    run_preprocess(config, client=client, on_progress=on_progress)
+print("finished", flush=True)
+"""
+
+
+def _shard_files(store: str, block: int) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of the S2 and S1 shard files of one write block."""
+    files = {}
+    for name in ("s2", "s1"):
+        path = Path(store) / name / "c" / str(block) / "0" / "0" / "0"
+        files[str(path)] = (path.stat().st_mtime_ns, path.read_bytes())
+    return files
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_writes_only_unfinished_blocks(written, client, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    config = written.config.model_copy(update={"out": str(tmp_path / "killed.zarr"), "samples_per_block": 8})
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, config.model_dump_json()],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    lines = []
+    for line in child.stdout:  # wait until two blocks are marked done, then kill -9
+        lines.append(line.split())
+        if lines[-1][:2] == ["blocks", "2"]:
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, lines
+    attrs = training_store.read_store_attrs(config.out)
+    done = attrs["blocks_done"]
+    n_blocks = int(lines[-1][2])
+    assert attrs["complete"] is False and 2 <= len(done) < n_blocks
+    before = {block: _shard_files(config.out, block) for block in done}
+
+    report = run_preprocess(config, client=client)
+
+    assert report.blocks_written == n_blocks - len(done)  # finished blocks are not recomputed
+    for block in done:
+        assert _shard_files(config.out, block) == before[block]  # nor rewritten
+    assert report.norm_stats == written.report.norm_stats
+    xr.testing.assert_identical(
+        xr.open_zarr(config.out, chunks=None).drop_attrs(), xr.open_zarr(written.config.out, chunks=None).drop_attrs()
+    )
+
+
+def test_existing_scheduler_by_address(cube, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        links = []
+        report = run_preprocess(
+            _config(cube, tmp_path / "store.zarr", dask_address=cluster.scheduler_address),
+            samples_per_block=SAMPLES_PER_BLOCK,
+            on_dashboard=links.append,
+        )
+        port = cluster.dashboard_link.rsplit(":", 1)[1]  # the host part differs: localhost vs the interface
+        assert report.dashboard_link.endswith(f":{port}") and links == [report.dashboard_link]
+        assert cluster.scheduler.transition_counter > 0  # the work ran on this scheduler
+    assert report.counts["kept"] == 2 * 3 * 16 - 16 - 1
+
+
+def test_samples_per_block_from_config_sets_the_shards(cube, client, tmp_path):
+    report = run_preprocess(_config(cube, tmp_path / "store.zarr", samples_per_block=5), client=client)
+    group = zarr.open_group(report.store, mode="r")
+    assert group["s2"].shards[0] == 5 and group.attrs["samples_per_block"] == 5
+    assert report.blocks_written == -(-report.counts["kept"] // 5)
+
+
+def test_s1_window_is_configurable(cube, client, tmp_path):
+    # The cube's S1 is one day after each S2 date: a half-day window matches none of them.
+    report = run_preprocess(_config(cube, tmp_path / "store.zarr", s1_max_gap_days=0.5), client=client)
+    assert np.isnan(zarr.open_group(report.store, mode="r")["s1"][:]).all()
+    assert zarr.open_group(report.store, mode="r").attrs["s1_max_gap_days"] == 0.5
+
+
+def test_linear_s1_is_written_in_db(client, tmp_path):
+    db_cube = write_cube(tmp_path / "db.zarr", n_tiles=1, size=32, n_dates=2)
+    linear_cube = write_cube(tmp_path / "linear.zarr", n_tiles=1, size=32, n_dates=2, s1_units="linear")
+    db = run_preprocess(_config(db_cube, tmp_path / "db_store.zarr"), client=client)
+    linear = run_preprocess(_config(linear_cube, tmp_path / "linear_store.zarr"), client=client)
+    s1_db = zarr.open_group(db.store, mode="r")["s1"][:]
+    s1_from_linear = zarr.open_group(linear.store, mode="r")["s1"][:]
+    assert (s1_db[np.isfinite(s1_db)] < 0).mean() > 0.9  # dB backscatter is mostly negative
+    np.testing.assert_allclose(s1_from_linear, s1_db, atol=1e-4)  # NaN where NaN
+    assert zarr.open_group(linear.store, mode="r").attrs["s1_units"] == "dB"
+
+
+def test_unknown_s1_units_are_refused(tmp_path):
+    cube = write_cube(tmp_path / "cube.zarr", n_tiles=1, size=32, n_dates=1)
+    tile = zarr.open_group(cube.path, mode="r+")[f"tiles/{cube.tile_ids[0]}/s1"]
+    tile.attrs["units"] = "sigma0_kelvin"
+    with pytest.raises(ValueError, match=r"S1 units 'sigma0_kelvin' are not one of"):
+        run_preprocess(_config(cube, tmp_path / "store.zarr"))
+
+
+def test_cube_not_at_10_m_is_refused(tmp_path):
+    cube = write_cube(tmp_path / "cube.zarr", n_tiles=1, size=32, n_dates=1, resolution=20.0)
+    with pytest.raises(ValueError, match=r"has 20 m pixels; the store needs every S2 band at 10 m"):
+        run_preprocess(_config(cube, tmp_path / "store.zarr"))
+
+
+def test_default_patch_grid_is_ssl4eo():
+    config = PreprocessConfig()
+    assert config.patch_size == 264 and config.stride is None  # SSL4EO-S12: 264 px, random 224 px crops later
+
+
+def test_norm_stats_named_and_flattened_for_mlflow(written):
+    from flows.preprocess import norm_stat_metrics
+
+    stats = written.report.norm_stats
+    assert stats["s2"]["names"] == list(S2_L2A_BANDS) and stats["s1"]["names"] == list(S1_POLARIZATIONS)
+    metrics = norm_stat_metrics(stats)
+    assert metrics["norm.s2.B04.mean"] == stats["s2"]["mean"][S2_L2A_BANDS.index("B04")]
+    assert metrics["norm.s1.VH.p99"] == stats["s1"]["p99"][1]
+    assert len([key for key in metrics if key.startswith("norm.s2.")]) == 4 * 12
