@@ -7,12 +7,13 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger, task
 
+from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import EvaluateConfig
 from tasks.evaluate import run_evaluation
 
-evaluate_task = task(run_evaluation, name="probe-frozen-encoder")
+evaluate_task = task(run_evaluation, name="probe-frozen-encoder", **cache_options("evaluate"))
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -37,7 +38,7 @@ def resolve_checkpoint(model: str) -> Path:
 
 @flow(name="evaluate")
 def evaluate_flow(
-    config: EvaluateConfig, parent_run_id: str | None = None, experiment: str | None = None
+    config: EvaluateConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Probe the encoder of ``config.model`` on the store's held-out split; log mAP micro/macro and F1."""
     logger = get_run_logger()
@@ -45,7 +46,7 @@ def evaluate_flow(
         raise ValueError("evaluate needs a model: pass --model MLFLOW_RUN_ID_OR_CHECKPOINT")
     with stage_run("evaluate", config, parent_run_id=parent_run_id, experiment=experiment) as run:
         checkpoint = resolve_checkpoint(config.model)
-        result = evaluate_task(config, checkpoint)
+        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint)
         mlflow.log_metrics(result.metrics)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")
         logger.info(

@@ -10,20 +10,23 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger, task
 
+from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import IngestConfig
 from tasks.ingest import run_ingest
 
-ingest_task = task(run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30])
+ingest_task = task(run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30], **cache_options("ingest"))
 
 
 @flow(name="ingest")
-def ingest_flow(config: IngestConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
+def ingest_flow(
+    config: IngestConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
+) -> StageResult:
     """Ingest every item matching the request onto the tile grid; re-running adds only new dates."""
     logger = get_run_logger()
     with stage_run("ingest", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = ingest_task(config)
+        report = ingest_task.with_options(refresh_cache=refresh)(config)
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as folder:

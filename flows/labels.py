@@ -5,25 +5,39 @@ from __future__ import annotations
 import mlflow
 from prefect import flow, get_run_logger, task
 
+from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import LabelsConfig
+from tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
 from tasks.labels import run_labels
 
-labels_task = task(run_labels, name="rasterize-labels", retries=2, retry_delay_seconds=[5, 30])
+labels_task = task(
+    run_labels, name="rasterize-labels", retries=2, retry_delay_seconds=[5, 30], **cache_options("labels")
+)
 
 
 @flow(name="labels")
-def labels_flow(config: LabelsConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
-    """Write each tile's ``landcover`` array and log the class histogram."""
+def labels_flow(
+    config: LabelsConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
+) -> StageResult:
+    """Write each tile's ``landcover`` array; log the class histogram (table + bar chart) and a quick-look."""
     logger = get_run_logger()
     with stage_run("labels", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = labels_task(config)
+        report = labels_task.with_options(refresh_cache=refresh)(config)
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         mlflow.log_dict(
-            {"class_pixels": report.class_pixels, "unknown_codes": report.unknown_codes},
+            {"scheme": report.scheme, "class_pixels": report.class_pixels, "unknown_codes": report.unknown_codes,
+             "excluded_codes": report.excluded_codes, "resampling": report.resampling},
             "class_histogram.json",
-        )
+        )  # fmt: skip
+        table = class_histogram_table(report.class_pixels, report.class_codes)
+        mlflow.log_table(table, "class_histogram_table.json")
+        mlflow.log_figure(class_histogram_figure(table, title=f"{report.product} · {report.scheme}"),
+                          "class_histogram.png")  # fmt: skip
+        mlflow.log_figure(cube_quicklook(config.cube, report.tiles), "quicklook.png")
+        if report.unknown_codes:
+            logger.warning("codes outside scheme %s (written as nodata): %s", report.scheme, report.unknown_codes)
         logger.info("labelled %d tiles of %s", len(report.tiles), config.cube)
         return StageResult(stage="labels", run_id=run.info.run_id, output=config.cube, metrics=metrics)

@@ -19,12 +19,12 @@ from softcon.config import PipelineConfig
 
 
 @flow(name="pipeline")
-def pipeline_flow(config: PipelineConfig) -> PipelineResult:
+def pipeline_flow(config: PipelineConfig, refresh: bool = False) -> PipelineResult:
     """ingest → labels → preprocess → train → evaluate; each stage a subflow and a nested MLflow run."""
     logger = get_run_logger()
     results: dict[str, StageResult] = {}
     with stage_run("pipeline", config, experiment=config.name) as parent:
-        stage_args = {"parent_run_id": parent.info.run_id, "experiment": config.name}
+        stage_args = {"parent_run_id": parent.info.run_id, "experiment": config.name, "refresh": refresh}
 
         def timed(stage: str, run: Callable[[], StageResult]) -> None:
             start = time.perf_counter()

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 
 import mlflow
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
+from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import PreprocessConfig
 from tasks.preprocess import DashboardCallback, ProgressCallback, run_preprocess
 
-# No Prefect cache: run_preprocess itself reuses a complete store and resumes an incomplete one, and its
-# progress callbacks are not hashable inputs.
+# run_preprocess itself reuses a complete store and resumes an incomplete one; the Prefect cache (keyed on the
+# config, the code and the cube's metadata, callbacks excluded: flows/caching.py) also skips the cluster start.
 preprocess_task = task(
-    run_preprocess, name="write-training-store", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE
+    run_preprocess, name="write-training-store", retries=1, retry_delay_seconds=10, **cache_options("preprocess")
 )
 
 
@@ -88,13 +88,15 @@ def norm_stat_metrics(norm_stats: dict) -> dict[str, float]:
 
 @flow(name="preprocess")
 def preprocess_flow(
-    config: PreprocessConfig, parent_run_id: str | None = None, experiment: str | None = None
+    config: PreprocessConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Patches, quality checks, targets, spatial split and normalization statistics, into one store."""
     logger = get_run_logger()
     with stage_run("preprocess", config, parent_run_id=parent_run_id, experiment=experiment) as run:
         observer = FlowProgress(run.info.run_id, logger)
-        report = preprocess_task(config, on_progress=observer.progress, on_dashboard=observer.dashboard)
+        report = preprocess_task.with_options(refresh_cache=refresh)(
+            config, on_progress=observer.progress, on_dashboard=observer.dashboard
+        )
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         mlflow.log_metrics(norm_stat_metrics(report.norm_stats))

@@ -1,13 +1,23 @@
-"""Train flow: SoftCon pretraining of an encoder, every step recorded in MLflow."""
+"""Train flow: SoftCon pretraining of an encoder, every step recorded in MLflow.
+
+The train run holds: the stage's configuration as params; per-window loss terms (loss, instance, soft),
+lr, samples/s, embedding std and the collapse flag, and on CUDA the GPU memory, as step metrics; MLflow's
+system metrics (``system/cpu_utilization_percentage``, memory, disk, network; GPU ones when pynvml is
+installed) sampled in the background; the final checkpoint as an artifact; and the EMA teacher encoder as
+an MLflow model with an input/output signature, registered under ``config.registered_model_name``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlflow
 import torch
 from prefect import flow, get_run_logger, task
 
+from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import TrainConfig
@@ -43,34 +53,76 @@ class StepLogger:
             )
 
 
-train_task = task(run_training, name="soft-contrastive-training")
+train_task = task(run_training, name="soft-contrastive-training", **cache_options("train"))
 
 
-def log_encoder(checkpoint: str) -> None:
-    """Log the evaluation encoder as an MLflow model with an input/output signature."""
+SYSTEM_METRICS_INTERVAL_S = 10.0
+"""Seconds between system-metric samples (MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)."""
+
+
+@contextmanager
+def system_metrics(run_id: str, *, enabled: bool = True) -> Iterator[None]:
+    """MLflow system metrics (CPU, memory, disk, network, GPU) of this process for the run, in a thread.
+
+    Started here rather than by ``mlflow.start_run(log_system_metrics=True)`` so that only the train run is
+    monitored, not the pipeline's other stages; one last sample is taken at the end, so even a run shorter
+    than the sampling interval has its system metrics.
+    """
+    if not enabled:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+
+
+def log_encoder(checkpoint: str, registered_model_name: str | None = None) -> str:
+    """Log the evaluation encoder as an MLflow model with an input/output signature; return its URI.
+
+    With ``registered_model_name`` the model is also registered (a new version of that name) in the
+    tracking server's model registry (the embedded SQLite backend has one).
+    """
     encoder, meta = load_encoder(checkpoint)
     encoder.eval()
-    size = int(meta.get("patch_size") or 32)
+    size = int(meta.get("img_size") or 32)
     example = torch.zeros(1, int(meta["in_chans"]), size, size)
     with torch.no_grad():
         output = encoder(example)
     signature = mlflow.models.infer_signature(example.numpy(), output.numpy())
-    mlflow.pytorch.log_model(
-        encoder, name="encoder", signature=signature, input_example=example.numpy(), pip_requirements=["torch", "timm"]
+    info = mlflow.pytorch.log_model(
+        encoder,
+        name="encoder",
+        signature=signature,
+        input_example=example.numpy(),
+        pip_requirements=["torch", "timm"],
+        registered_model_name=registered_model_name,
     )
+    return info.model_uri
 
 
 @flow(name="train")
-def train_flow(config: TrainConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
+def train_flow(
+    config: TrainConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
+) -> StageResult:
     """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
     logger = get_run_logger()
     with stage_run("train", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        result = train_task(config, on_metrics=StepLogger(run.info.run_id, config.steps, logger))
+        result = train_task.with_options(refresh_cache=refresh)(
+            config, on_metrics=StepLogger(run.info.run_id, config.steps, logger)
+        )
         mlflow.log_metrics(
             {f"final_{name}": value for name, value in result.metrics.items()}
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}
         )
         mlflow.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
-        log_encoder(str(result.checkpoint))
+        log_encoder(str(result.checkpoint), config.registered_model_name)
         logger.info("trained %s for %d steps: loss %.4f", config.backbone, result.steps, result.metrics["loss"])
         return StageResult(stage="train", run_id=run.info.run_id, output=str(result.checkpoint), metrics=result.metrics)

@@ -63,6 +63,8 @@ def configure_runtime(settings: Settings | None = None) -> Settings:
     settings = settings or get_settings()
     settings.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(settings.root / "prefect"))
+    # Cached task results (flows/caching.py) persist here, so a later run in another process finds them.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(settings.root / "prefect" / "results"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri)
     # The temporary local Prefect API starts on demand; give it time on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
