@@ -59,6 +59,12 @@ class IngestConfig(StageConfig):
     bands: list[S2Band] = Field(default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands.")
     resolution: float = Field(default=10.0, gt=0, description="Pixel size in metres.")
     tile_size: int = Field(default=256, gt=0, description="Tile side in pixels.")
+    epsg: int | None = Field(
+        default=None,
+        ge=32601,
+        le=32760,
+        description="UTM EPSG code of the grid; default the zone of the area's centre (set it near zone edges).",
+    )
     max_cloud: float = Field(default=80.0, ge=0, le=100, description="Max item eo:cloud_cover, percent.")
     max_tile_cloud: float = Field(
         default=0.8, ge=0, le=1, description="Skip a tile-date whose SCL cloud/shadow fraction is above this."

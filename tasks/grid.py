@@ -78,13 +78,15 @@ def _project_bbox(bbox: BBox, epsg: int, densify: int = 21) -> BBox:
     return transformer.transform_bounds(*bbox, densify_pts=densify)
 
 
-def tiles_for_bbox(bbox: BBox, *, resolution: float, tile_size: int) -> list[Tile]:
+def tiles_for_bbox(bbox: BBox, *, resolution: float, tile_size: int, epsg: int | None = None) -> list[Tile]:
     """The grid tiles that a lon/lat bbox touches, row-major from the north-west.
 
     Args:
         bbox: lon/lat (west, south, east, north).
         resolution: pixel side in metres.
         tile_size: tile side in pixels.
+        epsg: projected CRS of the grid; default the UTM zone of the bbox centre. Give the scenes' own zone
+            near a zone edge (Sentinel-2 granules overlap their neighbours' zones) to keep pixels unresampled.
 
     Raises:
         ValueError: for a bbox that is not W < E, S < N in degrees, or a non-positive size.
@@ -94,7 +96,7 @@ def tiles_for_bbox(bbox: BBox, *, resolution: float, tile_size: int) -> list[Til
         raise ValueError(f"bbox {bbox} must be lon/lat west,south,east,north with west < east, south < north")
     if resolution <= 0 or tile_size <= 0:
         raise ValueError(f"resolution ({resolution}) and tile_size ({tile_size}) must be positive")
-    epsg = utm_epsg((west + east) / 2, (south + north) / 2)
+    epsg = epsg or utm_epsg((west + east) / 2, (south + north) / 2)
     left, bottom, right, top = _project_bbox(bbox, epsg)
     side = tile_size * resolution
     # A tiny tolerance so that a bbox built exactly on tile edges does not pull in a neighbour.

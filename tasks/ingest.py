@@ -407,15 +407,24 @@ def load_s2_day(
 
 
 def load_s1_day(items: Sequence[dict[str, Any]], tile: Tile, read: ReadOptions | None = None) -> np.ndarray:
-    """One solar day of S1 on the tile grid: (pol, y, x) float32 dB, NaN where there is no data."""
+    """One solar day of S1 on the tile grid: (pol, y, x) float32 dB, NaN where there is no data.
+
+    A polarization that the day's items do not all carry (single-pol VV products) is all NaN.
+    """
     spec: CollectionSpec = spec_for_item(items[0])
-    keys = [spec.asset_key(pol) for pol in S1_POLS]
-    data = _odc_load(items, keys, tile, {"*": "bilinear"}, dtype="float32", read=read)
+    pols = [pol for pol in S1_POLS if all(spec.assets[pol] in item["assets"] for item in items)]
+    if not pols:
+        raise KeyError(f"items {[i['id'] for i in items]} carry none of the assets {[spec.assets[p] for p in S1_POLS]}")
+    keys = {pol: spec.asset_key(pol) for pol in pols}
+    data = _odc_load(items, list(keys.values()), tile, {"*": "bilinear"}, dtype="float32", read=read)
     scale = spec.s1_value_scale(items[0])
-    nodata = spec.asset_nodata(items[0], "VV")
+    nodata = spec.asset_nodata(items[0], pols[0])
     out = []
-    for key in keys:
-        values = data[key].values[0].astype(np.float64)
+    for pol in S1_POLS:
+        if pol not in keys:
+            out.append(np.full(tile.geobox.shape, np.nan, np.float32))
+            continue
+        values = data[keys[pol]].values[0].astype(np.float64)
         values[(values == nodata) | ~np.isfinite(values)] = np.nan
         if scale != "db":
             values[values <= 0] = np.nan
@@ -656,9 +665,9 @@ def _intersecting(items: Iterable[dict[str, Any]], tile: Tile) -> list[dict[str,
     return [item for item in items if shape(item["geometry"]).intersects(footprint)]
 
 
-def tiles_for_area(area: BaseGeometry, *, resolution: float, tile_size: int) -> list[Tile]:
+def tiles_for_area(area: BaseGeometry, *, resolution: float, tile_size: int, epsg: int | None = None) -> list[Tile]:
     """Grid tiles of the area's bounding box that the area itself touches (all of them for a bbox)."""
-    tiles = tiles_for_bbox(area.bounds, resolution=resolution, tile_size=tile_size)
+    tiles = tiles_for_bbox(area.bounds, resolution=resolution, tile_size=tile_size, epsg=epsg)
     return [tile for tile in tiles if box(*tile.lonlat_bounds).intersects(area)]
 
 
@@ -810,17 +819,19 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     usable: list[dict[str, Any]] = []
     for item in s2_items + s1_items:
         spec = spec_for_item(item)
-        wanted = list(config.bands) if spec.sensor == "s2" else list(S1_POLS)
         try:
-            for band in wanted:
-                spec.asset_key(band, item)
+            if spec.sensor == "s2":
+                for band in config.bands:
+                    spec.asset_key(band, item)
+            elif not any(spec.assets[pol] in item["assets"] for pol in S1_POLS):  # single-pol is fine
+                raise KeyError(f"item {item['id']} has none of the S1 assets {[spec.assets[p] for p in S1_POLS]}")
         except KeyError as error:
             log.warning("skipping item %s: %s", item["id"], error.args[0])
             state.failures[item["id"]] = f"missing asset: {error.args[0]}"
             continue
         usable.append(item)
 
-    tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size)
+    tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
     local = None if "://" in config.cube else Path(config.cube)
     bytes_before = {tile.tile_id: _tree_bytes(local / "tiles" / tile.tile_id) for tile in tiles} if local else {}
     cube_days: set[date] = set()
