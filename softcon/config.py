@@ -111,12 +111,28 @@ class LabelsConfig(StageConfig):
     """Bring a land-cover product onto every tile of a cube as its ``landcover`` array."""
 
     cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
-    source: str = Field(description="STAC API URL or file, a local raster, or a vector file.")
-    collection: str = Field(default="esa-worldcover", description="Collection to search when source is STAC.")
-    scheme: LabelScheme | str = Field(
-        default="worldcover", description="Class scheme name, or a path to a YAML code-to-class mapping."
+    source: str = Field(description="STAC API URL or file, a local raster (or raster URL), or a vector file.")
+    collection: str = Field(
+        default="esa-worldcover", description="Collection to search when source is STAC (or io-lulc-annual-v02)."
+    )
+    year: int | None = Field(default=None, description="Product year of a STAC collection; default the latest.")
+    scheme: LabelScheme | str | None = Field(
+        default=None,
+        description="Class scheme name, or a path to a YAML code-to-class mapping; default from the collection "
+        "(esa-worldcover: worldcover, io-lulc-*: io-lulc), worldcover for files.",
     )
     class_field: str | None = Field(default=None, description="Class attribute of vector sources.")
+    all_touched: bool = Field(
+        default=False,
+        description="Vector pixel coverage: False = a pixel takes the polygon holding its centre (unbiased "
+        "areas); True = every pixel a polygon touches.",
+    )
+    overlap: Literal["last", "smallest"] = Field(
+        default="last", description="Overlapping polygons: the last in file order wins, or the smallest."
+    )
+    unknown_codes: Literal["report", "error"] = Field(
+        default="report", description="Codes outside the scheme: report them and write nodata, or stop with an error."
+    )
 
 
 class PreprocessConfig(StageConfig):
@@ -129,7 +145,13 @@ class PreprocessConfig(StageConfig):
     max_cloud_fraction: float = Field(default=0.1, ge=0, le=1, description="Drop patches cloudier than this.")
     max_nodata_fraction: float = Field(default=0.05, ge=0, le=1, description="Drop patches with more nodata.")
     label_threshold: float = Field(
-        default=0.05, ge=0, le=1, description="A class is present when it covers more than this fraction."
+        default=0.05,
+        ge=0,
+        le=1,
+        description="A class is present (multi-hot 1) when it covers more than this fraction of a patch's labelled "
+        "pixels. 0.05 sits above the few per cent of boundary and speckle pixels that mode resampling and the "
+        "products' own errors leave in any patch (so noise does not switch a class on), and below a small real "
+        "class (a village or a river in a 2.6 km patch covers 5-10 %).",
     )
     min_labelled_fraction: float = Field(
         default=0.5, ge=0, le=1, description="Patches with less labelled area are flagged as unlabelled."

@@ -1,9 +1,12 @@
 # ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import pytest
 import xarray as xr
@@ -11,9 +14,9 @@ from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (
 
 from softcon.config import LabelsConfig
 from tasks.ingest import IngestReport
+from tasks.label_figures import cube_quicklook
 from tasks.labels import read_cube_tiles, run_labels
 from tasks.sample_data import SampleData, read_truth_classes
-from tasks.schemes import CORINE_BIGEARTHNET19, WORLDCOVER
 
 REAL_WORLDCOVER = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "worldcover"
@@ -61,12 +64,32 @@ def test_product_not_overlapping_a_tile_is_an_error(labels_cube: Path) -> None:
         run_labels(LabelsConfig(cube=str(labels_cube), source=str(REAL_WORLDCOVER)))
 
 
-def test_vector_sources_are_not_implemented_yet(labels_cube: Path, tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="vector"):
-        run_labels(LabelsConfig(cube=str(labels_cube), source=str(tmp_path / "polygons.gpkg")))
+@pytest.mark.slow
+def test_flow_logs_histogram_table_bar_chart_and_quicklook(labels_cube: Path, data_stac_url: str) -> None:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from flows.labels import labels_flow
+
+    # The temporary Prefect API can take a while to start on a busy machine.
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+        result = labels_flow(LabelsConfig(cube=str(labels_cube), source=data_stac_url), experiment="labels-test")
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"class_histogram.png", "quicklook.png", "class_histogram_table.json", "class_histogram.json"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(result.run_id, "class_histogram_table.json")).read_text())
+    assert table["columns"] == ["code", "class", "pixels", "fraction"] and len(table["data"]) == 11
+    assert sum(row[3] for row in table["data"]) == pytest.approx(1.0)
+    quicklook = plt.imread(client.download_artifacts(result.run_id, "quicklook.png"))
+    assert quicklook.shape[1] > quicklook.shape[0] > 200  # two panels side by side
+    assert result.metrics["labelled_fraction"] == pytest.approx(1.0)
 
 
-def test_schemes() -> None:
-    assert len(WORLDCOVER.codes) == 11 and WORLDCOVER.name_of(80) == "Permanent water bodies"
-    assert len(CORINE_BIGEARTHNET19.class_names) == 19
-    assert CORINE_BIGEARTHNET19.source_names["Peatbogs"] == "Inland wetlands"
+def test_quicklook_shows_rgb_beside_the_label_map(labels_cube: Path, data_stac_url: str) -> None:
+    report = run_labels(LabelsConfig(cube=str(labels_cube), source=data_stac_url))
+    figure = cube_quicklook(str(labels_cube), report.tiles)
+    left, right = figure.axes[:2]
+    assert left.get_title().startswith("Sentinel-2 RGB") and right.get_title().startswith("land cover")
+    rgb = left.get_images()[0].get_array()
+    assert rgb.shape == (64, 64, 3) and 0 <= rgb.min() < rgb.max() <= 1
+    assert right.get_legend() is not None and len(right.get_legend().get_texts()) >= 2
+    plt.close(figure)
