@@ -182,6 +182,14 @@ def labels(
     scheme: Annotated[str | None, typer.Option(help="worldcover, dynamic-world, io-lulc, … or a YAML file.")] = None,
     class_field: Annotated[str | None, typer.Option(help="Class attribute of a vector source.")] = None,
     collection: Annotated[str | None, typer.Option(help="Collection when source is STAC.")] = None,
+    year: Annotated[int | None, typer.Option(help="Product year of a STAC collection (default: the latest).")] = None,
+    all_touched: Annotated[
+        bool | None, typer.Option("--all-touched/--pixel-centre", help="Vector pixel coverage (default: pixel centre).")
+    ] = None,
+    overlap: Annotated[str | None, typer.Option(help="Overlapping polygons: last or smallest wins.")] = None,
+    unknown_codes: Annotated[
+        str | None, typer.Option(help="Codes outside the scheme: report (write nodata) or error.")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Bring a land-cover product onto every tile of the cube (the ``landcover`` array)."""
@@ -191,6 +199,10 @@ def labels(
         "scheme": scheme,
         "class_field": class_field,
         "collection": collection,
+        "year": year,
+        "all_touched": all_touched,
+        "overlap": overlap,
+        "unknown_codes": unknown_codes,
     }
     stage_config = _build(LabelsConfig, "labels", config, overrides)
     configure_runtime()
