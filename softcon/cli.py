@@ -43,6 +43,21 @@ ConfigOption = Annotated[
 ]
 
 
+_refresh_requested = False
+
+
+def _remember_refresh(value: bool) -> bool:
+    global _refresh_requested
+    _refresh_requested = value
+    return value
+
+
+RefreshOption = Annotated[
+    bool,
+    typer.Option("--refresh", callback=_remember_refresh, help="Ignore cached task results; do the work again."),
+]
+
+
 def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
@@ -70,7 +85,7 @@ def _build(model: type, section: str | None, config_file: Path | None, overrides
 def _run(stage_flow: Any, config: Any) -> Any:
     """Run a stage flow, turning the errors users can fix into a message instead of a traceback."""
     try:
-        result = stage_flow(config)
+        result = stage_flow(config, **({"refresh": True} if _refresh_requested else {}))
     except (ValueError, FileNotFoundError, NotImplementedError) as error:
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None
@@ -111,6 +126,7 @@ def ingest(
         typer.Option("--header", help="NAME=ENV_VAR: send header NAME with the value of $ENV_VAR (repeatable)."),
     ] = None,
     cube: Annotated[str | None, typer.Option(help="Cube path or URL [default: .softcon/data/cube.zarr].")] = None,
+    refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Search a STAC source and load Sentinel-2 L2A / Sentinel-1 onto a UTM tile grid in a Zarr cube."""
@@ -190,6 +206,7 @@ def labels(
     unknown_codes: Annotated[
         str | None, typer.Option(help="Codes outside the scheme: report (write nodata) or error.")
     ] = None,
+    refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Bring a land-cover product onto every tile of the cube (the ``landcover`` array)."""
@@ -220,6 +237,7 @@ def preprocess(
     dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
     samples_per_block: Annotated[int | None, typer.Option(help="Samples per Zarr shard [default: 64].")] = None,
     s1_max_gap_days: Annotated[float | None, typer.Option(help="S1-S2 date matching window [default: 3].")] = None,
+    refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Cut tiles into patches with Dask: quality checks, targets, split, statistics → training store."""
@@ -269,6 +287,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """SoftCon pretraining of an encoder on the training store (GPU when there is one)."""
@@ -293,6 +312,7 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="MLflow run id of a train stage, or a checkpoint.")] = None,
     store: Annotated[str | None, typer.Option(help="Training store; its held-out split is evaluated.")] = None,
     bigearthnet: Annotated[str | None, typer.Option(help="BigEarthNet-format folder.")] = None,
+    refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Linear probe and kNN of the frozen encoder: mAP micro/macro and F1 on multi-label targets."""
@@ -310,6 +330,7 @@ def evaluate(
 @app.command()
 def pipeline(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML file with one section per stage.")],
+    refresh: RefreshOption = False,
 ) -> None:
     """Run every stage in order under one MLflow parent run."""
     pipeline_config = _build(PipelineConfig, None, config, {})
@@ -348,6 +369,7 @@ def demo(
     tile_size: Annotated[int, typer.Option(min=64, help="Tile side in pixels.")] = 256,
     dates: Annotated[int, typer.Option(min=2, help="Sentinel-2 acquisition dates.")] = 4,
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 300,
+    refresh: RefreshOption = False,
 ) -> None:
     """Run the whole pipeline on generated sample scenes behind a local STAC API, with no server to start."""
     settings = configure_runtime()
@@ -409,6 +431,152 @@ def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
     console.print(
         f"  cube: {config.ingest.cube}   store: {config.preprocess.out}   checkpoint: {results['train'].output}"
     )
+
+
+@app.command()
+def serve(
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
+    prefect_database: Annotated[
+        str | None, typer.Option(help="Prefect database URL, e.g. postgresql+asyncpg://user@host/db [default: SQLite].")
+    ] = None,
+    mlflow_backend: Annotated[
+        str | None, typer.Option(help="MLflow backend store, e.g. postgresql://user@host/db [default: SQLite].")
+    ] = None,
+    deploy_flows: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Register infra/prefect.yaml.")] = True,
+) -> None:
+    """Start a Prefect server, a process worker and an MLflow server on 127.0.0.1; Ctrl-C stops all three."""
+    import time
+
+    from softcon import serve as servers
+
+    settings = get_settings()
+    try:
+        with servers.serve(
+            settings.root,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            prefect_database_url=prefect_database,
+            mlflow_backend_uri=mlflow_backend,
+        ) as services:
+            if deploy_flows:
+                servers.deploy(services.prefect_api_url, env=services.env)
+            console.print(f"Prefect UI:  {services.prefect_ui_url}   (API {services.prefect_api_url})")
+            console.print(f"MLflow UI:   {services.mlflow_url}")
+            console.print(f"worker on pool '{services.work_pool}'; logs in {settings.root / 'logs'}")
+            console.print(
+                f"point a shell at them:  export PREFECT_API_URL={services.prefect_api_url} "
+                f"SOFTCON_MLFLOW_TRACKING_URI={services.mlflow_url}"
+            )
+            console.print("Ctrl-C stops all three.")
+            while all(process.poll() is None for process in services.processes.values()):
+                time.sleep(1)
+            stopped = [name for name, process in services.processes.items() if process.poll() is not None]
+            err_console.print(f"[red]error:[/red] {', '.join(stopped)} stopped; see {settings.root / 'logs'}")
+            raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopped")
+    except RuntimeError as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def deploy(
+    api_url: Annotated[
+        str | None, typer.Option(help="Prefect API [default: $PREFECT_API_URL or http://127.0.0.1:4200/api].")
+    ] = None,
+    name: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeatable), e.g. backfill.")] = None,
+) -> None:
+    """Register the deployments of infra/prefect.yaml (each stage, pipeline, backfill, daily) with a Prefect server."""
+    import os
+
+    from softcon import serve as servers
+
+    url = api_url or os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"
+    try:
+        servers.wait_for_http(f"{url}/health", timeout=10)
+        output = servers.deploy(url, names=name)
+    except RuntimeError as error:
+        err_console.print(f"[red]error:[/red] {error}\nstart the servers first: softcon serve")
+        raise typer.Exit(1) from None
+    console.print(output)
+
+
+@app.command()
+def reproduce(
+    run_id: Annotated[
+        str, typer.Argument(help="MLflow run id of an ingest, labels, preprocess, train or evaluate run.")
+    ],
+) -> None:
+    """Run one stage again with the parameters and inputs of an MLflow run and check it made the same thing."""
+    configure_runtime()
+    from flows.reproduce import reproduce_run
+
+    try:
+        result = reproduce_run(run_id)
+    except (ValueError, FileNotFoundError) as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    verdict = "[green]identical[/green]" if result.identical else "[red]different[/red]"
+    console.print(
+        f"{result.stage} run {run_id} reproduced as MLflow run [bold]{result.run_id}[/bold]: {verdict} "
+        f"({result.compared} compared)   output: {result.output}"
+    )
+    for difference in result.differences[:20]:
+        console.print(f"  differs: {difference}")
+    if not result.identical:
+        raise typer.Exit(3)
+
+
+@app.command()
+def backfill(
+    stac: Annotated[str | None, typer.Option(help="STAC API URL, static catalog or ItemCollection file.")] = None,
+    collection: Annotated[list[str] | None, typer.Option("--collection", help="Collection (repeatable).")] = None,
+    bbox: Annotated[str | None, typer.Option(help="Area as lon/lat W,S,E,N.")] = None,
+    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")] = None,
+    cube: Annotated[str | None, typer.Option(help="Cube path or URL.")] = None,
+    period: Annotated[str, typer.Option(help="One child run per day, week or month.")] = "day",
+    deployment: Annotated[
+        str | None, typer.Option(help="Run each period on the work pool as a run of this deployment (ingest/ingest).")
+    ] = None,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Child runs at once (with --deployment).")] = 2,
+    refresh: RefreshOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Ingest a date range over an area as one child flow run per period, skipping periods already ingested."""
+    from tasks.backfill import PERIODS
+
+    if period not in PERIODS:
+        err_console.print(f"[red]error:[/red] --period {period!r} is not one of {', '.join(PERIODS)}")
+        raise typer.Exit(2)
+    overrides = {
+        "stac": stac,
+        "collections": collection,
+        "bbox": _parse_bbox(bbox),
+        "start": start,
+        "end": end,
+        "cube": cube,
+    }
+    request = _build(IngestConfig, "ingest", config, overrides)
+    configure_runtime()
+    from flows.backfill import backfill_flow
+
+    try:
+        result = backfill_flow(
+            request, period=period, max_in_flight=max_in_flight, deployment=deployment, refresh=refresh
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"backfill (MLflow parent run {result.run_id})")
+    for column in ("period", "status", "MLflow run", "tile-dates written"):
+        table.add_column(column)
+    for window in result.windows:
+        label = str(window.start) if window.start == window.end else f"{window.start}..{window.end}"
+        table.add_row(label, window.status, window.mlflow_run_id or "", f"{window.tile_dates_written:g}")
+    console.print(table)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,7 +99,7 @@ def test_scheduled_window_is_the_day_before_the_scheduled_time_in_the_schedule_t
     import flows.backfill as backfill
 
     # 23:30 UTC on June 10 is already June 11 in Rome: the run scheduled then ingests June 10, not June 9.
-    scheduled = datetime(2024, 6, 10, 23, 30, tzinfo=timezone.utc)
+    scheduled = datetime(2024, 6, 10, 23, 30, tzinfo=UTC)
     monkeypatch.setattr(backfill, "flow_run", SimpleNamespace(scheduled_start_time=scheduled))
     assert backfill.scheduled_window(1, "Europe/Rome") == DateWindow(date(2024, 6, 10), date(2024, 6, 10))
     assert backfill.scheduled_window(1, "UTC") == DateWindow(date(2024, 6, 9), date(2024, 6, 9))
