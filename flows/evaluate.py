@@ -1,4 +1,4 @@
-"""Evaluate flow: frozen-encoder linear probe and kNN on multi-label targets."""
+"""Evaluate flow: frozen-encoder linear probe and kNN on multi-label targets, baselines, comparison report."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import EvaluateConfig
+from tasks.compare import comparison_table, write_report
 from tasks.evaluate import run_evaluation
 
 evaluate_task = task(run_evaluation, name="probe-frozen-encoder", **cache_options("evaluate"))
+report_task = task(write_report, name="comparison-report")
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -36,24 +38,45 @@ def resolve_checkpoint(model: str) -> Path:
     return checkpoints[-1]
 
 
+def resolve_baseline(spec: str) -> str:
+    """A baseline spec with an MLflow train run id replaced by its checkpoint file (others unchanged)."""
+    name, _, value = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else ("", "", spec)
+    if value in ("random", "image-stats") or value.startswith(("weights:", "checkpoint:")) or Path(value).is_file():
+        return spec
+    checkpoint = str(resolve_checkpoint(value))
+    return f"{name}={checkpoint}" if name else checkpoint
+
+
 @flow(name="evaluate")
 def evaluate_flow(
     config: EvaluateConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
-    """Probe the encoder of ``config.model`` on the store's held-out split; log mAP micro/macro and F1."""
+    """Probe the frozen encoder of ``config.model`` and the baselines on each dataset; log metrics, the
+    cached features, the comparison table and the plots."""
     logger = get_run_logger()
     if config.model is None:
         raise ValueError("evaluate needs a model: pass --model MLFLOW_RUN_ID_OR_CHECKPOINT")
     with stage_run("evaluate", config, parent_run_id=parent_run_id, experiment=experiment) as run:
         checkpoint = resolve_checkpoint(config.model)
-        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint)
+        baselines = [resolve_baseline(spec) for spec in config.baselines]
+        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint, baselines)
         mlflow.log_metrics(result.metrics)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")
-        logger.info(
-            "linear-probe mAP micro %.3f macro %.3f, kNN mAP micro %.3f",
-            result.metrics["linear_map_micro"],
-            result.metrics["linear_map_macro"],
-            result.metrics["knn_map_micro"],
-        )
+        for path in sorted({path for r in result.results for path in r.feature_files}):
+            mlflow.log_artifact(str(path), artifact_path="features")
+        report = report_task(result, Path(config.out) / "reports" / run.info.run_id, plots=config.plots)
+        for path in report:
+            mlflow.log_artifact(str(path), artifact_path="report")
+        for r in result.results:
+            logger.info(
+                "%s on %s: linear-probe mAP micro %.3f macro %.3f, kNN mAP micro %.3f%s",
+                r.encoder,
+                r.dataset,
+                r.metrics["linear_map_micro"],
+                r.metrics["linear_map_macro"],
+                r.metrics["knn_map_micro"],
+                " — COLLAPSED features" if r.collapsed else "",
+            )
+        logger.info("comparison table (MLflow artifact report/comparison.md):\n%s", comparison_table(result.results))
         dataset = config.store or config.bigearthnet or ""
         return StageResult(stage="evaluate", run_id=run.info.run_id, output=dataset, metrics=result.metrics)

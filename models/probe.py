@@ -1,8 +1,11 @@
-"""Frozen-feature evaluation: feature extraction, multi-label linear probe, kNN, mAP and F1."""
+"""Frozen-feature evaluation: feature extraction and caching, multi-label linear probe, kNN, mAP and F1,
+feature sanity checks, and the per-band image-statistics "encoder"."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +23,75 @@ class Features:
     """(N, D) float32 features."""
     y: torch.Tensor
     """(N, K) float32 multi-hot targets."""
+    fractions: torch.Tensor | None = None
+    """(N, K) float32 class fractions where the dataset has them (the training store), else None."""
+
+
+def save_features(path: str | Path, features: Features) -> Path:
+    """Write features to an ``.npz`` (x, y and fractions when present); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"x": features.x.numpy(), "y": features.y.numpy()}
+    if features.fractions is not None:
+        arrays["fractions"] = features.fractions.numpy()
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez(temporary, **arrays)
+    temporary.replace(path)  # a killed write never leaves a truncated cache entry
+    return path
+
+
+def load_features(path: str | Path) -> Features:
+    """Features written by ``save_features``."""
+    with np.load(path) as data:
+        fractions = torch.from_numpy(data["fractions"]) if "fractions" in data else None
+        return Features(x=torch.from_numpy(data["x"]), y=torch.from_numpy(data["y"]), fractions=fractions)
+
+
+class BandStatistics(nn.Module):
+    """The image-statistics baseline: per-band mean and standard deviation over pixels, (B, C, H, W) -> (B, 2C).
+
+    A linear probe on these says how much of a task is solvable from the spectrum alone; a learnt encoder
+    that does not beat it has learnt nothing spatial.
+    """
+
+    def __init__(self, in_chans: int) -> None:
+        super().__init__()
+        self.num_features = 2 * in_chans
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        flat = image.flatten(2)  # (B, C, H*W)
+        return torch.cat([flat.mean(2), flat.std(2)], dim=1)  # (B, 2C)
+
+
+@dataclass(frozen=True)
+class FeatureSanity:
+    """Whether features can be trusted, before any probe is fitted on them."""
+
+    std: float
+    """Mean over dimensions of the per-dimension standard deviation across samples (raw feature scale)."""
+    nan_fraction: float
+    """Fraction of non-finite feature values."""
+    spread: float
+    """Root of the total variance of the L2-normalised features: 0 when every sample maps to the same
+    direction, up to sqrt(2) for well spread features; independent of the feature scale and dimension."""
+    dead_fraction: float
+    """Fraction of dimensions constant across samples."""
+    collapsed: bool
+    """Non-finite values, or spread below the threshold: the encoder no longer tells samples apart."""
+
+
+def feature_sanity(x: torch.Tensor, *, collapse_threshold: float = 0.01) -> FeatureSanity:
+    """Std, NaN fraction, spread and dead dimensions of (N, D) features; flags a collapsed encoder."""
+    nan_fraction = float((~torch.isfinite(x)).float().mean()) if x.numel() else 0.0
+    finite = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)  # (N, D)
+    if len(finite) < 2:
+        return FeatureSanity(0.0, nan_fraction, 0.0, 1.0, True)
+    std = finite.std(0)  # (D,)
+    unit = F.normalize(finite, dim=1)  # (N, D)
+    spread = float(unit.var(0).sum().sqrt())
+    dead = float((std <= 1e-6 * (finite.abs().mean() + 1e-12)).double().mean())
+    collapsed = nan_fraction > 0 or not math.isfinite(spread) or spread < collapse_threshold
+    return FeatureSanity(float(std.mean()), nan_fraction, spread, dead, collapsed)
 
 
 @torch.no_grad()
@@ -29,7 +101,7 @@ def extract_features(
     """Run ``encoder`` (eval mode) over a single-view dataset, keeping labelled samples only."""
     device = torch.device(device)
     encoder = encoder.eval().to(device)
-    features, targets = [], []
+    features, targets, fractions = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)  # sequential: one chunk read per block
     for batch in loader:
         keep = batch["labelled"].bool()  # (B,)
@@ -40,9 +112,15 @@ def extract_features(
             x = encoder(image)  # (b, D)
         features.append(x.float().cpu())
         targets.append(batch["labels"][keep].float())
+        if "fractions" in batch:
+            fractions.append(batch["fractions"][keep].float())
     if not features:
         return Features(x=torch.zeros(0, getattr(encoder, "num_features", 0)), y=torch.zeros(0, 0))
-    return Features(x=torch.cat(features), y=torch.cat(targets))
+    return Features(
+        x=torch.cat(features),
+        y=torch.cat(targets),
+        fractions=torch.cat(fractions) if len(fractions) == len(features) else None,
+    )
 
 
 def train_linear_probe(
@@ -54,7 +132,10 @@ def train_linear_probe(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> nn.Module:
-    """Multi-label logistic regression on standardised features (statistics of ``train``).
+    """Multi-label logistic regression (one sigmoid per class, BCE, AdamW) on standardised features.
+
+    The standardisation uses the statistics of ``train``, so every encoder is probed on the same footing
+    whatever its feature scale.
 
     Returns a module mapping raw features (N, D) to logits (N, K); the standardisation is inside it, so
     it applies unchanged to other splits.

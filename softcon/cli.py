@@ -312,11 +312,31 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="MLflow run id of a train stage, or a checkpoint.")] = None,
     store: Annotated[str | None, typer.Option(help="Training store; its held-out split is evaluated.")] = None,
     bigearthnet: Annotated[str | None, typer.Option(help="BigEarthNet-format folder.")] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also evaluate: random, image-stats, a checkpoint / MLflow train run id, weights:FILE "
+            "(NAME=SPEC names the row); repeatable."
+        ),
+    ] = None,
+    train_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of the train split, drawn without replacement (0.1 = 10%).")
+    ] = None,
+    knn_k: Annotated[int | None, typer.Option(help="kNN neighbours.")] = None,
+    out: Annotated[str | None, typer.Option(help="Feature cache and report folder.")] = None,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Linear probe and kNN of the frozen encoder: mAP micro/macro and F1 on multi-label targets."""
-    overrides = {"model": model, "store": store, "bigearthnet": bigearthnet}
+    """Linear probe and kNN of the frozen encoder (and baselines): mAP micro/macro and F1 on multi-label targets."""
+    overrides = {
+        "model": model,
+        "store": store,
+        "bigearthnet": bigearthnet,
+        "baselines": baseline or None,
+        "train_fraction": train_fraction,
+        "knn_k": knn_k,
+        "out": out,
+    }
     stage_config = _build(EvaluateConfig, "evaluate", config, overrides)
     if stage_config.model is None:
         err_console.print("[red]error:[/red] --model is required (an MLflow train run id or a checkpoint file)")
@@ -324,7 +344,46 @@ def evaluate(
     configure_runtime()
     from flows.evaluate import evaluate_flow
 
-    _print_result(_run(evaluate_flow, stage_config))
+    result = _run(evaluate_flow, stage_config)
+    _print_result(result)
+    table = Path(stage_config.out) / "reports" / result.run_id / "comparison.md"
+    if table.is_file():
+        console.print(table.read_text())
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Option(help="The SoftCon model: MLflow train run id or checkpoint.")],
+    hard: Annotated[
+        str | None, typer.Option(help="The hard-contrastive (lambda=0) model: MLflow train run id or checkpoint.")
+    ] = None,
+    weights: Annotated[
+        list[str] | None, typer.Option(help="Local weights file of a published encoder; repeatable.")
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="Training store; its held-out split is evaluated.")] = None,
+    bigearthnet: Annotated[str | None, typer.Option(help="BigEarthNet-format folder.")] = None,
+    train_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of the train split, drawn without replacement (0.1 = 10%).")
+    ] = None,
+    refresh: RefreshOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """SoftCon vs hard contrastive vs random init vs image statistics (vs published weights), one protocol."""
+    baselines = ["random", "image-stats"]
+    if hard is not None:
+        baselines.append(f"hard contrastive (λ=0)={hard}")
+    baselines += [f"weights:{path}" for path in weights or []]
+    evaluate(
+        model=model,
+        store=store,
+        bigearthnet=bigearthnet,
+        baseline=baselines,
+        train_fraction=train_fraction,
+        knn_k=None,
+        out=None,
+        refresh=refresh,
+        config=config,
+    )
 
 
 @app.command()

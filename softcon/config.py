@@ -230,10 +230,34 @@ class EvaluateConfig(StageConfig):
     store: str | None = Field(default=None, description="Training store whose held-out split is evaluated.")
     bigearthnet: str | None = Field(default=None, description="BigEarthNet-format folder.")
     split: Literal["val", "test"] = "test"
-    knn_k: int = Field(default=10, gt=0)
+    knn_k: int = Field(default=10, gt=0, description="kNN neighbours (cosine similarity, weighted label votes).")
     probe_epochs: int = Field(default=100, gt=0)
-    probe_lrs: list[float] = Field(default=[1e-3, 1e-2, 1e-1], min_length=1)
+    probe_lrs: list[float] = Field(
+        default=[1e-3, 1e-2, 1e-1], min_length=1, description="Probe learning rates; the best on val is used."
+    )
+    probe_weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of the linear probe.")
     batch_size: int = Field(default=256, gt=0)
+    baselines: list[str] = Field(
+        default=[],
+        description="Encoders evaluated under the same protocol: random, image-stats, a checkpoint file or "
+        "MLflow train run id (e.g. the lambda=0 run), weights:FILE; NAME=SPEC names the row.",
+    )
+    weights_backbone: str | None = Field(
+        default=None, description="timm backbone for weights:FILE baselines; default the model's."
+    )
+    train_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="Fraction of the train split, drawn without replacement (0.1 = 10%)."
+    )
+    bigearthnet_size: int | None = Field(
+        default=None, gt=0, description="Resize BigEarthNet's 120 px patches to this side; default keep 120."
+    )
+    collapse_threshold: float = Field(
+        default=0.01, ge=0, description="Flag an encoder whose unit-normalised feature spread is below this."
+    )
+    plots: bool = Field(default=True, description="Write the comparison plots (per-class AP, PR curves, map).")
+    out: str = Field(
+        default_factory=lambda: _default_path("evaluation"), description="Feature cache and report folder."
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -108,7 +109,13 @@ def find_patches(root: str | Path, sensor: Sensor) -> list[BigEarthNetPatch]:
     if not root.is_dir():
         raise FileNotFoundError(f"BigEarthNet folder {root} does not exist")
     patches = []
-    for labels_file in sorted(root.rglob(f"*{LABELS_SUFFIX}")):
+    label_files = [
+        Path(folder) / name
+        for folder, _, files in os.walk(root, followlinks=True)  # archives are often symlink farms
+        for name in files
+        if name.endswith(LABELS_SUFFIX)
+    ]
+    for labels_file in sorted(label_files):
         name = labels_file.name[: -len(LABELS_SUFFIX)]
         if labels_file.parent.name != name or _patch_sensor(labels_file.parent, name) != sensor:
             continue

@@ -1,62 +1,275 @@
-"""Evaluate stage: frozen-encoder linear probing and kNN on multi-label targets.
+"""Evaluate stage: frozen-encoder linear probing and kNN on multi-label targets, with baselines.
 
-Protocol: features of the frozen evaluation encoder (the EMA teacher of a checkpoint) are extracted once
-for the store's train split (probe training, kNN memory), its val split (probe learning-rate selection)
-and ``config.split`` (the reported numbers). Only labelled samples count. Images are normalised with the
-checkpoint's statistics, not the store's, because they are part of the encoder's input contract.
+Protocol (the same for every encoder, so rows of the comparison table compare like with like):
+
+1. Features of the frozen encoder are extracted **once** per (encoder, dataset, split) and cached as an
+   ``.npz`` under ``<out>/features/`` (key: the encoder's identity — checkpoint or weights bytes, or the
+   random-init seed —, the dataset, the split, the training subset, the band set, the normalisation and
+   the image size). Probe, kNN, learning-rate selection and plots all read the cache.
+2. Linear probe: multi-label logistic regression (one sigmoid per class, BCE, AdamW) on standardised
+   features; its learning rate is the one of ``config.probe_lrs`` with the best micro mAP on the val split
+   (on train when there is no labelled val split).
+3. kNN: cosine similarity, ``config.knn_k`` neighbours from the train split, similarity-weighted label votes.
+4. Metrics over the whole evaluated split (not per batch): micro and macro mAP, per-class AP, sample-averaged
+   F1 at 0.5, named as in DESIGN.md (``linear_map_micro`` …) and prefixed per dataset for BigEarthNet
+   (``bigearthnet/linear_map_micro``); baselines under ``[bigearthnet/]baselines/<name>/<metric>``.
+5. Sanity: feature std, NaN fraction, spread of the unit-normalised features; a collapsed encoder is
+   flagged (``collapsed`` = 1) and marked in the table.
+
+Datasets: the training store's held-out split (``config.split``), and/or a BigEarthNet-format folder
+(``tasks/bigearthnet.py``; its bands mapped onto the encoder's by name). ``config.train_fraction`` < 1
+draws that fraction of the train split without replacement (BigEarthNet-10 %: 0.1).
+
+Encoders: the model (a training checkpoint; its EMA teacher) and ``config.baselines``: ``random`` (the
+model's backbone, random init, seed ``config.seed``), ``image-stats`` (per-band mean and std), a checkpoint
+file (e.g. the hard-contrastive λ = 0 run) and ``weights:FILE`` (a local weights file loaded into the model's
+backbone, or ``config.weights_backbone``). Images are normalised with the checkpoint's statistics, which are
+part of the encoder's input contract; baselines other than checkpoints use the model's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from models.data import StoreDataset
+from models.encoder import build_encoder
 from models.probe import (
+    BandStatistics,
     Features,
     extract_features,
     f1_samples,
+    feature_sanity,
     knn_scores,
+    load_features,
     mean_average_precision,
     probe_scores,
+    save_features,
     train_linear_probe,
 )
 from softcon.config import EvaluateConfig
-from tasks.train import load_encoder
+from tasks.bigearthnet import BigEarthNetDataset, assign_splits, find_patches, subset_without_replacement
+from tasks.schemes import CORINE_BIGEARTHNET19
+from tasks.train import load_encoder, read_checkpoint
+
+EncoderKind = Literal["checkpoint", "random", "weights", "image-stats"]
+METRIC_NAMES = ("linear_map_micro", "linear_map_macro", "knn_map_micro", "knn_map_macro", "linear_f1", "knn_f1")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One row of the comparison: what to build and what to call it."""
+
+    name: str
+    kind: EncoderKind
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class EncoderResult:
+    """One encoder on one dataset."""
+
+    encoder: str
+    kind: EncoderKind
+    dataset: str
+    """Which dataset: "store" or "bigearthnet"."""
+    metrics: dict[str, float]
+    """METRIC_NAMES plus feature_std, feature_nan_fraction, feature_spread, feature_dead_fraction,
+    collapsed (0/1), probe_lr, n_train, n_eval."""
+    per_class_ap: dict[str, float]
+    """Linear-probe AP of each class with a positive in the evaluated split."""
+    collapsed: bool
+    scores_file: Path
+    """``.npz`` with y, linear, knn scores and fractions (when known) of the evaluated split."""
+    feature_files: tuple[Path, ...]
+    """The cached features this result used (train, val, evaluated)."""
 
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """What an evaluation produced."""
+    """What an evaluation produced: metrics for MLflow, per-encoder results and the files behind them."""
 
     metrics: dict[str, float]
-    """linear_map_micro, linear_map_macro, knn_map_micro, knn_map_macro, linear_f1, feature_std,
-    feature_nan_fraction, probe_lr (mAP in [0, 1]; NaN where the split has no positives)."""
+    """The model's metrics under DESIGN.md names (prefixed per dataset), then every baseline's."""
     per_class_ap: dict[str, float]
-    """Linear-probe AP of each class with at least one positive in the evaluated split."""
-    n_train: int
-    n_eval: int
-    seconds: float
-    probe_lr: float
+    """The model's per-class AP on the first dataset."""
+    results: tuple[EncoderResult, ...]
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+    """Class names of each dataset."""
+    n_train: int = 0
+    n_eval: int = 0
+    seconds: float = 0.0
+    probe_lr: float = math.nan
 
 
-def read_store_features(
-    config: EvaluateConfig, encoder: torch.nn.Module, meta: dict, split: str, device: torch.device
-) -> Features:
-    """Frozen features of the labelled samples of one split of ``config.store``."""
-    dataset = StoreDataset(
-        config.store, split, meta["sensor"], two_views=False, augment=False, norm_stats=meta["norm_stats"]
-    )
-    if dataset.channel_names and meta["bands"] and dataset.channel_names != list(meta["bands"]):
+def slug(name: str) -> str:
+    """A file- and metric-safe version of an encoder name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "encoder"
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """A row name for a training checkpoint from its config: SoftCon (λ=…) or hard contrastive (λ=0)."""
+    config = read_checkpoint(path).get("config", {})
+    lam = float(config.get("lambda_soft", math.nan))
+    return "hard contrastive (λ=0)" if lam == 0 else f"SoftCon (λ={lam:g})"
+
+
+def parse_baseline(text: str) -> EncoderSpec:
+    """``random``, ``image-stats``, ``weights:FILE``, ``checkpoint:FILE`` or a checkpoint file, optionally
+    prefixed ``NAME=`` to name the row.
+
+    Raises:
+        ValueError: an empty spec, or a file that does not exist.
+    """
+    name, _, spec = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
+    spec = spec.strip()
+    if spec in ("random", "image-stats"):
+        return EncoderSpec(name or ("random init" if spec == "random" else "image statistics"), spec)
+    kind: EncoderKind = "checkpoint"
+    if spec.startswith("weights:"):
+        kind, spec = "weights", spec.removeprefix("weights:")
+    spec = spec.removeprefix("checkpoint:")
+    if not spec:
+        raise ValueError(f"empty baseline {text!r}; give random, image-stats, weights:FILE or a checkpoint file")
+    if not Path(spec).is_file():
         raise ValueError(
-            f"the store's {meta['sensor']} bands {dataset.channel_names} differ from the encoder's {meta['bands']}"
+            f"baseline {text!r}: {spec} is not a file (give random, image-stats, weights:FILE, a checkpoint file, "
+            "or an MLflow train run id through the flow)"
         )
-    return extract_features(encoder, dataset, batch_size=config.batch_size, device=device)
+    if not name:
+        name = checkpoint_name(spec) if kind == "checkpoint" else f"weights {Path(spec).name}"
+    return EncoderSpec(name, kind, spec)
+
+
+def _file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_spec(
+    spec: EncoderSpec, reference: dict[str, Any], config: EvaluateConfig
+) -> tuple[nn.Module, dict[str, Any], str]:
+    """(encoder in eval mode, its meta, its identity for the feature cache) of one spec.
+
+    ``reference`` is the model checkpoint's meta: backbone, in_chans, sensor, bands, norm_stats, img_size.
+    """
+    if spec.kind == "checkpoint":
+        encoder, meta = load_encoder(spec.path)
+        return encoder, meta, f"checkpoint:{_file_digest(spec.path)}"
+    meta = dict(reference)
+    if spec.kind == "image-stats":
+        return BandStatistics(reference["in_chans"]).eval(), meta, "image-stats:v1"
+    backbone = config.weights_backbone if spec.kind == "weights" and config.weights_backbone else reference["backbone"]
+    torch.manual_seed(config.seed)  # random init (and any head a weights file lacks) depends on the seed only
+    encoder = build_encoder(
+        backbone,
+        reference["in_chans"],
+        spec.path if spec.kind == "weights" else None,
+        bands=reference["bands"],
+        img_size=reference["img_size"],
+    )
+    meta["backbone"] = backbone
+    if spec.kind == "weights":
+        return encoder.eval(), meta, f"weights:{backbone}:{_file_digest(spec.path)}"
+    return encoder.eval(), meta, f"random:{backbone}:{reference['in_chans']}:{config.seed}:torch{torch.__version__}"
+
+
+class EvaluationData:
+    """The datasets of one evaluation, each split readable for any encoder's bands and statistics."""
+
+    def __init__(self, config: EvaluateConfig, sensor: str) -> None:
+        self.config = config
+        self.sensor = sensor
+        self.names: list[str] = []
+        if config.store is not None:
+            self.names.append("store")
+        self._patches: list | None = None
+        self._splits: np.ndarray | None = None
+        if config.bigearthnet is not None:
+            self._patches = find_patches(config.bigearthnet, sensor)
+            self._splits = assign_splits(config.bigearthnet, [patch.name for patch in self._patches])
+            self.names.append("bigearthnet")
+
+    def class_names(self, dataset: str, meta: dict[str, Any]) -> list[str]:
+        if dataset == "bigearthnet":
+            return list(CORINE_BIGEARTHNET19.class_names)
+        return list(meta.get("class_names") or [])
+
+    def location(self, dataset: str) -> str:
+        return str(self.config.store if dataset == "store" else self.config.bigearthnet)
+
+    def split(self, dataset: str, split: str, meta: dict[str, Any]) -> Dataset:
+        """One split as a single-view dataset normalised for the encoder of ``meta``."""
+        if dataset == "store":
+            data: Dataset = StoreDataset(
+                self.config.store, split, self.sensor, two_views=False, augment=False, norm_stats=meta["norm_stats"]
+            )
+            if data.channel_names and meta["bands"] and data.channel_names != list(meta["bands"]):
+                raise ValueError(
+                    f"the store's {self.sensor} bands {data.channel_names} differ from the encoder's {meta['bands']}"
+                )
+        else:
+            assert self._patches is not None and self._splits is not None  # set when "bigearthnet" is a dataset
+            chosen = [patch for patch, name in zip(self._patches, self._splits, strict=True) if name == split]
+            if not chosen:
+                return Subset(torch.utils.data.TensorDataset(torch.zeros(0)), [])
+            data = BigEarthNetDataset(
+                chosen, meta["bands"], meta["norm_stats"], image_size=self.config.bigearthnet_size
+            )
+        if split == "train" and self.config.train_fraction < 1:
+            positions = subset_without_replacement(
+                np.arange(len(data)), self.config.train_fraction, seed=self.config.seed
+            )
+            data = Subset(data, positions.tolist())
+        return data
+
+
+def cached_features(
+    config: EvaluateConfig,
+    data: EvaluationData,
+    dataset: str,
+    split: str,
+    encoder: nn.Module,
+    meta: dict[str, Any],
+    identity: str,
+    name: str,
+    device: torch.device,
+) -> tuple[Features, Path]:
+    """Features of one split, read from ``<out>/features/`` when this exact extraction was done before."""
+    key = json.dumps(
+        {
+            "encoder": identity,
+            "dataset": dataset,
+            "location": str(Path(data.location(dataset)).resolve()),
+            "split": split,
+            "train_fraction": config.train_fraction if split == "train" else 1.0,
+            "seed": config.seed if split == "train" and config.train_fraction < 1 else 0,
+            "bands": list(meta.get("bands") or []),
+            "norm_stats": meta.get("norm_stats"),
+            "image_size": config.bigearthnet_size if dataset == "bigearthnet" else None,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = Path(config.out) / "features" / f"{dataset}-{split}-{slug(name)}-{digest}.npz"
+    if path.is_file():
+        return load_features(path), path
+    features = extract_features(encoder, data.split(dataset, split, meta), batch_size=config.batch_size, device=device)
+    return features, save_features(path, features)
 
 
 def select_probe_lr(config: EvaluateConfig, train: Features, selection: Features) -> float:
@@ -64,7 +277,12 @@ def select_probe_lr(config: EvaluateConfig, train: Features, selection: Features
     best_lr, best_map = config.probe_lrs[0], -math.inf
     for lr in config.probe_lrs:
         probe = train_linear_probe(
-            train, lr=lr, epochs=config.probe_epochs, batch_size=config.batch_size, seed=config.seed
+            train,
+            lr=lr,
+            epochs=config.probe_epochs,
+            batch_size=config.batch_size,
+            weight_decay=config.probe_weight_decay,
+            seed=config.seed,
         )
         micro, _, _ = mean_average_precision(selection.y.numpy(), probe_scores(probe, selection))
         if micro > best_map:  # NaN (no positives) never wins
@@ -72,54 +290,49 @@ def select_probe_lr(config: EvaluateConfig, train: Features, selection: Features
     return best_lr
 
 
-def run_evaluation(config: EvaluateConfig, checkpoint: str | Path) -> EvaluationResult:
-    """Linear probe and kNN of a checkpoint's frozen encoder on ``config.store``.
+def _finite(features: Features) -> Features:
+    # a NaN feature would poison every score; it is counted by the sanity check, then treated as 0
+    return Features(torch.nan_to_num(features.x, nan=0.0, posinf=0.0, neginf=0.0), features.y, features.fractions)
 
-    Args:
-        config: the evaluate stage configuration (store, split, knn_k, probe_epochs, probe_lrs, ...).
-        checkpoint: a training checkpoint file (``tasks.train.run_training``'s result).
 
-    Returns:
-        EvaluationResult; metric names follow DESIGN.md (``linear_map_micro`` ...).
+def evaluate_encoder(
+    config: EvaluateConfig,
+    data: EvaluationData,
+    dataset: str,
+    spec: EncoderSpec,
+    built: tuple[nn.Module, dict[str, Any], str],
+    device: torch.device,
+) -> EncoderResult:
+    """Linear probe and kNN of one encoder on one dataset, from cached features."""
+    encoder, meta, identity = built
 
-    Raises:
-        NotImplementedError: for BigEarthNet folders (not supported yet).
-        ValueError: when the store has no labelled training samples or its bands differ from the encoder's.
+    def features(split: str) -> tuple[Features, Path]:
+        return cached_features(config, data, dataset, split, encoder, meta, identity, spec.name, device)
 
-    Example:
-        >>> result = run_evaluation(EvaluateConfig(store="data/store.zarr"), "data/ckpt/step_000300.pt")
-        >>> result.metrics["linear_map_micro"]
-    """
-    if config.bigearthnet is not None:
-        raise NotImplementedError(
-            f"BigEarthNet evaluation ({config.bigearthnet}) is not implemented yet; evaluate on a store"
-        )
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, meta = load_encoder(checkpoint)
-
-    train = read_store_features(config, encoder, meta, "train", device)
-    evaluated = read_store_features(config, encoder, meta, config.split, device)
+    (train, train_file), (evaluated, eval_file) = features("train"), features(config.split)
+    where = data.location(dataset)
     if len(train.x) == 0:
-        raise ValueError(f"the train split of {config.store} has no labelled samples to fit a probe on")
+        raise ValueError(f"the train split of {where} has no labelled samples to fit a probe on")
     if len(evaluated.x) == 0:
-        raise ValueError(f"the {config.split} split of {config.store} has no labelled samples to evaluate")
-    feature_std = float(evaluated.x.std(0).mean()) if len(evaluated.x) > 1 else 0.0
-    nan_fraction = float(torch.isnan(evaluated.x).float().mean())
-    # a NaN feature would poison every score; count it above, then treat it as 0
-    train = Features(torch.nan_to_num(train.x), train.y)
-    evaluated = Features(torch.nan_to_num(evaluated.x), evaluated.y)
+        raise ValueError(f"the {config.split} split of {where} has no labelled samples to evaluate")
+    sanity = feature_sanity(evaluated.x, collapse_threshold=config.collapse_threshold)
+    train, evaluated = _finite(train), _finite(evaluated)
+    files = [train_file, eval_file]
 
-    # learning rate chosen on val; on train when val is what is reported, or empty
-    selection = train
+    selection = train  # learning rate chosen on val; on train when val is what is reported, or empty
     if config.split != "val":
-        val = read_store_features(config, encoder, meta, "val", device)
+        val, val_file = features("val")
+        files.append(val_file)
         if len(val.x) > 0 and val.y.any():
-            selection = Features(torch.nan_to_num(val.x), val.y)
+            selection = _finite(val)
     probe_lr = select_probe_lr(config, train, selection)
     probe = train_linear_probe(
-        train, lr=probe_lr, epochs=config.probe_epochs, batch_size=config.batch_size, seed=config.seed
+        train,
+        lr=probe_lr,
+        epochs=config.probe_epochs,
+        batch_size=config.batch_size,
+        weight_decay=config.probe_weight_decay,
+        seed=config.seed,
     )
 
     y = evaluated.y.numpy()
@@ -127,22 +340,106 @@ def run_evaluation(config: EvaluateConfig, checkpoint: str | Path) -> Evaluation
     knn = knn_scores(train, evaluated, k=config.knn_k)  # (N, K)
     linear_micro, linear_macro, per_class = mean_average_precision(y, linear)
     knn_micro, knn_macro, _ = mean_average_precision(y, knn)
-    class_names = list(meta.get("class_names") or [f"class_{c}" for c in range(y.shape[1])])
+    class_names = data.class_names(dataset, meta) or [f"class_{c}" for c in range(y.shape[1])]
     metrics = {
         "linear_map_micro": linear_micro,
         "linear_map_macro": linear_macro,
         "knn_map_micro": knn_micro,
         "knn_map_macro": knn_macro,
         "linear_f1": f1_samples(y, linear),
-        "feature_std": feature_std,
-        "feature_nan_fraction": nan_fraction,
+        "knn_f1": f1_samples(y, knn),
+        "feature_std": sanity.std,
+        "feature_nan_fraction": sanity.nan_fraction,
+        "feature_spread": sanity.spread,
+        "feature_dead_fraction": sanity.dead_fraction,
+        "collapsed": float(sanity.collapsed),
         "probe_lr": probe_lr,
+        "n_train": float(len(train.x)),
+        "n_eval": float(len(evaluated.x)),
     }
-    return EvaluationResult(
+    scores_file = Path(config.out) / "scores" / f"{dataset}-{slug(spec.name)}.npz"
+    scores_file.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"y": y, "linear": linear, "knn": knn, "x": evaluated.x.numpy()}
+    if evaluated.fractions is not None:
+        arrays["fractions"] = evaluated.fractions.numpy()
+    np.savez(scores_file, **arrays)
+    return EncoderResult(
+        encoder=spec.name,
+        kind=spec.kind,
+        dataset=dataset,
         metrics=metrics,
         per_class_ap={name: float(ap) for name, ap in zip(class_names, per_class, strict=True) if np.isfinite(ap)},
-        n_train=len(train.x),
-        n_eval=len(evaluated.x),
+        collapsed=sanity.collapsed,
+        scores_file=scores_file,
+        feature_files=tuple(files),
+    )
+
+
+def metric_prefix(dataset: str) -> str:
+    """The metric prefix: none for the training store (DESIGN.md's plain names), "bigearthnet/" for BigEarthNet."""
+    return "" if dataset == "store" else f"{dataset}/"
+
+
+def flat_metrics(results: list[EncoderResult] | tuple[EncoderResult, ...], model: str) -> dict[str, float]:
+    """MLflow metrics: the model's under DESIGN.md names, each baseline's under ``baselines/<name>/``."""
+    metrics: dict[str, float] = {}
+    for result in results:
+        prefix = metric_prefix(result.dataset)
+        if result.encoder != model:
+            prefix += f"baselines/{slug(result.encoder)}/"
+        metrics.update({f"{prefix}{key}": value for key, value in result.metrics.items()})
+    return metrics
+
+
+def run_evaluation(
+    config: EvaluateConfig, checkpoint: str | Path, baselines: list[str] | None = None
+) -> EvaluationResult:
+    """Linear probe and kNN of a checkpoint's frozen encoder, and of the baselines, on each dataset.
+
+    Args:
+        config: the evaluate stage configuration (store and/or bigearthnet, split, knn_k, probe_epochs,
+            probe_lrs, baselines, train_fraction, out ...).
+        checkpoint: a training checkpoint file (``tasks.train.run_training``'s result).
+        baselines: baseline specs overriding ``config.baselines`` (the flow passes them with MLflow run ids
+            resolved to checkpoint files).
+
+    Returns:
+        EvaluationResult; metric names follow DESIGN.md (``linear_map_micro``, ``bigearthnet/…``).
+
+    Raises:
+        ValueError: a dataset without labelled train or evaluated samples, bands that do not match, a bad
+            baseline spec.
+
+    Example:
+        >>> config = EvaluateConfig(store="data/store.zarr", baselines=["random", "image-stats"])
+        >>> result = run_evaluation(config, "data/ckpt/step_000300.pt")
+        >>> result.metrics["linear_map_micro"], result.metrics["baselines/random-init/linear_map_micro"]
+    """
+    started = time.perf_counter()
+    specs = [parse_baseline(text) for text in (config.baselines if baselines is None else baselines)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_encoder, reference = load_encoder(checkpoint)
+    model = EncoderSpec(checkpoint_name(checkpoint), "checkpoint", str(checkpoint))
+    names = [model.name] + [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"encoder names must differ, got {names}; name rows with NAME=SPEC")
+    data = EvaluationData(config, reference["sensor"])
+
+    results: list[EncoderResult] = []
+    built_model = (model_encoder, reference, f"checkpoint:{_file_digest(checkpoint)}")
+    for spec in [model, *specs]:
+        built = built_model if spec is model else build_spec(spec, reference, config)
+        for dataset in data.names:
+            results.append(evaluate_encoder(config, data, dataset, spec, built, device))
+
+    first = results[0]
+    return EvaluationResult(
+        metrics=flat_metrics(results, model.name),
+        per_class_ap=first.per_class_ap,
+        results=tuple(results),
+        class_names={dataset: data.class_names(dataset, reference) for dataset in data.names},
+        n_train=int(first.metrics["n_train"]),
+        n_eval=int(first.metrics["n_eval"]),
         seconds=time.perf_counter() - started,
-        probe_lr=probe_lr,
+        probe_lr=first.metrics["probe_lr"],
     )

@@ -147,3 +147,27 @@ def test_label_json_without_labels_is_an_error(tmp_path: Path) -> None:
     (folder / "p_1_2_labels_metadata.json").write_text(json.dumps({"coordinates": {}}))
     with pytest.raises(ValueError, match="no 'labels' list"):
         find_patches(tmp_path, "s1")
+
+
+# BigEarthNet's label_indices.json: the 43 CORINE names in index order and the 19-class "label_conversion"
+CORINE_43 = [
+    "Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units",
+    "Road and rail networks and associated land", "Port areas", "Airports", "Mineral extraction sites",
+    "Dump sites", "Construction sites", "Green urban areas", "Sport and leisure facilities",
+    "Non-irrigated arable land", "Permanently irrigated land", "Rice fields", "Vineyards",
+    "Fruit trees and berry plantations", "Olive groves", "Pastures", "Annual crops associated with permanent crops",
+    "Complex cultivation patterns",
+    "Land principally occupied by agriculture, with significant areas of natural vegetation",
+    "Agro-forestry areas", "Broad-leaved forest", "Coniferous forest", "Mixed forest", "Natural grassland",
+    "Moors and heathland", "Sclerophyllous vegetation", "Transitional woodland/shrub", "Beaches, dunes, sands",
+    "Bare rock", "Sparsely vegetated areas", "Burnt areas", "Inland marshes", "Peatbogs", "Salt marshes", "Salines",
+    "Intertidal flats", "Water courses", "Water bodies", "Coastal lagoons", "Estuaries", "Sea and ocean",
+]  # fmt: skip
+LABEL_CONVERSION = [[0, 1], [2], [11, 12, 13], [14, 15, 16, 18], [17], [19], [20], [21], [22], [23], [24], [25, 31],
+                    [26, 27], [28], [29], [33, 34], [35, 36], [38, 39], [40, 41, 42]]  # fmt: skip
+
+
+def test_corine_mapping_matches_bigearthnet_label_conversion() -> None:
+    for index, name in enumerate(CORINE_43):
+        expected = [c for c, sources in enumerate(LABEL_CONVERSION) if index in sources]
+        assert np.flatnonzero(corine_to_bigearthnet19([name])).tolist() == expected, name

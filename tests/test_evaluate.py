@@ -1,19 +1,31 @@
-"""Evaluation stage: metrics of a trained checkpoint on a store."""
+"""Evaluation stage: metrics, feature cache, baselines, collapse flag, BigEarthNet, the report and the flow."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from store_factory import SyntheticStore, write_store
 
-from softcon.config import EvaluateConfig, TrainConfig
-from tasks.evaluate import run_evaluation
+import tasks.evaluate as evaluate_module
+from models.encoder import build_encoder
+from softcon.config import S2_L2A_BANDS, EvaluateConfig, TrainConfig
+from tasks.compare import comparison_table, write_report
+from tasks.evaluate import parse_baseline, run_evaluation
 from tasks.train import run_training
 
 torch.set_num_threads(2)
+REAL_BEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "bigearthnet"
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    softcon: Path
+    hard: Path
 
 
 @pytest.fixture(scope="module")
@@ -22,33 +34,161 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = TrainConfig(
-        store=str(store.path), out=str(tmp_path_factory.mktemp("ckpt")), steps=2, batch_size=8,
-        warmup_steps=1, mask_patch=4, embed_dim=16, device="cpu",
-    )  # fmt: skip
-    return run_training(config).checkpoint
+def checkpoints(store: SyntheticStore, tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    def train(lambda_soft: float) -> Path:
+        config = TrainConfig(
+            store=str(store.path), out=str(tmp_path_factory.mktemp("ckpt")), steps=2, batch_size=8,
+            warmup_steps=1, mask_patch=4, embed_dim=16, device="cpu", lambda_soft=lambda_soft,
+        )  # fmt: skip
+        return run_training(config).checkpoint
+
+    return Checkpoints(softcon=train(1.0), hard=train(0.0))
 
 
-def test_evaluation_metrics_are_in_range(store: SyntheticStore, checkpoint: Path) -> None:
-    config = EvaluateConfig(store=str(store.path), probe_epochs=20, knn_k=5)
+@pytest.fixture(scope="module")
+def checkpoint(checkpoints: Checkpoints) -> Path:
+    return checkpoints.softcon
+
+
+@pytest.fixture(scope="module")
+def bigearthnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 6 real S2/S1 example patches, linked into a folder with official-style split lists."""
+    if not REAL_BEN.is_dir():
+        pytest.skip("real BigEarthNet samples not present")
+    root = tmp_path_factory.mktemp("ben")
+    for patch in sorted(REAL_BEN.glob("*/*")):
+        (root / patch.name).symlink_to(patch, target_is_directory=True)
+    s2 = sorted(p.name for p in REAL_BEN.glob("BigEarthNet-S2-Example/*"))
+    (root / "train.csv").write_text("\n".join(s2[:4]) + "\n")
+    (root / "test.csv").write_text("\n".join(s2[4:]) + "\n")
+    return root
+
+
+def config_for(store: SyntheticStore, tmp_path: Path, **fields: object) -> EvaluateConfig:
+    return EvaluateConfig(store=str(store.path), probe_epochs=20, knn_k=5, out=str(tmp_path / "eval"), **fields)
+
+
+def test_evaluation_metrics_are_in_range(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
+    config = config_for(store, tmp_path)
     result = run_evaluation(config, checkpoint)
-    for name in ("linear_map_micro", "linear_map_macro", "knn_map_micro", "knn_map_macro", "linear_f1"):
+    for name in ("linear_map_micro", "linear_map_macro", "knn_map_micro", "knn_map_macro", "linear_f1", "knn_f1"):
         assert 0.0 <= result.metrics[name] <= 1.0, name
     assert result.metrics["feature_nan_fraction"] == 0.0 and result.metrics["feature_std"] > 0
+    assert result.metrics["collapsed"] == 0.0 and result.metrics["feature_spread"] > config.collapse_threshold
     assert result.probe_lr in config.probe_lrs
     assert result.n_train > 0 and result.n_eval > 0
     assert set(result.per_class_ap) <= set(store.class_names)
-    assert all(0 <= ap <= 1 for ap in result.per_class_ap.values())
+    assert all(0 <= ap <= 1 + 1e-9 for ap in result.per_class_ap.values())
     # band means carry the labels in the synthetic store, so even a barely trained encoder beats chance
     assert result.metrics["linear_map_micro"] > 0.6 and not math.isnan(result.metrics["knn_map_micro"])
+    assert result.results[0].encoder == "SoftCon (λ=1)"
 
 
-def test_val_split_can_be_evaluated(store: SyntheticStore, checkpoint: Path) -> None:
-    result = run_evaluation(EvaluateConfig(store=str(store.path), split="val", probe_epochs=5), checkpoint)
+def test_val_split_can_be_evaluated(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
+    result = run_evaluation(config_for(store, tmp_path, split="val", probe_epochs=5), checkpoint)
     assert 0.0 <= result.metrics["linear_map_micro"] <= 1.0
 
 
-def test_bigearthnet_is_not_implemented_yet(checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(NotImplementedError, match="BigEarthNet evaluation"):
-        run_evaluation(EvaluateConfig(bigearthnet=str(tmp_path)), checkpoint)
+def test_features_are_extracted_once_and_cached(
+    store: SyntheticStore, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = config_for(store, tmp_path, probe_epochs=5)
+    first = run_evaluation(config, checkpoint)
+    files = first.results[0].feature_files
+    assert len(files) == 3 and all(path.suffix == ".npz" and path.is_file() for path in files)
+    assert {path.name.split("-")[1] for path in files} == {"train", "test", "val"}
+
+    def no_extraction(*args: object, **kwargs: object) -> None:
+        raise AssertionError("features were extracted again instead of read from the cache")
+
+    monkeypatch.setattr(evaluate_module, "extract_features", no_extraction)
+    second = run_evaluation(config, checkpoint)
+    assert second.metrics == first.metrics
+
+
+def test_baselines_under_the_same_protocol(store: SyntheticStore, checkpoints: Checkpoints, tmp_path: Path) -> None:
+    weights = tmp_path / "published.pt"
+    torch.manual_seed(5)
+    torch.save(build_encoder("resnet18", len(S2_L2A_BANDS)).state_dict(), weights)
+    baselines = ["random", "image-stats", str(checkpoints.hard), f"published=weights:{weights}"]
+    result = run_evaluation(config_for(store, tmp_path, baselines=baselines), checkpoints.softcon)
+    names = [r.encoder for r in result.results]
+    assert names == ["SoftCon (λ=1)", "random init", "image statistics", "hard contrastive (λ=0)", "published"]
+    n_eval = {r.metrics["n_eval"] for r in result.results}
+    assert len(n_eval) == 1  # every encoder on the same samples
+    for slug in ("random-init", "image-statistics", "hard-contrastive-λ-0", "published"):
+        assert 0 <= result.metrics[f"baselines/{slug}/linear_map_micro"] <= 1, slug
+    # the image-statistics features are 2 x 12 bands; its probe learns the band-mean signal of the store
+    stats = next(r for r in result.results if r.kind == "image-stats")
+    assert np.load(stats.scores_file)["x"].shape[1] == 2 * len(S2_L2A_BANDS)
+    assert stats.metrics["linear_map_micro"] > 0.8
+
+
+def test_collapsed_encoder_is_flagged(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
+    collapsed = tmp_path / "collapsed.pt"
+    state = build_encoder("resnet18", len(S2_L2A_BANDS)).state_dict()
+    torch.save({key: torch.zeros_like(value) for key, value in state.items()}, collapsed)
+    result = run_evaluation(config_for(store, tmp_path, baselines=[f"dead=weights:{collapsed}"]), checkpoint)
+    dead = result.results[1]
+    assert dead.collapsed and result.metrics["baselines/dead/collapsed"] == 1.0
+    assert dead.metrics["feature_spread"] < 1e-6 and dead.metrics["feature_dead_fraction"] == 1.0
+    assert not result.results[0].collapsed
+    table = comparison_table(result.results)
+    assert "| store | dead |" in table and "**COLLAPSED**" in table.split("| store | dead |")[1].splitlines()[0]
+
+
+def test_bad_baseline_spec_is_refused_before_work(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a file"):
+        parse_baseline(str(tmp_path / "missing.pt"))
+    assert parse_baseline("random").kind == "random"
+    assert parse_baseline("mine=image-stats").name == "mine"
+
+
+def test_bigearthnet_metrics_are_prefixed(bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
+    config = EvaluateConfig(
+        bigearthnet=str(bigearthnet), probe_epochs=5, knn_k=3, out=str(tmp_path / "eval"), bigearthnet_size=32
+    )
+    result = run_evaluation(config, checkpoint)
+    assert "linear_map_micro" not in result.metrics
+    assert 0 <= result.metrics["bigearthnet/linear_map_micro"] <= 1
+    assert result.metrics["bigearthnet/n_train"] == 4 and result.metrics["bigearthnet/n_eval"] == 2
+    assert result.class_names["bigearthnet"][0] == "Urban fabric" and len(result.class_names["bigearthnet"]) == 19
+    # the two test patches: coniferous/mixed forest, woodland, peatbog, lake; arable land and forest
+    test_classes = {"Coniferous forest", "Mixed forest", "Arable land", "Transitional woodland, shrub",
+                    "Inland wetlands", "Inland waters"}  # fmt: skip
+    assert set(result.per_class_ap) == test_classes
+    half = run_evaluation(config.model_copy(update={"train_fraction": 0.5}), checkpoint)
+    assert half.metrics["bigearthnet/n_train"] == 2
+
+
+def test_report_has_table_and_plots(store: SyntheticStore, bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
+    config = config_for(
+        store, tmp_path, bigearthnet=str(bigearthnet), bigearthnet_size=32, baselines=["random"], probe_epochs=5
+    )
+    result = run_evaluation(config, checkpoint)
+    files = write_report(result, tmp_path / "report")
+    names = {path.name for path in files}
+    for dataset in ("store", "bigearthnet"):
+        assert {f"per_class_ap-{dataset}.png", f"pr_curves-{dataset}.png", f"embedding-{dataset}.png"} <= names
+    assert all(path.stat().st_size > 1000 for path in files if path.suffix == ".png")
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert table.count("| store |") == 2 and table.count("| bigearthnet |") == 2
+    assert "random init" in table and "SoftCon (λ=1)" in table
+
+
+@pytest.mark.slow
+def test_flow_logs_metrics_features_and_report(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from flows.evaluate import evaluate_flow
+    from softcon.settings import get_settings
+
+    config = config_for(store, tmp_path, model=str(checkpoint), baselines=["random"], probe_epochs=5)
+    result = evaluate_flow(config, experiment="evaluate-test")
+    client = MlflowClient(get_settings().tracking_uri)
+    run = client.get_run(result.run_id)
+    assert {"linear_map_micro", "knn_map_macro", "baselines/random-init/linear_map_micro"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "report")}
+    assert {"report/comparison.md", "report/pr_curves-store.png", "report/embedding-store.png"} <= artifacts
+    features = [a.path for a in client.list_artifacts(result.run_id, "features")]
+    assert len(features) == 6 and all(path.endswith(".npz") for path in features)
