@@ -500,7 +500,7 @@ def serve(
         str | None, typer.Option(help="Prefect database URL, e.g. postgresql+asyncpg://user@host/db [default: SQLite].")
     ] = None,
     mlflow_backend: Annotated[
-        str | None, typer.Option(help="MLflow backend store, e.g. postgresql://user@host/db [default: SQLite].")
+        str | None, typer.Option(help="MLflow store, e.g. postgresql+psycopg2://user@host/db [default: SQLite].")
     ] = None,
     deploy_flows: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Register infra/prefect.yaml.")] = True,
 ) -> None:

@@ -60,7 +60,7 @@ def wait_for_http(
         time.sleep(1)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
     state = f"exited with {process.returncode}" if process is not None and process.poll() is not None else "timed out"
-    raise RuntimeError(f"{url} did not come up ({state}); log {log}:\n{tail}")
+    raise RuntimeError(f"{url} did not come up ({state})" + (f"; log {log}:\n{tail}" if log else ""))
 
 
 @dataclass
@@ -145,7 +145,7 @@ def serve(
             MLflow's ``mlflow.db`` (unless ``mlflow_backend_uri``) and artifacts, logs under ``home/logs``.
         prefect_port, mlflow_port: ports; default: free ones.
         prefect_database_url: ``postgresql+asyncpg://user@host:port/db`` for Prefect.
-        mlflow_backend_uri: ``postgresql://user@host:port/db`` for MLflow.
+        mlflow_backend_uri: ``postgresql+psycopg2://user@host:port/db`` for MLflow.
         work_pool: the process work pool the worker polls (created if missing).
         start_timeout: seconds each server may take to answer.
 

@@ -188,5 +188,5 @@ def test_backfill_deployment_on_real_servers_with_postgresql(
         tmp_path / "home",
         sample,
         prefect_database_url=postgres.url("prefect", "postgresql+asyncpg"),
-        mlflow_backend_uri=postgres.url("mlflow"),
+        mlflow_backend_uri=postgres.url("mlflow", "postgresql+psycopg2"),
     )

@@ -1,0 +1,84 @@
+"""Take the README's screenshots of the Prefect UI and the MLflow UI with headless Chromium.
+
+    apt-get install -y chromium            # Debian; or set CHROMIUM=/path/to/chrome
+    .venv/bin/python docs/screenshots.py   # a few minutes: servers, a tiny demo pipeline, two screenshots
+
+It starts ``softcon serve``'s servers in a temporary project folder, registers the deployments, runs a tiny
+demo pipeline through the servers (so MLflow holds a parent run with the five stage runs nested under it),
+then saves ``docs/img/prefect-deployment-form.png`` (the backfill deployment's custom-run parameter form)
+and ``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from softcon.serve import deploy, serve  # noqa: E402  (after the path insert, for a plain `python docs/...`)
+
+IMAGES = ROOT / "docs" / "img"
+
+
+def chromium() -> str:
+    """The Chromium binary: $CHROMIUM, else chromium / chromium-browser / google-chrome on PATH."""
+    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate) or candidate
+    raise SystemExit("no Chromium found: apt-get install -y chromium, or set CHROMIUM=/path/to/chrome")
+
+
+def screenshot(url: str, out: Path, *, width: int = 1400, height: int = 900, wait_ms: int = 20000) -> None:
+    """Headless Chromium renders ``url`` (a single-page app: give its scripts ``wait_ms`` of virtual time)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+        f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    if not out.is_file() or out.stat().st_size < 10_000:
+        raise SystemExit(f"Chromium wrote no useful screenshot of {url} to {out}")
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=IMAGES, help="folder for the PNG files")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="softcon-screenshots-"))
+    try:
+        with serve(home) as services:
+            deploy(services.prefect_api_url, env=services.env, names=["backfill", "pipeline"])
+            demo = [sys.executable, "-m", "softcon", "demo", "--tiles", "2", "--tile-size", "64", "--dates", "3"]
+            env = services.env | {"SOFTCON_TRAIN__BATCH_SIZE": "16", "SOFTCON_EVALUATE__PROBE_EPOCHS": "10"}
+            subprocess.run([*demo, "--steps", "5"], env=env, check=True, timeout=1800)
+
+            from mlflow import MlflowClient
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: services.prefect_api_url}), get_client(sync_client=True) as c:
+                deployment = c.read_deployment_by_name("backfill/backfill")
+            screenshot(
+                f"{services.prefect_ui_url}/deployments/deployment/{deployment.id}/run",
+                args.out / "prefect-deployment-form.png",
+            )
+            experiment = MlflowClient(services.mlflow_url).get_experiment_by_name("softcon-demo")
+            screenshot(
+                f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}?compareRunsMode=TABLE",
+                args.out / "mlflow-nested-runs.png",
+                height=700,
+            )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
