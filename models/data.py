@@ -1,11 +1,28 @@
 """Training-store dataset: normalised tensors, two views per scene, augmentations on tensors.
 
-The store (written by the preprocess stage) keeps samples in Zarr chunks along the sample axis; a random
-read of one sample would decode a whole chunk, so the dataset reads a chunk ("block") at a time and keeps
-the last few in an LRU cache, and ``BlockShuffleSampler`` visits blocks in random order, shuffling samples
-only inside a small buffer of blocks. Every random choice (second date, crop, flips, rotations) comes from
-a generator seeded by (seed, epoch, sample), so an item is the same whichever worker loads it and
-whenever it is loaded: that is what makes resumed training exact.
+The store (written by the preprocess stage) keeps samples in Zarr shards along the sample axis (one shard
+per write block, inner chunks of one sample). The dataset reads a whole shard ("block") at a time, one
+file read, and keeps the last ``cache_blocks`` in an LRU cache; ``BlockShuffleSampler`` visits blocks in
+random order and shuffles samples only inside a buffer of ``buffer_blocks`` blocks, so the reads stay
+sequential and memory is bounded by the buffer, never by the store.
+
+Every random choice (second date, crop offset, flips, 90° turns, dropped channels) is drawn from a
+generator seeded by (seed, epoch, sample), so an item is the same whichever worker loads it and whenever
+it is loaded: that is what makes resumed training exact and ``num_workers`` irrelevant to the result.
+
+Two ways to apply normalization and augmentation, with identical results:
+
+- per item, on the CPU in the workers (default): items carry ``view_a``/``view_b`` (or ``image``);
+- batched, after the DataLoader, on the GPU when there is one (``defer_augment=True``): items carry the
+  raw patches and the drawn parameters (``raw_a``, ``aug_a``, ``drop_a``, ...), the workers only read
+  and collate uint16, and ``GpuAugment`` turns a batch into ``view_a``/``view_b`` on the device::
+
+      dataset = StoreDataset(store, crop_size=224, defer_augment=True, channel_dropout=0.1)
+      sampler = BlockShuffleSampler(dataset, seed=0, buffer_blocks=4)
+      loader = make_loader(dataset, batch_size=256, sampler=sampler, num_workers=8)
+      augment = GpuAugment(dataset, device="cuda")
+      for batch in loader:
+          batch = augment(batch)  # view_a, view_b: (B, C, 224, 224) float32 on cuda
 """
 
 from __future__ import annotations
@@ -18,10 +35,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 SCHEMA_VERSION = 1
 Sensor = Literal["s2", "s1"]
+SSL4EO_CROP_SIZE = 224
+"""Random crop at training time of SSL4EO-S12 / SoftCon (from 264 px patches)."""
+N_AUG = 5
+"""Per-view augmentation parameters: top, left, flip along width, flip along height, quarter turns."""
 
 
 def open_store(store: str | Path) -> zarr.Group:
@@ -47,6 +68,54 @@ def split_code(group: zarr.Group, split: str) -> int:
     return names.index(split)
 
 
+def draw_view_params(
+    rng: np.random.Generator,
+    channels: int,
+    height: int,
+    width: int,
+    *,
+    crop_size: int | None,
+    augment: bool,
+    channel_dropout: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The random choices of one view: (N_AUG,) int64 [top, left, flip_w, flip_h, turns] and (C,) dropped.
+
+    Always draws the same numbers from ``rng`` whatever the options, so that switching an augmentation
+    on or off does not shift the choices of the other ones. At least one channel is always kept.
+    """
+    size_h = size_w = crop_size
+    if crop_size is None:
+        size_h, size_w = height, width
+    top, left = int(rng.integers(0, height - size_h + 1)), int(rng.integers(0, width - size_w + 1))
+    flip_w, flip_h = rng.random() < 0.5, rng.random() < 0.5
+    turns = int(rng.integers(0, 4))
+    dropped = rng.random(channels) < channel_dropout
+    if not augment:
+        top, left = (height - size_h) // 2, (width - size_w) // 2
+        flip_w = flip_h = False
+        turns = 0
+        dropped[:] = False
+    if size_h != size_w:  # a quarter turn of a non-square view would change its shape
+        turns = 2 * (turns % 2)
+    if dropped.all():
+        dropped[int(rng.integers(0, channels))] = False
+    return np.array([top, left, flip_w, flip_h, turns], dtype=np.int64), dropped
+
+
+def apply_view_params(x: torch.Tensor, params: torch.Tensor, crop_size: int | None) -> torch.Tensor:
+    """Crop, flips and quarter turns of one (C, H, W) view; the reference for ``GpuAugment``."""
+    top, left, flip_w, flip_h, turns = (int(v) for v in params)
+    if crop_size is not None:
+        x = x[:, top : top + crop_size, left : left + crop_size]
+    if flip_w:
+        x = x.flip(2)
+    if flip_h:
+        x = x.flip(1)
+    if turns:
+        x = torch.rot90(x, turns, dims=(1, 2))
+    return x.contiguous()
+
+
 class StoreDataset(Dataset):
     """Samples of one split of a training store as normalised float tensors.
 
@@ -56,10 +125,13 @@ class StoreDataset(Dataset):
                          still differ by their augmentations)
         two_views=False: "image" (C, H', W') float32
         always:          "labels" (K,) float32 multi-hot, "fractions" (K,) float32, "labelled" bool,
-                         "index" int64 (sample index in the store)
+                         "index" int64 (sample index in the store), "other" int64 (store index of view b)
+        defer_augment:   instead of the views, "raw_a"/"raw_b" (or "raw") (C, H, W) in the store's dtype
+                         (uint16 S2, float32 S1), "aug_a"/"aug_b" (N_AUG,) int64 and "drop_a"/"drop_b"
+                         (C,) bool; ``GpuAugment`` makes the views from them
 
     Normalisation is (x - mean) / std per band with the store's statistics (or ``norm_stats``); nodata
-    (S2 value 0, S1 NaN) becomes 0 after normalisation, i.e. the band mean.
+    (S2 value 0, S1 NaN) becomes 0 after normalisation, i.e. the band mean, and so do dropped channels.
 
     Args:
         store: path or URL of the training store.
@@ -67,10 +139,13 @@ class StoreDataset(Dataset):
         sensor: "s2" or "s1".
         two_views: return two views per item (training) or one (feature extraction).
         crop_size: random crop side (centre crop when ``augment`` is False); None keeps the patch.
+            SSL4EO-S12 crops ``SSL4EO_CROP_SIZE`` (224) px from 264 px patches.
         seed: base seed of every random choice.
-        augment: random crop position, flips and 90° rotations; False for evaluation.
+        augment: random crop position, flips, 90° rotations and channel dropout; False for evaluation.
         norm_stats: {"mean": [...], "std": [...]} overriding the store's (e.g. a checkpoint's).
-        cache_blocks: how many decoded chunks to keep.
+        cache_blocks: how many decoded blocks (shards) to keep; at least the sampler's ``buffer_blocks``.
+        channel_dropout: probability that a channel of a view is set to its mean (0 after normalisation).
+        defer_augment: leave normalisation and augmentation to ``GpuAugment`` after the DataLoader.
     """
 
     def __init__(
@@ -85,9 +160,15 @@ class StoreDataset(Dataset):
         augment: bool = True,
         norm_stats: dict[str, Any] | None = None,
         cache_blocks: int = 8,
+        channel_dropout: float = 0.0,
+        defer_augment: bool = False,
     ) -> None:
         if sensor not in ("s2", "s1"):
             raise ValueError(f"sensor {sensor!r} is not one of ('s2', 's1')")
+        if not 0 <= channel_dropout < 1:
+            raise ValueError(f"channel_dropout {channel_dropout} must be in [0, 1)")
+        if cache_blocks < 1:
+            raise ValueError(f"cache_blocks {cache_blocks} must be at least 1")
         self.store = str(store)
         group = open_store(store)
         if sensor not in group:
@@ -98,6 +179,8 @@ class StoreDataset(Dataset):
         self.crop_size = crop_size
         self.seed = seed
         self.augment = augment
+        self.channel_dropout = channel_dropout
+        self.defer_augment = defer_augment
         self.epoch = 0
         self.cache_blocks = cache_blocks
         self.attrs = dict(group.attrs)
@@ -106,7 +189,8 @@ class StoreDataset(Dataset):
 
         image = group[sensor]
         self.image_shape: tuple[int, int, int] = tuple(image.shape[1:])  # (C, H, W)
-        self.block_size = int(image.chunks[0])
+        # A block is what one read decodes: a shard when the array is sharded, else a chunk.
+        self.block_size = int((image.shards or image.chunks)[0])
         if crop_size is not None and crop_size > min(self.image_shape[1:]):
             raise ValueError(f"crop_size {crop_size} is larger than the patches {self.image_shape[1:]}")
 
@@ -121,18 +205,18 @@ class StoreDataset(Dataset):
             )
 
         code = split_code(group, split)
-        self.indices = np.flatnonzero(group["split"][:] == code)  # (N,) store sample indices
+        self.indices = np.flatnonzero(group["split"][:] == code)  # (N,) store sample indices, sorted
         self.labels = torch.from_numpy(group["labels"][:].astype(np.float32))  # (S, K)
         self.fractions = torch.from_numpy(group["fractions"][:].astype(np.float32))  # (S, K)
         self.labelled = torch.from_numpy(group["labelled"][:].astype(bool))  # (S,)
-        locations = group["location"][:][self.indices]
-        # samples of one location in this split: the candidate second dates
-        self._dates: dict[int, np.ndarray] = {}
-        order = np.argsort(locations, kind="stable")
-        unique, starts = np.unique(locations[order], return_index=True)
-        for location, group_order in zip(unique, np.split(order, starts[1:]), strict=True):
-            self._dates[int(location)] = self.indices[group_order]
-        self._location_of = dict(zip(self.indices.tolist(), locations.tolist(), strict=True))
+        locations = group["location"][:][self.indices]  # (N,)
+        # Samples of one location in this split (its dates) as a run of ``_by_location``: numpy arrays,
+        # a few bytes per sample, instead of Python dicts.
+        self._by_location = self.indices[np.argsort(locations, kind="stable")]  # (N,) store indices
+        sorted_locations = np.sort(locations, kind="stable")
+        position = np.searchsorted(sorted_locations, locations)  # (N,) run start of each sample's location
+        self._run_start = position
+        self._run_stop = np.searchsorted(sorted_locations, locations, side="right")
         self._array: zarr.Array | None = None
         self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -174,26 +258,27 @@ class StoreDataset(Dataset):
         x = (x - self.mean) / self.std
         return x.masked_fill(nodata, 0.0)
 
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The augmentation parameters and dropped channels of one view."""
+        C, H, W = self.image_shape
+        return draw_view_params(
+            rng, C, H, W, crop_size=self.crop_size, augment=self.augment, channel_dropout=self.channel_dropout
+        )
+
     def transform(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Crop, flips and 90° rotations of one (C, H, W) view."""
-        _, H, W = x.shape
-        if self.crop_size is not None:
-            size = self.crop_size
-            if self.augment:
-                top, left = int(rng.integers(0, H - size + 1)), int(rng.integers(0, W - size + 1))
-            else:
-                top, left = (H - size) // 2, (W - size) // 2
-            x = x[:, top : top + size, left : left + size]
-        if not self.augment:
-            return x
-        if rng.random() < 0.5:
-            x = x.flip(2)
-        if rng.random() < 0.5:
-            x = x.flip(1)
-        turns = int(rng.integers(0, 4)) if x.shape[1] == x.shape[2] else 2 * int(rng.integers(0, 2))
-        if turns:
-            x = torch.rot90(x, turns, dims=(1, 2))
-        return x.contiguous()
+        """Crop, flips, 90° rotations and channel dropout of one normalised (C, H, W) view."""
+        params, dropped = self.draw(rng)
+        x = apply_view_params(x, torch.from_numpy(params), self.crop_size)
+        if dropped.any():
+            x[torch.from_numpy(dropped)] = 0.0
+        return x
+
+    def other_date(self, sample: int, rng: np.random.Generator) -> int:
+        """Another sample (date) of the same location in this split, or ``sample`` when it has none."""
+        i = int(np.searchsorted(self.indices, sample))
+        dates = self._by_location[self._run_start[i] : self._run_stop[i]]
+        others = dates[dates != sample]
+        return int(rng.choice(others)) if len(others) else sample
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = int(self.indices[i])
@@ -204,26 +289,101 @@ class StoreDataset(Dataset):
             "labelled": self.labelled[sample],
             "index": torch.tensor(sample, dtype=torch.int64),
         }
-        x = self.transform(self.normalise(self.read_sample(sample)), rng)
-        if not self.two_views:
-            item["image"] = x
-            return item
-        dates = self._dates[self._location_of[sample]]
-        others = dates[dates != sample]
-        other = int(rng.choice(others)) if len(others) else sample
-        item["view_a"] = x
-        item["view_b"] = self.transform(self.normalise(self.read_sample(other)), rng)
+        views = ("a", "b") if self.two_views else ("",)
+        # The draw order (view a, then the second date, then view b) is fixed: it is the reproducibility
+        # contract shared by both augmentation paths.
+        others = {"a": sample, "": sample}
+        for view in views:
+            if view == "b":
+                others["b"] = self.other_date(sample, rng)
+            params, dropped = self.draw(rng)
+            raw = self.read_sample(others[view])
+            suffix = f"_{view}" if view else ""
+            if self.defer_augment:
+                item[f"raw{suffix}"] = torch.from_numpy(np.array(raw))  # (C, H, W) store dtype
+                item[f"aug{suffix}"] = torch.from_numpy(params)
+                item[f"drop{suffix}"] = torch.from_numpy(dropped)
+            else:
+                x = apply_view_params(self.normalise(raw), torch.from_numpy(params), self.crop_size)
+                if dropped.any():
+                    x[torch.from_numpy(dropped)] = 0.0
+                item["image" if not view else f"view_{view}"] = x
+        item["other"] = torch.tensor(others.get("b", sample), dtype=torch.int64)
         return item
 
 
-class BlockShuffleSampler(Sampler[int]):
-    """Visit blocks (store chunks) in random order, shuffling samples within a buffer of blocks.
+class GpuAugment:
+    """Normalisation and augmentation of a deferred batch, batched on ``device`` (the GPU when there is one).
 
-    A full random permutation would decode a chunk per sample; this keeps reads sequential in chunks
-    while mixing ``buffer_blocks`` chunks (and therefore several locations and dates) in every batch.
+    Takes a batch of ``StoreDataset(..., defer_augment=True)`` items and returns it with ``view_a`` /
+    ``view_b`` (or ``image``) (B, C, H', W') float32 on ``device``, equal to what the per-item CPU path
+    gives for the same seed; raw keys are removed, the other tensors are moved to ``device``.
+    """
+
+    def __init__(self, dataset: StoreDataset, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sensor = dataset.sensor
+        self.crop_size = dataset.crop_size
+        self.mean = dataset.mean.to(self.device)[None]  # (1, C, 1, 1)
+        self.std = dataset.std.to(self.device)[None]  # (1, C, 1, 1)
+
+    def views(self, raw: torch.Tensor, params: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) raw -> (B, C, H', W') normalised, cropped, flipped, turned, channels dropped."""
+        raw = raw.to(self.device, non_blocking=True)
+        params = params.to(self.device)  # (B, N_AUG)
+        B = raw.shape[0]
+        if self.crop_size is not None:  # crop before converting: less to convert
+            size = self.crop_size
+            steps = torch.arange(size, device=self.device)
+            rows = (params[:, 0, None] + steps)[:, :, None]  # (B, S, 1)
+            cols = (params[:, 1, None] + steps)[:, None, :]  # (B, 1, S)
+            batch = torch.arange(B, device=self.device)[:, None, None]  # (B, 1, 1)
+            raw = raw.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, S, S)
+        x = raw.float()  # (B, C, H', W')
+        nodata = torch.isnan(x) if self.sensor == "s1" else x == 0
+        x = ((x - self.mean) / self.std).masked_fill(nodata, 0.0)
+        out = torch.empty_like(x) if x.shape[2] == x.shape[3] else x.clone()
+        # The 16 (flip_w, flip_h, turns) combinations, each applied to its samples at once.
+        combos = params[:, 2] * 8 + params[:, 3] * 4 + params[:, 4]  # (B,)
+        for combo in torch.unique(combos).tolist():
+            members = torch.nonzero(combos == combo).flatten()
+            part = x[members]
+            if combo // 8:
+                part = part.flip(3)
+            if (combo // 4) % 2:
+                part = part.flip(2)
+            if combo % 4:
+                part = torch.rot90(part, combo % 4, dims=(2, 3))
+            out[members] = part
+        dropped = dropped.to(self.device)  # (B, C)
+        return out.masked_fill(dropped[:, :, None, None], 0.0)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            if not key.startswith(("raw", "aug", "drop")):
+                out[key] = value.to(self.device, non_blocking=True)
+        for suffix, name in (("_a", "view_a"), ("_b", "view_b"), ("", "image")):
+            if f"raw{suffix}" in batch:
+                out[name] = self.views(batch[f"raw{suffix}"], batch[f"aug{suffix}"], batch[f"drop{suffix}"])
+        return out
+
+
+def batch_transform(batch: dict[str, torch.Tensor], dataset: StoreDataset, device: str | None = None) -> dict:
+    """One-off ``GpuAugment(dataset, device)(batch)``; keep a ``GpuAugment`` in a loop instead."""
+    return GpuAugment(dataset, device)(batch)
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """Visit blocks (store shards) in random order, shuffling samples within a buffer of blocks.
+
+    A full random permutation would decode a shard per sample; this keeps reads sequential in shards
+    while mixing ``buffer_blocks`` shards (and therefore several locations and dates) in every batch.
     """
 
     def __init__(self, dataset: StoreDataset, *, seed: int = 0, buffer_blocks: int = 4) -> None:
+        if buffer_blocks < 1:
+            raise ValueError(f"buffer_blocks {buffer_blocks} must be at least 1")
         self.dataset = dataset
         self.seed = seed
         self.buffer_blocks = buffer_blocks
@@ -249,3 +409,47 @@ class BlockShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+def _one_thread_per_worker(worker_id: int) -> None:
+    # Each worker decodes its own batches; intra-op threads in every worker would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: StoreDataset,
+    batch_size: int,
+    *,
+    sampler: BlockShuffleSampler | None = None,
+    num_workers: int = 0,
+    pin_memory: bool | None = None,
+    drop_last: bool = True,
+    prefetch_factor: int = 2,
+) -> DataLoader:
+    """A DataLoader over ``dataset`` in ``sampler``'s block-shuffled order, batched before the workers.
+
+    Batches are formed in the main process from the sampler's order, so the batches (and, items being
+    seeded per sample, their contents) are the same for any ``num_workers``. The dataset's block cache is
+    raised to the sampler's buffer so a buffer is decoded once per worker; peak memory is about
+    ``(num_workers or 1) * buffer_blocks * block bytes``, whatever the store's size.
+
+    Args:
+        dataset: the store dataset (``defer_augment=True`` to augment batches on the GPU afterwards).
+        batch_size: samples per batch.
+        sampler: the order; default ``BlockShuffleSampler(dataset, seed=dataset.seed)``.
+        num_workers: worker processes reading and decoding (0: in the main process).
+        pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; default when CUDA is
+            available.
+        drop_last: drop the last incomplete batch.
+        prefetch_factor: batches each worker loads ahead.
+    """
+    sampler = sampler or BlockShuffleSampler(dataset, seed=dataset.seed)
+    dataset.cache_blocks = max(dataset.cache_blocks, sampler.buffer_blocks)
+    workers = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        **workers,
+    )

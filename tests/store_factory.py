@@ -34,9 +34,14 @@ def write_store(
     size: int = 16,
     n_classes: int = 4,
     chunk: int = 16,
+    sharded: bool = False,
     seed: int = 0,
 ) -> SyntheticStore:
-    """Write the store at ``path`` and describe it."""
+    """Write the store at ``path`` and describe it.
+
+    ``sharded=True`` lays the images out like the preprocess stage: shards of ``chunk`` samples, inner
+    chunks of one sample.
+    """
     rng = np.random.default_rng(seed)
     n_bands = len(S2_L2A_BANDS)
     n = n_locations * dates_per_location
@@ -100,7 +105,10 @@ def write_store(
         "col": (location % 8).astype(np.int32),
     }
     for name, data in arrays.items():
-        group.create_array(name, data=data, chunks=(chunk, *data.shape[1:]))
+        if sharded and name in ("s2", "s1"):
+            group.create_array(name, data=data, chunks=(1, *data.shape[1:]), shards=(chunk, *data.shape[1:]))
+        else:
+            group.create_array(name, data=data, chunks=(chunk, *data.shape[1:]))
     group.attrs.update(
         {
             "schema_version": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,15 @@ import torch
 import zarr
 from store_factory import SyntheticStore, write_store
 
-from models.data import BlockShuffleSampler, StoreDataset
+from models.data import (
+    N_AUG,
+    SSL4EO_CROP_SIZE,
+    BlockShuffleSampler,
+    GpuAugment,
+    StoreDataset,
+    apply_view_params,
+    make_loader,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +91,136 @@ def test_wrong_schema_version_is_refused(tmp_path: Path) -> None:
 def test_unknown_split_is_refused(store: SyntheticStore) -> None:
     with pytest.raises(ValueError, match="split 'holdout' is not one of"):
         StoreDataset(store.path, split="holdout")
+
+
+def _batches(loader) -> list[dict[str, torch.Tensor]]:
+    return [dict(batch) for batch in loader]
+
+
+def _assert_batches_equal(first: list[dict], second: list[dict]) -> None:
+    assert len(first) == len(second) > 0
+    for one, other in zip(first, second, strict=True):
+        assert one.keys() == other.keys()
+        for key in one:
+            assert torch.equal(one[key], other[key]), key
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStore:
+    return write_store(tmp_path_factory.mktemp("data") / "sharded.zarr", sharded=True, chunk=8)
+
+
+def test_block_is_a_shard(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path)
+    assert dataset.block_size == 8  # one read decodes one shard, not one inner chunk
+    raw = zarr.open_group(str(sharded.path), mode="r")["s2"]
+    assert raw.chunks[0] == 1 and np.array_equal(dataset.read_sample(13), raw[13])
+
+
+@pytest.mark.parametrize("sensor", ["s2", "s1"])
+@pytest.mark.parametrize("two_views", [True, False], ids=["two-views", "one-view"])
+def test_batched_augment_equals_per_item_augment(sharded: SyntheticStore, sensor: str, two_views: bool) -> None:
+    options = dict(sensor=sensor, two_views=two_views, crop_size=10, seed=5, channel_dropout=0.3)
+    per_item = StoreDataset(sharded.path, **options)
+    deferred = StoreDataset(sharded.path, **options, defer_augment=True)
+    expected = _batches(make_loader(per_item, 16))
+    augment = GpuAugment(deferred, device="cpu")
+    got = [augment(batch) for batch in make_loader(deferred, 16)]
+    _assert_batches_equal(expected, got)
+    assert got[0]["view_a" if two_views else "image"].shape == (16, per_item.in_chans, 10, 10)
+    assert not any(key.startswith(("raw", "aug", "drop")) for key in got[0])
+
+
+def test_deferred_items_are_raw_store_values(sharded: SyntheticStore) -> None:
+    item = StoreDataset(sharded.path, defer_augment=True)[3]
+    assert item["raw_a"].dtype == torch.uint16 and item["raw_a"].shape == (12, sharded.size, sharded.size)
+    assert item["aug_a"].shape == (N_AUG,) and item["drop_a"].shape == (12,)
+    raw = zarr.open_group(str(sharded.path), mode="r")["s2"]
+    assert np.array_equal(item["raw_b"].numpy(), raw[int(item["other"])])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_augment_on_cuda_equals_cpu(sharded: SyntheticStore) -> None:
+    options = dict(crop_size=10, seed=2, channel_dropout=0.2)
+    expected = _batches(make_loader(StoreDataset(sharded.path, **options), 16, pin_memory=True))
+    deferred = StoreDataset(sharded.path, **options, defer_augment=True)
+    augment = GpuAugment(deferred, device="cuda")
+    for batch, reference in zip(make_loader(deferred, 16, pin_memory=True), expected, strict=True):
+        assert batch["raw_a"].is_pinned()
+        views = augment(batch)
+        assert views["view_a"].is_cuda
+        torch.testing.assert_close(views["view_a"].cpu(), reference["view_a"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(views["view_b"].cpu(), reference["view_b"], rtol=1e-6, atol=1e-6)
+
+
+def test_two_workers_give_the_same_batches_as_none(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path, crop_size=12, seed=9, channel_dropout=0.1)
+    sampler = BlockShuffleSampler(dataset, seed=9, buffer_blocks=2)
+    in_process = _batches(make_loader(dataset, 8, sampler=sampler, num_workers=0))
+    in_workers = _batches(make_loader(dataset, 8, sampler=sampler, num_workers=2))
+    _assert_batches_equal(in_process, in_workers)
+
+
+def test_pin_memory_follows_cuda_by_default(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path)
+    assert make_loader(dataset, 8).pin_memory == torch.cuda.is_available()
+    assert make_loader(dataset, 8, pin_memory=True).pin_memory
+
+
+def test_sampler_shuffles_blocks_then_within_a_buffer(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path)
+    blocks = dataset.indices // dataset.block_size  # (N,) block of each dataset position
+    sampler = BlockShuffleSampler(dataset, seed=1, buffer_blocks=2)
+    order = sampler.order()
+    visited = blocks[order]
+    # Consecutive buffers: every window of one buffer's samples holds at most 2 blocks.
+    starts = np.r_[0, np.cumsum([np.isin(blocks, pair).sum() for pair in _pairs(visited)])]
+    for start, stop in itertools.pairwise(starts):
+        assert len(np.unique(visited[start:stop])) <= 2
+    assert list(dict.fromkeys(visited)) != sorted(set(visited))  # blocks are not visited in store order
+    assert not np.array_equal(order, np.sort(order))
+
+
+def _pairs(visited: np.ndarray) -> list[np.ndarray]:
+    first_seen = np.array(list(dict.fromkeys(visited.tolist())))
+    return [first_seen[i : i + 2] for i in range(0, len(first_seen), 2)]
+
+
+def test_block_cache_is_bounded_by_the_buffer(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path, cache_blocks=1)
+    loader = make_loader(dataset, 4, sampler=BlockShuffleSampler(dataset, buffer_blocks=3))
+    assert dataset.cache_blocks == 3
+    for _ in loader:
+        assert len(dataset._blocks) <= 3
+
+
+def test_channel_dropout_zeroes_whole_channels_but_never_all(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path, two_views=False, channel_dropout=0.5, seed=4)
+    dropped_counts = []
+    for i in range(len(dataset)):
+        image = dataset[i]["image"]  # (C, H, W)
+        zero = (image == 0).flatten(1).all(dim=1)  # (C,) channel entirely at its mean
+        assert not zero.all()
+        dropped_counts.append(int(zero.sum()))
+    assert 3 < np.mean(dropped_counts) < 9  # about half of 12 channels
+
+
+def test_flips_and_turns_follow_the_parameters() -> None:
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
+    assert torch.equal(apply_view_params(x, torch.tensor([0, 0, 1, 0, 0]), None), x.flip(2))
+    assert torch.equal(apply_view_params(x, torch.tensor([0, 0, 0, 1, 0]), None), x.flip(1))
+    assert torch.equal(apply_view_params(x, torch.tensor([0, 0, 0, 0, 1]), None), torch.rot90(x, 1, (1, 2)))
+    assert torch.equal(apply_view_params(x, torch.tensor([1, 2, 0, 0, 0]), 2), x[:, 1:3, 2:4])
+
+
+def test_single_date_location_gets_two_augmentations(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "single.zarr", dates_per_location=1)
+    item = StoreDataset(store.path, crop_size=12, seed=0)[0]
+    assert int(item["other"]) == int(item["index"])  # the same patch ...
+    assert not torch.equal(item["view_a"], item["view_b"])  # ... under two augmentations
+
+
+def test_ssl4eo_crop_default_fits_the_default_patch() -> None:
+    from softcon.config import PreprocessConfig
+
+    assert SSL4EO_CROP_SIZE == 224 < PreprocessConfig().patch_size == 264
