@@ -15,6 +15,9 @@ from softcon.config import S2_L2A_BANDS
 
 torch.set_num_threads(2)
 
+S2_L1C_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+"""Sentinel-2 L1C: 13 bands (with the cirrus band B10), SSL4EO-S12 order."""
+
 
 @pytest.mark.parametrize(
     ("backbone", "in_chans", "features"),
@@ -74,3 +77,86 @@ def test_projection_head_gives_unit_norm_embeddings() -> None:
     z = head(torch.randn(4, 16))
     assert z.shape == (4, 8)
     assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "in_chans", "size", "features"),
+    [
+        ("resnet50", 13, 32, 2048),
+        ("vit_small_patch14_dinov2", 12, 28, 384),
+        ("vit_base_patch14_dinov2", 2, 28, 768),
+    ],
+    ids=["resnet50-s2l1c", "vit-s14-s2l2a", "vit-b14-s1"],
+)
+def test_paper_backbones_take_sentinel_channels(backbone: str, in_chans: int, size: int, features: int) -> None:
+    encoder = build_encoder(backbone, in_chans, img_size=size).eval()
+    with torch.no_grad():
+        out = encoder(torch.randn(1, in_chans, size, size))
+    assert out.shape == (1, features)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_resnet50_weights_in_torchvision_and_timm_format_load(tmp_path: Path, source: str) -> None:
+    torch.manual_seed(0)
+    if source == "torchvision":
+        import torchvision
+
+        state = torchvision.models.resnet50(weights=None).state_dict()
+    else:
+        state = timm.create_model("resnet50", pretrained=False).state_dict()
+    torch.save(state, tmp_path / "resnet50.pth")
+    encoder = build_encoder("resnet50", 13, tmp_path / "resnet50.pth", bands=S2_L1C_BANDS)
+    assert torch.allclose(encoder.conv1.weight[:, S2_L1C_BANDS.index("B04")], state["conv1.weight"][:, 0] * 3 / 13)
+    assert torch.allclose(encoder.conv1.weight[:, S2_L1C_BANDS.index("B8A")], state["conv1.weight"].mean(1) * 3 / 13)
+    assert torch.equal(encoder.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
+    assert torch.equal(encoder.layer1[0].bn1.running_var, state["layer1.0.bn1.running_var"])
+
+
+def dinov2_state(original_format: bool) -> dict[str, torch.Tensor]:
+    """A fake DINOv2 ViT-S/14 file: timm's model at 518 px (37x37 grid); the original format adds a (1, D)
+    mask token, as in facebookresearch's dinov2_vits14."""
+    torch.manual_seed(0)
+    state = timm.create_model("vit_small_patch14_dinov2", pretrained=False).state_dict()
+    if original_format:
+        state["mask_token"] = torch.randn(1, 384)
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("original_format", [True, False], ids=["dinov2-original", "timm"])
+def test_dinov2_vit_weights_load_with_adapted_patch_embedding(tmp_path: Path, original_format: bool) -> None:
+    state = dinov2_state(original_format)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "dinov2.safetensors"))
+    encoder = build_encoder("vit_small_patch14_dinov2", 12, tmp_path / "dinov2.safetensors", bands=S2_L2A_BANDS,
+                            img_size=56)  # fmt: skip
+    patch = encoder.patch_embed.proj.weight
+    assert patch.shape == (384, 12, 14, 14)
+    assert torch.allclose(patch[:, S2_L2A_BANDS.index("B02")], state["patch_embed.proj.weight"][:, 2] * 3 / 12)
+    assert encoder.pos_embed.shape == (1, 1 + 4 * 4, 384)  # 37x37 resampled to the 4x4 grid of 56 px
+    assert torch.equal(encoder.pos_embed[:, 0], state["pos_embed"][:, 0])  # the class token's is kept
+    assert torch.equal(encoder.blocks[11].ls2.gamma, state["blocks.11.ls2.gamma"])
+    if original_format:
+        assert torch.equal(encoder.mask_token.view(1, 384), state["mask_token"])
+    with torch.no_grad():
+        assert encoder(torch.randn(1, 12, 56, 56)).shape == (1, 384)
+
+
+def test_weights_of_another_architecture_list_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    torch.save(rgb_state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match=r"does not fit VisionTransformer") as error:
+        build_encoder("vit_tiny_patch16_224", 12, tmp_path / "resnet18.pth", img_size=32)
+    message = str(error.value)
+    assert "missing keys (" in message and "'blocks.0.attn.qkv.weight'" in message
+    assert "unexpected keys (" in message and "'layer1.0.conv1.weight'" in message
+
+
+class NotATensor:
+    """An arbitrary pickled object: weights_only loading must refuse it instead of running its code."""
+
+
+def test_weights_files_are_read_without_unpickling_code(tmp_path: Path) -> None:
+    torch.save({"conv1.weight": NotATensor()}, tmp_path / "pickled.pth")
+    with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
+        build_encoder("resnet18", 12, tmp_path / "pickled.pth")
