@@ -304,6 +304,10 @@ class StoreDataset(Dataset):
                 item[f"aug{suffix}"] = torch.from_numpy(params)
                 item[f"drop{suffix}"] = torch.from_numpy(dropped)
             else:
+                if self.crop_size is not None:  # crop before converting to float: less to convert
+                    top, left, size = int(params[0]), int(params[1]), self.crop_size
+                    raw = raw[:, top : top + size, left : left + size]
+                    params = np.concatenate([[0, 0], params[2:]])
                 x = apply_view_params(self.normalise(raw), torch.from_numpy(params), self.crop_size)
                 if dropped.any():
                     x[torch.from_numpy(dropped)] = 0.0
