@@ -115,7 +115,7 @@ class EvaluationResult:
 
 def slug(name: str) -> str:
     """A file- and metric-safe version of an encoder name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "encoder"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name.replace("λ", "lambda")).strip("-").lower() or "encoder"
 
 
 def checkpoint_name(path: str | Path) -> str:

@@ -65,7 +65,9 @@ def bigearthnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config_for(store: SyntheticStore, tmp_path: Path, **fields: object) -> EvaluateConfig:
-    return EvaluateConfig(store=str(store.path), probe_epochs=20, knn_k=5, out=str(tmp_path / "eval"), **fields)
+    defaults: dict[str, object] = {"store": str(store.path), "probe_epochs": 20, "knn_k": 5}
+    defaults["out"] = str(tmp_path / "eval")
+    return EvaluateConfig(**(defaults | fields))
 
 
 def test_evaluation_metrics_are_in_range(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
@@ -116,7 +118,7 @@ def test_baselines_under_the_same_protocol(store: SyntheticStore, checkpoints: C
     assert names == ["SoftCon (λ=1)", "random init", "image statistics", "hard contrastive (λ=0)", "published"]
     n_eval = {r.metrics["n_eval"] for r in result.results}
     assert len(n_eval) == 1  # every encoder on the same samples
-    for slug in ("random-init", "image-statistics", "hard-contrastive-λ-0", "published"):
+    for slug in ("random-init", "image-statistics", "hard-contrastive-lambda-0", "published"):
         assert 0 <= result.metrics[f"baselines/{slug}/linear_map_micro"] <= 1, slug
     # the image-statistics features are 2 x 12 bands; its probe learns the band-mean signal of the store
     stats = next(r for r in result.results if r.kind == "image-stats")
@@ -179,12 +181,14 @@ def test_report_has_table_and_plots(store: SyntheticStore, bigearthnet: Path, ch
 @pytest.mark.slow
 def test_flow_logs_metrics_features_and_report(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     from flows.evaluate import evaluate_flow
     from softcon.settings import get_settings
 
     config = config_for(store, tmp_path, model=str(checkpoint), baselines=["random"], probe_epochs=5)
-    result = evaluate_flow(config, experiment="evaluate-test")
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):  # a busy machine starts slowly
+        result = evaluate_flow(config, experiment="evaluate-test")
     client = MlflowClient(get_settings().tracking_uri)
     run = client.get_run(result.run_id)
     assert {"linear_map_micro", "knn_map_macro", "baselines/random-init/linear_map_micro"} <= set(run.data.metrics)
