@@ -264,6 +264,12 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
+        if self.dist.enabled and not self.supervised:
+            # the loss's scale and bias live outside the DDP module: average their gradients by hand, or the
+            # ranks would clip by different norms and their replicas drift apart
+            for parameter in self.loss_fn.parameters():
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= self.dist.world_size
         self.scaler.unscale_(self.optimizer)  # clip the true gradients (no-op when the scaler is disabled)
         grad_norm = nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
         self.scaler.step(self.optimizer)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from store_factory import SyntheticStore, write_store
 
+from models.distributed import DistributedContext
 from softcon.config import TrainConfig
-from tasks.train import load_encoder, read_checkpoint, run_training
+from tasks.train import collapse_warning, load_encoder, read_checkpoint, run_training
 
 torch.set_num_threads(2)
 
@@ -70,3 +72,55 @@ def test_load_encoder_returns_the_teacher_and_metadata(store: SyntheticStore, tm
 def test_too_small_split_is_refused(store: SyntheticStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fewer than batch_size 1000"):
         run_training(tiny_config(store, tmp_path, batch_size=1000))
+
+
+def test_checkpoint_holds_everything_a_resume_needs(store: SyntheticStore, tmp_path: Path) -> None:
+    result = run_training(tiny_config(store, tmp_path, steps=1, batch_size=4))
+    state = read_checkpoint(result.checkpoint)
+    expected = {"student", "projector", "teacher", "teacher_projector", "loss", "optimizer", "scheduler", "scaler"}
+    assert expected | {"rng", "config", "meta", "step"} <= set(state)
+    assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert state["scheduler"]["last_epoch"] == 1 and state["optimizer"]["state"]  # AdamW moments saved
+
+
+@pytest.mark.slow
+def test_supervised_head_objective_trains_a_classifier(store: SyntheticStore, tmp_path: Path) -> None:
+    logged: list[dict[str, float]] = []
+    config = tiny_config(store, tmp_path, objective="supervised", steps=10, log_every=5, lr=3e-3)
+    result = run_training(config, on_metrics=lambda step, metrics: logged.append(metrics))
+    state = read_checkpoint(result.checkpoint)
+    assert state["classifier"]["fc.weight"].shape == (store.n_classes, 512)
+    assert state["meta"]["objective"] == "supervised"
+    assert logged[-1]["loss"] < logged[0]["loss"] and logged[-1]["soft"] == 0.0
+
+
+@pytest.mark.slow
+def test_vit_student_is_masked_with_its_mask_token(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "store32.zarr", n_locations=12, size=32)
+    config = tiny_config(store, tmp_path / "ckpt", backbone="vit_tiny_patch16_224", steps=2, batch_size=4,
+                         mask_ratio=0.5)  # fmt: skip
+    result = run_training(config)
+    state = read_checkpoint(result.checkpoint)
+    assert state["student"]["mask_token"].shape == (1, 1, 192)
+    # teacher and student start equal; the teacher only trails the student, so they differ only if the
+    # student's mask token got gradient steps
+    assert not torch.equal(state["student"]["mask_token"], state["teacher"]["mask_token"])
+    encoder, _ = load_encoder(result.checkpoint)
+    assert torch.equal(encoder.mask_token, state["teacher"]["mask_token"])
+
+
+def test_collapse_guard_warns_when_the_embedding_std_nears_zero(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+        assert not collapse_warning(1 / 16 * 0.9, 256, step=5)  # healthy: ~1/sqrt(256)
+        assert not caplog.records
+        assert collapse_warning(1e-4, 256, step=7)
+    assert "possible representation collapse at step 7" in caplog.text
+
+
+def test_indivisible_ddp_batch_is_refused_before_any_work(
+    store: SyntheticStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasks.train.init_distributed", lambda device_type: DistributedContext(rank=0, world_size=3))
+    with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
+        run_training(tiny_config(store, tmp_path))
+    assert not any(tmp_path.iterdir())
