@@ -93,19 +93,19 @@ def write_report(result: EvaluationResult, out: str | Path, *, plots: bool = Tru
         scores = {r.encoder: np.load(r.scores_file) for r in rows_of}
 
         # per-class AP bars
-        figure, axes = plt.subplots(figsize=(max(6, 0.6 * len(class_names) * len(rows_of) ** 0.5), 4.5))
+        figure, axes = plt.subplots(figsize=(max(6, 0.5 * len(class_names) * len(rows_of) ** 0.5), 6))
         width = 0.8 / len(rows_of)
         for i, r in enumerate(rows_of):
             values = [r.per_class_ap.get(name, np.nan) for name in class_names]
             axes.bar(np.arange(len(class_names)) + i * width, values, width, label=r.encoder)
-        axes.set_xticks(np.arange(len(class_names)) + 0.4 - width / 2, class_names, rotation=60, ha="right")
+        short = [name if len(name) <= 28 else name[:26] + "…" for name in class_names]
+        axes.set_xticks(np.arange(len(class_names)) + 0.4 - width / 2, short, rotation=60, ha="right")
         axes.set_ylabel("linear-probe AP")
         axes.set_ylim(0, 1)
         axes.set_title(f"per-class AP ({dataset})")
         axes.legend(fontsize="small")
-        figure.tight_layout()
         written.append(out / f"per_class_ap-{dataset}.png")
-        figure.savefig(written[-1], dpi=100)
+        figure.savefig(written[-1], dpi=100, bbox_inches="tight")  # long class names need the room
         plt.close(figure)
 
         # micro-averaged precision-recall curves

@@ -108,6 +108,7 @@ def test_features_are_extracted_once_and_cached(
     assert second.metrics == first.metrics
 
 
+@pytest.mark.slow
 def test_baselines_under_the_same_protocol(store: SyntheticStore, checkpoints: Checkpoints, tmp_path: Path) -> None:
     weights = tmp_path / "published.pt"
     torch.manual_seed(5)
@@ -126,6 +127,7 @@ def test_baselines_under_the_same_protocol(store: SyntheticStore, checkpoints: C
     assert stats.metrics["linear_map_micro"] > 0.8
 
 
+@pytest.mark.slow
 def test_collapsed_encoder_is_flagged(store: SyntheticStore, checkpoint: Path, tmp_path: Path) -> None:
     collapsed = tmp_path / "collapsed.pt"
     state = build_encoder("resnet18", len(S2_L2A_BANDS)).state_dict()
@@ -146,6 +148,7 @@ def test_bad_baseline_spec_is_refused_before_work(tmp_path: Path) -> None:
     assert parse_baseline("mine=image-stats").name == "mine"
 
 
+@pytest.mark.slow
 def test_bigearthnet_metrics_are_prefixed(bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
     config = EvaluateConfig(
         bigearthnet=str(bigearthnet), probe_epochs=5, knn_k=3, out=str(tmp_path / "eval"), bigearthnet_size=32
@@ -163,6 +166,7 @@ def test_bigearthnet_metrics_are_prefixed(bigearthnet: Path, checkpoint: Path, t
     assert half.metrics["bigearthnet/n_train"] == 2
 
 
+@pytest.mark.slow
 def test_report_has_table_and_plots(store: SyntheticStore, bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
     config = config_for(
         store, tmp_path, bigearthnet=str(bigearthnet), bigearthnet_size=32, baselines=["random"], probe_epochs=5
