@@ -56,7 +56,7 @@ def main() -> None:
     try:
         with serve(home) as services:
             deploy(services.prefect_api_url, env=services.env, names=["backfill", "pipeline"])
-            demo = [sys.executable, "-m", "softcon", "demo", "--tiles", "2", "--tile-size", "64", "--dates", "3"]
+            demo = [sys.executable, "-m", "softcon", "demo", "--tiles", "2", "--tile-size", "128", "--dates", "3"]
             env = services.env | {"SOFTCON_TRAIN__BATCH_SIZE": "16", "SOFTCON_EVALUATE__PROBE_EPOCHS": "10"}
             subprocess.run([*demo, "--steps", "5"], env=env, check=True, timeout=1800)
 
