@@ -115,9 +115,10 @@ def train_flow(
     """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
     logger = get_run_logger()
     with stage_run("train", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        result = train_task.with_options(refresh_cache=refresh)(
-            config, on_metrics=StepLogger(run.info.run_id, config.steps, logger)
-        )
+        with system_metrics(run.info.run_id, enabled=config.log_system_metrics):
+            result = train_task.with_options(refresh_cache=refresh)(
+                config, on_metrics=StepLogger(run.info.run_id, config.steps, logger)
+            )
         mlflow.log_metrics(
             {f"final_{name}": value for name, value in result.metrics.items()}
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}
