@@ -27,15 +27,21 @@ Two ways to apply normalization and augmentation, with identical results:
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.storage import LocalStore
 
 SCHEMA_VERSION = 1
 Sensor = Literal["s2", "s1"]
@@ -43,6 +49,101 @@ SSL4EO_CROP_SIZE = 224
 """Random crop at training time of SSL4EO-S12 / SoftCon (from 264 px patches)."""
 N_AUG = 5
 """Per-view augmentation parameters: top, left, flip along width, flip along height, quarter turns."""
+
+
+_EMPTY_CHUNK = np.uint64(2**64 - 1)
+
+
+class SampleReader:
+    """Reads one sample of a store image array: one byte-range read and one decode, nothing else.
+
+    For the store's layout (Zarr v3 shards along the sample axis, inner chunks of one sample, Blosc or no
+    compression, index at the end with a CRC32C) on a local disk, the shard index is read once per shard
+    (kept in ``indexes``, 16 bytes per sample) and each sample is one ``pread`` of its compressed bytes,
+    decoded straight into its own array. Reading a whole shard through zarr instead costs a fresh
+    ``shard``-sized array per read (page faults: it is above malloc's mmap threshold), a copy of every
+    decoded inner chunk, zarr's thread hand-offs and, with DataLoader workers, one decode of every shard per
+    worker; measured in ``bench/bench_loader.py``. Any other layout or store falls back to ``array[sample]``.
+    """
+
+    def __init__(self, array: zarr.Array, index_cache: int) -> None:
+        self.array = array
+        self.sample_shape: tuple[int, ...] = tuple(array.shape[1:])
+        self.dtype = np.dtype(array.dtype)
+        self.index_cache = index_cache
+        self.indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()  # shard -> (n, 2) offsets, sizes
+        self.root: Path | None = None
+        self.blosc = False
+        codecs = array.metadata.codecs
+        if not (
+            isinstance(array.store, LocalStore)
+            and sys.byteorder == "little"
+            and len(codecs) == 1
+            and isinstance(codecs[0], ShardingCodec)
+        ):
+            return
+        sharding = codecs[0]
+        inner = list(sharding.codecs)
+        index_codecs = [type(codec) for codec in sharding.index_codecs]
+        if (
+            tuple(sharding.chunk_shape) != (1, *self.sample_shape)
+            or sharding.index_location != ShardingCodecIndexLocation.end
+            or index_codecs != [BytesCodec, Crc32cCodec]
+            or not inner
+            or not isinstance(inner[0], BytesCodec)
+            or (inner[0].endian is not None and inner[0].endian.value != "little")
+            or len(inner) > 2
+            or (len(inner) == 2 and not isinstance(inner[1], BloscCodec))
+        ):
+            return
+        self.blosc = len(inner) == 2
+        self.per_shard = int(array.shards[0])
+        self.root = Path(array.store.root)
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """(per_shard, 2) uint64 offsets and sizes of a shard's samples, None for a shard not written."""
+        if shard in self.indexes:
+            self.indexes.move_to_end(shard)
+            return self.indexes[shard]
+        assert self.root is not None
+        key = self.array.metadata.encode_chunk_key((shard,) + (0,) * len(self.sample_shape))
+        path = self.root / self.array.path / key
+        try:
+            with open(path, "rb") as file:
+                size = 16 * self.per_shard + 4
+                file.seek(-size, 2)
+                raw = file.read(size)
+        except FileNotFoundError:
+            index = None
+        else:
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise ValueError(f"shard index checksum mismatch in {path}: the training store is corrupt")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)
+        self.indexes[shard] = index
+        while len(self.indexes) > self.index_cache:
+            self.indexes.popitem(last=False)
+        return index
+
+    def read(self, sample: int) -> np.ndarray:
+        """Raw (C, H, W) values of store sample ``sample``."""
+        if self.root is None:
+            return self.array[sample]
+        shard, position = divmod(sample, self.per_shard)
+        index = self._index(shard)
+        out = np.empty(self.sample_shape, self.dtype)
+        if index is None or index[position, 0] == _EMPTY_CHUNK:
+            out.fill(self.array.fill_value)
+            return out
+        offset, size = (int(v) for v in index[position])
+        key = self.array.metadata.encode_chunk_key((shard,) + (0,) * len(self.sample_shape))
+        with open(self.root / self.array.path / key, "rb") as file:
+            file.seek(offset)
+            data = file.read(size)
+        if self.blosc:
+            numcodecs.blosc.decompress(data, out)
+        else:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+        return out
 
 
 def open_store(store: str | Path) -> zarr.Group:
@@ -217,8 +318,7 @@ class StoreDataset(Dataset):
         position = np.searchsorted(sorted_locations, locations)  # (N,) run start of each sample's location
         self._run_start = position
         self._run_stop = np.searchsorted(sorted_locations, locations, side="right")
-        self._array: zarr.Array | None = None
-        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._reader: SampleReader | None = None
 
     @property
     def in_chans(self) -> int:
@@ -234,29 +334,33 @@ class StoreDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
-        state["_array"] = None
-        state["_blocks"] = OrderedDict()
+        state["_reader"] = None
         return state
 
+    @property
+    def reader(self) -> SampleReader:
+        """This process's reader of the image array (opened on first use, so again in each worker)."""
+        if self._reader is None:
+            array = zarr.open_group(self.store, mode="r")[self.sensor]
+            self._reader = SampleReader(array, index_cache=self.cache_blocks)
+        self._reader.index_cache = self.cache_blocks  # make_loader may have raised it
+        return self._reader
+
+    @property
+    def _blocks(self) -> OrderedDict[int, np.ndarray | None]:
+        """The cached shard indexes (a few bytes per sample; no decoded blocks are kept)."""
+        return self.reader.indexes
+
     def read_sample(self, sample: int) -> np.ndarray:
-        """Raw (C, H, W) values of one store sample, through the block cache."""
-        block = sample // self.block_size
-        if block not in self._blocks:
-            if self._array is None:
-                self._array = zarr.open_group(self.store, mode="r")[self.sensor]
-            start = block * self.block_size
-            self._blocks[block] = self._array[start : start + self.block_size]  # (block, C, H, W)
-            while len(self._blocks) > self.cache_blocks:
-                self._blocks.popitem(last=False)
-        self._blocks.move_to_end(block)
-        return self._blocks[block][sample - block * self.block_size]
+        """Raw (C, H, W) values of one store sample: one byte-range read of its shard, one decode."""
+        return self.reader.read(sample)
 
     def normalise(self, raw: np.ndarray) -> torch.Tensor:
         """(C, H, W) raw values -> normalised float32, nodata -> 0."""
-        x = torch.from_numpy(raw.astype(np.float32, copy=True))  # (C, H, W)
+        x = torch.from_numpy(raw.astype(np.float32))  # (C, H, W), a new array: the in-place ops are safe
         nodata = torch.isnan(x) if self.sensor == "s1" else x == 0
-        x = (x - self.mean) / self.std
-        return x.masked_fill(nodata, 0.0)
+        x.sub_(self.mean).div_(self.std)  # in place: the same values as (x - mean) / std, no temporaries
+        return x.masked_fill_(nodata, 0.0)
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """The augmentation parameters and dropped channels of one view."""
@@ -300,7 +404,7 @@ class StoreDataset(Dataset):
             raw = self.read_sample(others[view])
             suffix = f"_{view}" if view else ""
             if self.defer_augment:
-                item[f"raw{suffix}"] = torch.from_numpy(np.array(raw))  # (C, H, W) store dtype
+                item[f"raw{suffix}"] = torch.from_numpy(raw)  # (C, H, W) store dtype, a fresh array per read
                 item[f"aug{suffix}"] = torch.from_numpy(params)
                 item[f"drop{suffix}"] = torch.from_numpy(dropped)
             else:

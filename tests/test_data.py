@@ -16,10 +16,12 @@ from models.data import (
     SSL4EO_CROP_SIZE,
     BlockShuffleSampler,
     GpuAugment,
+    SampleReader,
     StoreDataset,
     apply_view_params,
     make_loader,
 )
+from tasks import training_store
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +226,60 @@ def test_ssl4eo_crop_default_fits_the_default_patch() -> None:
     from softcon.config import PreprocessConfig
 
     assert SSL4EO_CROP_SIZE == 224 < PreprocessConfig().patch_size == 264
+
+
+def _preprocess_layout_store(path: Path, n_samples: int = 20, block: int = 8) -> np.ndarray:
+    """A store written by tasks/training_store.py (Blosc, shards of ``block``); the last shard left unwritten."""
+    plan = training_store.SamplePlan(
+        location=np.arange(n_samples, dtype=np.int64),
+        tile=np.zeros(n_samples, np.int32),
+        time=np.full(n_samples, np.datetime64("2024-06-01", "ns")),
+        row=np.zeros(n_samples, np.int32),
+        col=np.zeros(n_samples, np.int32),
+        split=np.zeros(n_samples, np.uint8),
+        labels=np.zeros((n_samples, 2), np.uint8),
+        fractions=np.zeros((n_samples, 2), np.float32),
+        labelled=np.ones(n_samples, bool),
+    )
+    stats = {"mean": [1000.0] * 3, "std": [100.0] * 3}
+    attrs = {"bands": ["B02", "B03", "B04"], "pols": ["VV"], "norm_stats": {"s2": stats, "s1": stats}}
+    training_store.create_store(
+        str(path), plan, n_bands=3, n_pols=1, patch_size=6, samples_per_block=block, attrs=attrs
+    )
+    rng = np.random.default_rng(0)
+    s2 = rng.integers(0, 10_000, (2 * block, 3, 6, 6)).astype(np.uint16)
+    training_store.write_images(str(path), 0, s2, rng.normal(size=(2 * block, 1, 6, 6)).astype(np.float32))
+    return s2
+
+
+@pytest.mark.parametrize("sensor", ["s2", "s1"])
+def test_sample_reader_equals_zarr_on_the_preprocess_layout(tmp_path: Path, sensor: str) -> None:
+    s2 = _preprocess_layout_store(tmp_path / "store.zarr")
+    array = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")[sensor]
+    reader = SampleReader(array, index_cache=2)
+    assert reader.root is not None and reader.blosc  # the byte-range path, not the zarr fallback
+    for sample in range(array.shape[0]):  # two written shards, then one never written (fill values)
+        np.testing.assert_array_equal(reader.read(sample), array[sample])
+    assert len(reader.indexes) == 2  # the index cache is bounded
+    if sensor == "s2":
+        np.testing.assert_array_equal(reader.read(9), s2[9])
+        assert np.all(reader.read(19) == 0)  # unwritten shard: fill value
+
+
+def test_sample_reader_refuses_a_corrupt_shard_index(tmp_path: Path) -> None:
+    _preprocess_layout_store(tmp_path / "store.zarr")
+    shard = tmp_path / "store.zarr" / "s2" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # a bit flip in the index (offsets, sizes) at the end of the shard
+    shard.write_bytes(bytes(data))
+    reader = SampleReader(zarr.open_group(str(tmp_path / "store.zarr"), mode="r")["s2"], index_cache=2)
+    reader.read(0)
+    with pytest.raises(ValueError, match=r"checksum mismatch.*corrupt"):
+        reader.read(8)
+
+
+def test_unsharded_store_falls_back_to_zarr(store: SyntheticStore) -> None:
+    array = zarr.open_group(str(store.path), mode="r")["s2"]
+    reader = SampleReader(array, index_cache=2)
+    assert reader.root is None
+    np.testing.assert_array_equal(reader.read(5), array[5])
