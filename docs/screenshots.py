@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,9 +71,13 @@ def main() -> None:
                 f"{services.prefect_ui_url}/deployments/deployment/{deployment.id}/run",
                 args.out / "prefect-deployment-form.png",
             )
-            experiment = MlflowClient(services.mlflow_url).get_experiment_by_name("softcon-demo")
+            client = MlflowClient(services.mlflow_url)
+            experiment = client.get_experiment_by_name("softcon-demo")
+            parent = client.search_runs([experiment.experiment_id], "tags.`softcon.stage` = 'pipeline'")[0]
+            # The stage runs nested under the pipeline's parent run (the runs table, filtered on the parent).
+            search = quote(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
             screenshot(
-                f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}?compareRunsMode=TABLE",
+                f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}",
                 args.out / "mlflow-nested-runs.png",
                 height=700,
             )
