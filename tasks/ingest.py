@@ -38,6 +38,7 @@ APIs get HTTP headers whose values come from environment variables (``IngestConf
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -61,6 +62,7 @@ import zarr
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 from zarr.core.array import AsyncArray
+from zarr.core.sync import sync as zarr_sync
 
 from softcon.config import IngestConfig
 from tasks.collections import CollectionSpec, sensor_of, spec_for_item
@@ -369,6 +371,16 @@ class ReadOptions:
     gdal: dict[str, Any] = field(default_factory=dict)
     retries: int = 3
     retry_delay: float = 1.0
+    stac_items: dict[tuple[str, str], pystac.Item] = field(default_factory=dict, compare=False, repr=False)
+    """Parsed pystac Items by (collection, id), shared by the loads of a run (an item covers several tiles)."""
+
+    def pystac_item(self, item: dict[str, Any]) -> pystac.Item:
+        """The item as a pystac Item, without its links (a "self" link to an API would turn local paths into
+        API URLs)."""
+        key = (str(item.get("collection")), str(item["id"]))
+        if key not in self.stac_items:
+            self.stac_items[key] = pystac.Item.from_dict({**item, "links": []})
+        return self.stac_items[key]
 
 
 def solar_day(when: datetime, lon: float) -> date:
@@ -392,18 +404,46 @@ def load_s2_day(
     items: Sequence[dict[str, Any]], tile: Tile, bands: Sequence[str], read: ReadOptions | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One solar day of S2 on the tile grid: (band, y, x) uint16 harmonized reflectance, (y, x) SCL."""
+    ((_, loaded),) = load_s2_days({date.min: list(items)}, tile, bands, read).items()
+    return loaded
+
+
+def load_s2_days(
+    days: dict[date, list[dict[str, Any]]], tile: Tile, bands: Sequence[str], read: ReadOptions | None = None
+) -> dict[date, tuple[np.ndarray, np.ndarray]]:
+    """Several solar days of S2 in one odc-stac load: day -> (band, y, x) uint16 reflectance, (y, x) SCL.
+
+    Each day's items are mosaicked together (one time step per key of ``days``), exactly as a load of
+    that day alone; the items must share a collection spec and all carry SCL or all lack it.
+    """
+    items = [item for day_items in days.values() for item in day_items]
     spec = spec_for_item(items[0])
     band_keys = [spec.asset_key(band) for band in bands]
     with_scl = all(spec.assets["SCL"] in item["assets"] for item in items)
     keys = [*band_keys, spec.assets["SCL"]] if with_scl else band_keys
     resampling = {"*": "bilinear", spec.assets["SCL"]: "nearest"}
-    data = _odc_load(items, keys, tile, resampling, read=read)
-    stack = np.stack([data[key].values[0] for key in band_keys]).astype(np.int32)  # (band, y, x)
-    offset = spec.s2_offset(items[0])
-    if offset:  # BOA_ADD_OFFSET: keep 0 as nodata, clip valid pixels to 1
-        stack = np.where(stack > 0, np.clip(stack + offset, 1, None), 0)
-    scl = data[spec.assets["SCL"]].values[0].astype(np.uint8) if with_scl else np.zeros(stack.shape[1:], np.uint8)
-    return np.clip(stack, 0, 65535).astype(np.uint16), scl
+    data = _odc_load(days, keys, tile, resampling, read=read)
+    out = {}
+    for t, (day, day_items) in enumerate(sorted(days.items())):
+        stack = np.stack([data[key].values[t] for key in band_keys])  # (band, y, x)
+        offset = spec.s2_offset(day_items[0])
+        stack = _harmonize(stack, offset)
+        scl = data[spec.assets["SCL"]].values[t].astype(np.uint8) if with_scl else np.zeros(stack.shape[1:], np.uint8)
+        out[day] = (stack, scl)
+    return out
+
+
+def _harmonize(stack: np.ndarray, offset: int) -> np.ndarray:
+    """Reflectance as uint16 with the BOA offset (``<= 0``) added: 0 stays nodata, valid pixels clip to 1."""
+    if stack.dtype != np.uint16:  # odc-stac keeps the assets' dtype; other integer types are clipped in
+        stack = np.clip(stack, 0, 65535).astype(np.uint16)
+    if not offset:
+        return stack
+    nodata = stack == 0
+    out = np.maximum(stack, 1 - offset)  # valid pixels end at least at 1: no uint16 wrap-around below
+    out -= np.uint16(-offset)
+    out[nodata] = 0
+    return out
 
 
 def load_s1_day(items: Sequence[dict[str, Any]], tile: Tile, read: ReadOptions | None = None) -> np.ndarray:
@@ -411,48 +451,69 @@ def load_s1_day(items: Sequence[dict[str, Any]], tile: Tile, read: ReadOptions |
 
     A polarization that the day's items do not all carry (single-pol VV products) is all NaN.
     """
+    ((_, loaded),) = load_s1_days({date.min: list(items)}, tile, read).items()
+    return loaded
+
+
+def load_s1_days(
+    days: dict[date, list[dict[str, Any]]], tile: Tile, read: ReadOptions | None = None
+) -> dict[date, np.ndarray]:
+    """Several solar days of S1 in one odc-stac load: day -> (pol, y, x) float32 dB, NaN = no data.
+
+    A polarization that the items do not all carry is all NaN; the items must share a collection spec.
+    """
+    items = [item for day_items in days.values() for item in day_items]
     spec: CollectionSpec = spec_for_item(items[0])
     pols = [pol for pol in S1_POLS if all(spec.assets[pol] in item["assets"] for item in items)]
     if not pols:
         raise KeyError(f"items {[i['id'] for i in items]} carry none of the assets {[spec.assets[p] for p in S1_POLS]}")
     keys = {pol: spec.asset_key(pol) for pol in pols}
-    data = _odc_load(items, list(keys.values()), tile, {"*": "bilinear"}, dtype="float32", read=read)
-    scale = spec.s1_value_scale(items[0])
-    nodata = spec.asset_nodata(items[0], pols[0])
-    out = []
-    for pol in S1_POLS:
-        if pol not in keys:
-            out.append(np.full(tile.geobox.shape, np.nan, np.float32))
-            continue
-        values = data[keys[pol]].values[0].astype(np.float64)
-        values[(values == nodata) | ~np.isfinite(values)] = np.nan
-        if scale != "db":
-            values[values <= 0] = np.nan
-            with np.errstate(invalid="ignore", divide="ignore"):
-                # linear power -> 10 log10; amplitude digital numbers (GRD) -> 20 log10, uncalibrated.
-                values = (20 if scale == "amplitude" else 10) * np.log10(values)
-        out.append(values.astype(np.float32))
-    return np.stack(out)
+    data = _odc_load(days, list(keys.values()), tile, {"*": "bilinear"}, dtype="float32", read=read)
+    result = {}
+    for t, (day, day_items) in enumerate(sorted(days.items())):
+        scale = spec.s1_value_scale(day_items[0])
+        nodata = spec.asset_nodata(day_items[0], pols[0])
+        out = []
+        for pol in S1_POLS:
+            if pol not in keys:
+                out.append(np.full(tile.geobox.shape, np.nan, np.float32))
+                continue
+            values = data[keys[pol]].values[t].astype(np.float64)
+            values[(values == nodata) | ~np.isfinite(values)] = np.nan
+            if scale != "db":
+                values[values <= 0] = np.nan
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    # linear power -> 10 log10; amplitude digital numbers (GRD) -> 20 log10, uncalibrated.
+                    values = (20 if scale == "amplitude" else 10) * np.log10(values)
+            out.append(values.astype(np.float32))
+        result[day] = np.stack(out)
+    return result
 
 
 def _odc_load(
-    items: Sequence[dict[str, Any]],
+    days: dict[date, list[dict[str, Any]]],
     keys: Sequence[str],
     tile: Tile,
     resampling: dict[str, str],
     dtype: str | None = None,
     read: ReadOptions | None = None,
 ) -> xr.Dataset:
+    """One odc-stac load of the days' items onto the tile; time step ``t`` is the ``t``-th day in date order."""
     read = read or ReadOptions()
-    # Without their links: a "self" link to an API would turn absolute local paths into API URLs.
-    stac_items = [pystac.Item.from_dict({**item, "links": []}) for item in items]
+    stac_items = [read.pystac_item(item) for day_items in days.values() for item in day_items]
+    day_of = [day for day, day_items in days.items() for _ in day_items]
     with warnings.catch_warnings(), rasterio.Env(**read.gdal):
         warnings.simplefilter("ignore")  # odc-stac warns about common-name aliases
         # fail_on_error: a read error must raise (and be retried or reported), never become silent nodata.
-        return odc.stac.load(
-            stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling, groupby="solar_day",
-            chunks=None, fail_on_error=True, dtype=dtype, patch_url=read.patch_url,
+        # Grouped by the day keys given (the tile's solar day), not odc's own solar-day guess.
+        data = odc.stac.load(
+            stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling,
+            groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=dtype,
+            patch_url=read.patch_url,
         )  # fmt: skip
+    if data.sizes["time"] != len(days):  # pragma: no cover (a grouping bug)
+        raise AssertionError(f"odc-stac returned {data.sizes['time']} time steps for {len(days)} days")
+    return data
 
 
 def load_day_isolating(
@@ -552,50 +613,97 @@ def tile_lock(cube: str, tile_id: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_tile_group(cube: str, tile: Tile, bands: Sequence[str]) -> zarr.Group:
-    """The tile's Zarr group, created empty if missing and repaired after an interrupted append.
+SENSOR_ARRAYS = {"time": ("s2", "scl"), "time_s1": ("s1",)}
+"""Time coordinate -> the data arrays along it."""
+ITEM_ATTRS = {"time": "s2_items", "time_s1": "s1_items"}
+"""Time coordinate -> the group attribute recording its item ids per solar day."""
+
+
+@dataclass
+class OpenTile:
+    """A tile's group with handles to its arrays, their metadata read in one listing (few store round trips)."""
+
+    group: zarr.Group
+    arrays: dict[str, zarr.Array]
+    seconds: dict[str, np.ndarray]
+    """Time coordinate (``time``, ``time_s1``) -> its stored values, seconds since 1970."""
+
+    def days(self, time_dim: str, lon: float) -> set[date]:
+        """Solar days already in the tile along ``time`` or ``time_s1``."""
+        return {solar_day(_decode_time(int(s)), lon) for s in self.seconds[time_dim]}
+
+
+def _open_existing(cube: str, path: str) -> zarr.Group | None:
+    try:
+        return zarr.open_group(cube, path=path, mode="r+", zarr_format=3)
+    except FileNotFoundError:  # zarr's GroupNotFoundError is one too
+        return None
+
+
+def open_tile(cube: str, tile: Tile, bands: Sequence[str], *, check_bands: bool = True) -> OpenTile:
+    """The tile's group, created empty if missing and repaired after an interrupted append.
 
     Call it holding ``tile_lock(cube, tile.tile_id)``.
+
+    Raises:
+        ValueError: when the tile holds other bands than ``bands`` (with ``check_bands``).
     """
     path = f"tiles/{tile.tile_id}"
-    root = zarr.open_group(cube, mode="a", zarr_format=3)
-    if path in root and not all(name in root[path] for name in TILE_ARRAYS):
+    group = _open_existing(cube, path)
+    arrays = dict(group.arrays()) if group is not None else {}
+    if group is not None and not set(TILE_ARRAYS) <= set(arrays):
         # A run killed while creating the tile: it holds no time step yet, so start it again.
         log.warning("tile %s in %s is incomplete (interrupted creation); recreating it", tile.tile_id, cube)
-        del root[path]
-    if path not in root:
+        del zarr.open_group(cube, mode="a", zarr_format=3)[path]
+        group = None
+    if group is None:
         template, encoding = _tile_template(tile, bands)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             template.to_zarr(cube, group=path, mode="a", zarr_format=3, encoding=encoding, consolidated=False)
-    group = zarr.open_group(cube, path=path, mode="a", zarr_format=3)
-    stored_bands = [str(b) for b in group["band"][:]]
-    if stored_bands != list(bands):
-        raise ValueError(f"tile {tile.tile_id} in {cube} holds bands {stored_bands}, not the requested {list(bands)}")
-    _repair(group)
-    return group
+        group = zarr.open_group(cube, path=path, mode="r+", zarr_format=3)
+        arrays = dict(group.arrays())
+    if check_bands:
+        stored_bands = [str(b) for b in arrays["band"][:]]
+        if stored_bands != list(bands):
+            raise ValueError(
+                f"tile {tile.tile_id} in {cube} holds bands {stored_bands}, not the requested {list(bands)}"
+            )
+    opened = OpenTile(group, arrays, {time_dim: arrays[time_dim][:] for time_dim in SENSOR_ARRAYS})
+    _repair(opened)
+    return opened
 
 
-def _repair(group: zarr.Group) -> None:
+def open_tile_group(cube: str, tile: Tile, bands: Sequence[str]) -> zarr.Group:
+    """The tile's Zarr group (see ``open_tile``)."""
+    return open_tile(cube, tile, bands).group
+
+
+def _repair(tile: OpenTile) -> None:
     """Undo an interrupted append: truncate data arrays to their time coordinate, drop ids of unwritten days."""
-    for time_dim, names, attr in (("time", ("s2", "scl"), "s2_items"), ("time_s1", ("s1",), "s1_items")):
-        steps = group[time_dim].shape[0]
+    stale_ids: dict[str, dict[str, list[str]]] = {}
+    for time_dim, names in SENSOR_ARRAYS.items():
+        steps = len(tile.seconds[time_dim])
         for name in names:
-            array = group[name]
+            array = tile.arrays[name]
             if array.shape[0] != steps:
                 log.warning(
-                    "tile %s: %s has %d steps, %s %d; truncating", group.path, name, array.shape[0], time_dim, steps
-                )
+                    "tile %s: %s has %d steps, %s %d; truncating", tile.group.path, name, array.shape[0], time_dim,
+                    steps,
+                )  # fmt: skip
                 array.resize((steps, *array.shape[1:]))
-        recorded = dict(group.attrs.get(attr, {}))
-        days = {_decode_time(int(s)).date().isoformat() for s in group[time_dim][:]}
+        attr = ITEM_ATTRS[time_dim]
+        recorded = dict(tile.group.attrs.get(attr, {}))
+        days = {_decode_time(int(s)).date().isoformat() for s in tile.seconds[time_dim]}
         # Item ids are keyed by solar day, time by acquisition time: a day's id key may differ from its
         # UTC date by one, so keep keys within a day of a stored time.
         near = {(date.fromisoformat(d) + timedelta(days=k)).isoformat() for d in days for k in (-1, 0, 1)}
         stale = [day for day in recorded if day not in near]
         if stale:
-            log.warning("tile %s: dropping item ids of unwritten days %s", group.path, stale)
-            group.attrs[attr] = {day: ids for day, ids in recorded.items() if day not in stale}
+            log.warning("tile %s: dropping item ids of unwritten days %s", tile.group.path, stale)
+            stale_ids[attr] = {day: ids for day, ids in recorded.items() if day not in stale}
+    if stale_ids:
+        tile.group.update_attributes(stale_ids)
 
 
 def _decode_time(seconds: int) -> datetime:
@@ -607,16 +715,27 @@ def existing_days(group: zarr.Group, time_dim: str, lon: float) -> set[date]:
     return {solar_day(_decode_time(int(s)), lon) for s in group[time_dim][:]}
 
 
-def _write_ahead(array: zarr.Array, start: int, values: np.ndarray) -> None:
-    """Write ``values`` at ``start:`` along axis 0 *without* changing the array's stored shape.
-
-    A view of the array at its future shape writes the new chunks; the shape (what readers see) only grows
-    when ``_grow`` writes the metadata, so a crash before that leaves no visible trace.
-    """
+def _future_view(array: zarr.Array, length: int) -> AsyncArray:
+    """The array at a longer length along axis 0, without writing that length to the store."""
     current = array._async_array
-    future = current.metadata.update_shape((start + len(values), *array.shape[1:]))
-    view = zarr.Array(AsyncArray(future, current.store_path, current.config))
-    view[start:] = values
+    future = current.metadata.update_shape((length, *array.shape[1:]))
+    return AsyncArray(future, current.store_path, current.config)
+
+
+def _write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
+    """Write each ``values`` at ``start:`` along axis 0 of its array *without* changing the stored shapes.
+
+    Views of the arrays at their future shapes write the new chunks, all concurrently; the shapes (what
+    readers see) only grow when ``_grow`` writes the metadata, so a crash before that leaves no visible trace.
+    """
+
+    async def write_all() -> None:
+        await asyncio.gather(
+            *(_future_view(array, start + len(values)).setitem(slice(start, None), values)
+              for array, start, values in writes)
+        )  # fmt: skip
+
+    zarr_sync(write_all())
 
 
 def _grow(array: zarr.Array, steps: int) -> None:
@@ -624,33 +743,50 @@ def _grow(array: zarr.Array, steps: int) -> None:
     array.resize((steps, *array.shape[1:]))
 
 
-def append_steps(
-    group: zarr.Group, time_dim: str, arrays: dict[str, list[np.ndarray]], times: Sequence[datetime],
-    item_ids: dict[str, list[str]],
-) -> int:  # fmt: skip
-    """Append time steps crash-safely (see the module doc); returns the uncompressed pixel bytes written.
+@dataclass
+class NewSteps:
+    """Time steps of one sensor to append to a tile."""
+
+    time_dim: str
+    """``time`` (S2: arrays s2, scl) or ``time_s1`` (S1: array s1)."""
+    arrays: dict[str, list[np.ndarray]]
+    times: Sequence[datetime]
+    item_ids: dict[str, list[str]]
+    """Solar day (ISO) -> item ids."""
+
+
+def append_steps(tile: OpenTile, appends: Sequence[NewSteps]) -> int:
+    """Append time steps of one or both sensors crash-safely (see the module doc); returns pixel bytes written.
 
     Order: every new chunk written ahead, then data arrays grown, then the item ids recorded, then the
-    time coordinate grown: the commit point.
+    time coordinates grown: the commit point of each sensor.
     """
-    if not times:
+    appends = [a for a in appends if a.times]
+    if not appends:
         return 0
-    steps = group[time_dim].shape[0]
-    new = steps + len(times)
-    stacked = {name: np.stack(values) for name, values in arrays.items()}
     epoch = datetime(1970, 1, 1)
-    seconds = np.array([int((t.replace(tzinfo=None) - epoch).total_seconds()) for t in times], np.int64)
-    for name, values in stacked.items():
-        _write_ahead(group[name], steps, values)
-    _write_ahead(group[time_dim], steps, seconds)
-    for name in stacked:
-        _grow(group[name], new)
-    attr = "s2_items" if time_dim == "time" else "s1_items"
-    recorded = dict(group.attrs.get(attr, {}))
-    recorded.update(item_ids)
-    group.attrs[attr] = recorded
-    _grow(group[time_dim], new)
-    return int(sum(values.nbytes for values in stacked.values()))
+    writes, grows, commits, attrs, pixel_bytes = [], [], [], {}, 0
+    for append in appends:
+        steps = len(tile.seconds[append.time_dim])
+        new = steps + len(append.times)
+        for name, values in append.arrays.items():
+            stacked = np.stack(values)
+            writes.append((tile.arrays[name], steps, stacked))
+            grows.append((tile.arrays[name], new))
+            pixel_bytes += stacked.nbytes
+        seconds = np.array([int((t.replace(tzinfo=None) - epoch).total_seconds()) for t in append.times], np.int64)
+        writes.append((tile.arrays[append.time_dim], steps, seconds))
+        commits.append((tile.arrays[append.time_dim], new))
+        tile.seconds[append.time_dim] = np.concatenate([tile.seconds[append.time_dim], seconds])
+        attr = ITEM_ATTRS[append.time_dim]
+        attrs[attr] = {**tile.group.attrs.get(attr, {}), **append.item_ids}
+    _write_ahead(writes)
+    for array, steps in grows:
+        _grow(array, steps)
+    tile.group.update_attributes(attrs)
+    for array, steps in commits:
+        _grow(array, steps)
+    return int(pixel_bytes)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -691,6 +827,13 @@ class _TileBatch:
     def __len__(self) -> int:
         return len(self.times)
 
+    def clear(self) -> None:
+        self.times.clear()
+        self.days.clear()
+        self.ids.clear()
+        for values in self.arrays.values():
+            values.clear()
+
 
 @dataclass
 class _RunState:
@@ -701,83 +844,138 @@ class _RunState:
     pixel_bytes: int = 0
 
 
-def _flush(cube: str, tile: Tile, bands: Sequence[str], batch: _TileBatch, lon: float, state: _RunState) -> None:
-    """Append a batch under the tile lock, dropping days another run wrote since they were loaded."""
-    if not batch:
-        return
+def _flush(
+    cube: str, tile: Tile, bands: Sequence[str], batches: Sequence[_TileBatch], lon: float, state: _RunState
+) -> tuple[OpenTile | None, list[int]]:  # fmt: skip
+    """Append the batches (S2, S1) under one hold of the tile lock, dropping days another run wrote since they
+    were loaded; returns the tile as left (``None`` when there was nothing to append) and steps per batch."""
+    if not any(batches):
+        return None, [0] * len(batches)
+    appends, ingested = [], []
     with tile_lock(cube, tile.tile_id):
-        group = open_tile_group(cube, tile, bands)
-        have = existing_days(group, batch.time_dim, lon)
-        keep = [k for k, day in enumerate(batch.days) if day not in have]
-        state.skipped["exists"] += len(batch) - len(keep)
-        arrays = {name: [values[k] for k in keep] for name, values in batch.arrays.items()}
-        times = [batch.times[k] for k in keep]
-        ids = {batch.days[k].isoformat(): batch.ids[batch.days[k].isoformat()] for k in keep}
-        state.pixel_bytes += append_steps(group, batch.time_dim, arrays, times, ids)
-    state.written += len(keep)
-    for day_ids in ids.values():
-        state.ingested.update(day_ids)
-    batch.times.clear()
-    batch.days.clear()
-    batch.ids.clear()
-    for values in batch.arrays.values():
-        values.clear()
+        opened = open_tile(cube, tile, bands, check_bands=False)  # bands checked when the run first opened it
+        for batch in batches:
+            have = opened.days(batch.time_dim, lon)
+            keep = [k for k, day in enumerate(batch.days) if day not in have]
+            state.skipped["exists"] += len(batch) - len(keep)
+            ids = {batch.days[k].isoformat(): batch.ids[batch.days[k].isoformat()] for k in keep}
+            arrays = {name: [values[k] for k in keep] for name, values in batch.arrays.items()}
+            appends.append(NewSteps(batch.time_dim, arrays, [batch.times[k] for k in keep], ids))
+            ingested.append((len(keep), ids))
+        state.pixel_bytes += append_steps(opened, appends)
+    for written, ids in ingested:
+        state.written += written
+        for day_ids in ids.values():
+            state.ingested.update(day_ids)
+    for batch in batches:
+        batch.clear()
+    return opened, [written for written, _ in ingested]
+
+
+def _combinable(items: Sequence[dict[str, Any]], sensor: str, bands: Sequence[str]) -> bool:
+    """Whether items of several days can go through one load: one collection spec, the same assets used."""
+    spec = spec_for_item(items[0])
+    if any(spec_for_item(item) != spec for item in items[1:]):
+        return False
+    keys = [spec.assets["SCL"]] if sensor == "s2" else [spec.assets[pol] for pol in S1_POLS]
+    return len({tuple(key in item["assets"] for key in keys) for item in items}) == 1
+
+
+def load_days(
+    sensor: str, days: dict[date, list[dict[str, Any]]], tile: Tile, bands: Sequence[str], read: ReadOptions,
+) -> Iterator[tuple[date, list[dict[str, Any]], Any, dict[str, str]]]:  # fmt: skip
+    """Load several tile-dates of one sensor: (day, its items that loaded, pixels or ``None``, failed items).
+
+    First one odc-stac load for all the days (with retries: one setup, one dataset, instead of one per
+    day); if that keeps failing, each day is loaded on its own and its failing items are isolated
+    (``load_day_isolating``), so one bad item costs only its own pixels.
+    """
+    if not days:
+        return
+    items = [item for day_items in days.values() for item in day_items]
+    what = f"{tile.tile_id} {sensor.upper()} {min(days)}..{max(days)}"
+    if len(days) > 1 and _combinable(items, sensor, bands):
+        try:
+            if sensor == "s2":
+                loaded = with_retries(
+                    lambda: load_s2_days(days, tile, bands, read), what=what, retries=read.retries,
+                    delay=read.retry_delay,
+                )  # fmt: skip
+            else:
+                loaded = with_retries(
+                    lambda: load_s1_days(days, tile, read), what=what, retries=read.retries, delay=read.retry_delay
+                )
+        except Exception as error:
+            log.info("%s: loading the days together failed (%s); loading day by day", what, error)
+        else:
+            for day in sorted(days):
+                yield day, days[day], loaded.pop(day), {}
+            return
+    for day in sorted(days):
+        what = f"{tile.tile_id} {day} {sensor.upper()}"
+        load_one: Callable[[Sequence[dict[str, Any]]], Any] = (
+            (lambda subset: load_s2_day(subset, tile, bands, read))
+            if sensor == "s2"
+            else (lambda subset: load_s1_day(subset, tile, read))
+        )
+        one, failed = load_day_isolating(days[day], load_one, read, what)
+        yield day, [i for i in days[day] if i["id"] not in failed], one, failed
 
 
 def _ingest_tile(
     config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
     progress: Callable[[str], None],
-) -> None:  # fmt: skip
+) -> set[date]:  # fmt: skip
+    """Load the tile's new days and append them; returns the tile's Sentinel-2 days afterwards."""
     lon = _tile_centre_lon(tile)
     with tile_lock(config.cube, tile.tile_id):
-        group = open_tile_group(config.cube, tile, config.bands)
-        have = {"time": existing_days(group, "time", lon), "time_s1": existing_days(group, "time_s1", lon)}
-    counts = {}
+        opened = open_tile(config.cube, tile, config.bands)
+    new_days: dict[str, list[tuple[date, list[dict[str, Any]]]]] = {}
     for sensor, time_dim in (("s2", "time"), ("s1", "time_s1")):
-        names = ("s2", "scl") if sensor == "s2" else ("s1",)
-        batch = _TileBatch(time_dim, {name: [] for name in names})
-        written_before = state.written
         sensor_items = [i for i in items if sensor_of(i["collection"]) == sensor and i["id"] not in state.failures]
+        have = opened.days(time_dim, lon)
+        new_days[sensor] = []
         for day, day_items in group_by_solar_day(sensor_items, lon).items():
-            if day in have[time_dim]:
+            if day in have:
                 state.skipped["exists"] += 1
-                continue
-            what = f"{tile.tile_id} {day} {sensor.upper()}"
-            if sensor == "s2":
-                loaded, failed = load_day_isolating(
-                    day_items, lambda subset: load_s2_day(subset, tile, config.bands, read), read, what
-                )
             else:
-                loaded, failed = load_day_isolating(
-                    day_items, lambda subset: load_s1_day(subset, tile, read), read, what
-                )
-            for item_id, reason in failed.items():
-                log.warning("skipping item %s: %s", item_id, reason)
-            state.failures.update(failed)
-            if loaded is None:
-                continue
-            day_items = [i for i in day_items if i["id"] not in failed]
-            if sensor == "s2":
-                s2, scl = loaded
-                cloud, nodata = s2_day_quality(s2, scl)
-                values = {"s2": s2, "scl": scl}
-            else:
-                cloud, nodata = 0.0, float(np.isnan(loaded).all(axis=0).mean())
-                values = {"s1": loaded}
-            if nodata > config.max_tile_nodata:
-                state.skipped["nodata"] += 1
-                progress(f"{what}: nodata {nodata:.2f} > {config.max_tile_nodata}; skipped")
-                continue
-            if cloud > config.max_tile_cloud:
-                state.skipped["cloud"] += 1
-                progress(f"{what}: cloud {cloud:.2f} > {config.max_tile_cloud}; skipped")
-                continue
-            batch.add(day, values, min(_item_datetime(i) for i in day_items), sorted(i["id"] for i in day_items))
-            if len(batch) >= WRITE_BATCH:
-                _flush(config.cube, tile, config.bands, batch, lon, state)
-        _flush(config.cube, tile, config.bands, batch, lon, state)
-        counts[sensor] = state.written - written_before
+                new_days[sensor].append((day, day_items))
+    batches = {"s2": _TileBatch("time", {"s2": [], "scl": []}), "s1": _TileBatch("time_s1", {"s1": []})}
+    counts = Counter[str]()
+    # Rounds of up to WRITE_BATCH days per sensor: one load per sensor, one append of both under one lock
+    # hold; bounded memory on long date ranges.
+    rounds = max(len(days) for days in new_days.values())
+    for first in range(0, rounds, WRITE_BATCH):
+        for sensor, batch in batches.items():
+            chunk = dict(new_days[sensor][first : first + WRITE_BATCH])
+            for day, day_items, loaded, failed in load_days(sensor, chunk, tile, config.bands, read):
+                for item_id, reason in failed.items():
+                    log.warning("skipping item %s: %s", item_id, reason)
+                state.failures.update(failed)
+                if loaded is None:
+                    continue
+                what = f"{tile.tile_id} {day} {sensor.upper()}"
+                if sensor == "s2":
+                    s2, scl = loaded
+                    cloud, nodata = s2_day_quality(s2, scl)
+                    values = {"s2": s2, "scl": scl}
+                else:
+                    cloud, nodata = 0.0, float(np.isnan(loaded).all(axis=0).mean())
+                    values = {"s1": loaded}
+                if nodata > config.max_tile_nodata:
+                    state.skipped["nodata"] += 1
+                    progress(f"{what}: nodata {nodata:.2f} > {config.max_tile_nodata}; skipped")
+                    continue
+                if cloud > config.max_tile_cloud:
+                    state.skipped["cloud"] += 1
+                    progress(f"{what}: cloud {cloud:.2f} > {config.max_tile_cloud}; skipped")
+                    continue
+                batch.add(day, values, min(_item_datetime(i) for i in day_items), sorted(i["id"] for i in day_items))
+        flushed, written = _flush(config.cube, tile, config.bands, list(batches.values()), lon, state)
+        opened = flushed or opened
+        counts.update(dict(zip(batches, written, strict=True)))
     progress(f"{tile.tile_id}: wrote {counts['s2']} S2 and {counts['s1']} S1 dates")
+    return opened.days("time", lon)
 
 
 def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | None = None) -> IngestReport:
@@ -836,9 +1034,7 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     bytes_before = {tile.tile_id: _tree_bytes(local / "tiles" / tile.tile_id) for tile in tiles} if local else {}
     cube_days: set[date] = set()
     for done, tile in enumerate(tiles, start=1):
-        _ingest_tile(config, tile, _intersecting(usable, tile), read, state, progress)
-        group = zarr.open_group(config.cube, path=f"tiles/{tile.tile_id}", mode="r", zarr_format=3)
-        cube_days |= existing_days(group, "time", _tile_centre_lon(tile))
+        cube_days |= _ingest_tile(config, tile, _intersecting(usable, tile), read, state, progress)
         log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id, extra={PROGRESS_EXTRA: (done, len(tiles))})
 
     bytes_written = (
