@@ -1,10 +1,10 @@
 """Training-store dataset: normalised tensors, two views per scene, augmentations on tensors.
 
 The store (written by the preprocess stage) keeps samples in Zarr shards along the sample axis (one shard
-per write block, inner chunks of one sample). The dataset reads a whole shard ("block") at a time, one
-file read, and keeps the last ``cache_blocks`` in an LRU cache; ``BlockShuffleSampler`` visits blocks in
+per write block, inner chunks of one sample). ``SampleReader`` reads one sample as one byte-range read of its
+shard and one decode (the shard's index is cached); ``BlockShuffleSampler`` visits blocks (shards) in
 random order and shuffles samples only inside a buffer of ``buffer_blocks`` blocks, so the reads stay
-sequential and memory is bounded by the buffer, never by the store.
+within a few shards and memory is bounded by the batches in flight, never by the store.
 
 Every random choice (second date, crop offset, flips, 90° turns, dropped channels) is drawn from a
 generator seeded by (seed, epoch, sample), so an item is the same whichever worker loads it and whenever
@@ -244,7 +244,8 @@ class StoreDataset(Dataset):
         seed: base seed of every random choice.
         augment: random crop position, flips, 90° rotations and channel dropout; False for evaluation.
         norm_stats: {"mean": [...], "std": [...]} overriding the store's (e.g. a checkpoint's).
-        cache_blocks: how many decoded blocks (shards) to keep; at least the sampler's ``buffer_blocks``.
+        cache_blocks: how many shard indexes to keep (16 bytes per sample each); ``make_loader`` raises it
+            to the sampler's ``buffer_blocks``.
         channel_dropout: probability that a channel of a view is set to its mean (0 after normalisation).
         defer_augment: leave normalisation and augmentation to ``GpuAugment`` after the DataLoader.
     """
@@ -537,9 +538,9 @@ def make_loader(
     """A DataLoader over ``dataset`` in ``sampler``'s block-shuffled order, batched before the workers.
 
     Batches are formed in the main process from the sampler's order, so the batches (and, items being
-    seeded per sample, their contents) are the same for any ``num_workers``. The dataset's block cache is
-    raised to the sampler's buffer so a buffer is decoded once per worker; peak memory is about
-    ``(num_workers or 1) * buffer_blocks * block bytes``, whatever the store's size.
+    seeded per sample, their contents) are the same for any ``num_workers``. Each sample is decoded once,
+    by the worker that loads it; the dataset's shard-index cache is raised to the sampler's buffer. Peak
+    memory is the batches in flight (``num_workers * prefetch_factor``), whatever the store's size.
 
     Args:
         dataset: the store dataset (``defer_augment=True`` to augment batches on the GPU afterwards).
