@@ -111,6 +111,10 @@ def ingest(
     bands: Annotated[str | None, typer.Option(help="Sentinel-2 bands, e.g. B02,B03,B04,B08.")] = None,
     resolution: Annotated[float | None, typer.Option(help="Pixel size in metres [default: 10].")] = None,
     tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 256].")] = None,
+    epsg: Annotated[
+        int | None,
+        typer.Option(help="UTM EPSG code of the grid, e.g. 32632 [default: the zone of the area's centre]."),
+    ] = None,
     max_cloud: Annotated[float | None, typer.Option(help="Max item cloud cover, percent [default: 80].")] = None,
     max_tile_cloud: Annotated[
         float | None, typer.Option(help="Skip tile-dates with a larger SCL cloud fraction [default: 0.8].")
@@ -152,6 +156,7 @@ def ingest(
         "bands": _split_list(bands),
         "resolution": resolution,
         "tile_size": tile_size,
+        "epsg": epsg,
         "max_cloud": max_cloud,
         "max_tile_cloud": max_tile_cloud,
         "max_tile_nodata": max_tile_nodata,
