@@ -339,6 +339,12 @@ def build_trainer(
     if config.objective == "supervised" and not n_classes:
         raise ValueError("objective 'supervised' needs the store's class count (n_classes)")
     student = Student(encoder, config.embed_dim, n_classes=n_classes if config.objective == "supervised" else None)
+    if student.vit and img_size and img_size % student.mask_cell(config.mask_patch):
+        cell = student.mask_cell(config.mask_patch)
+        raise ValueError(
+            f"{config.backbone} needs inputs that are multiples of its {cell} px patch, got {img_size} px: set "
+            f"crop_size to a multiple of {cell} (e.g. {img_size - img_size % cell})"
+        )
     return Trainer(config, student, device, dist_ctx or DistributedContext())
 
 

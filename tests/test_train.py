@@ -124,3 +124,8 @@ def test_indivisible_ddp_batch_is_refused_before_any_work(
     with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
         run_training(tiny_config(store, tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_vit_with_patches_not_a_multiple_of_its_patch_is_refused(store: SyntheticStore, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"multiples of its 16 px patch, got 12 px: set crop_size"):
+        run_training(tiny_config(store, tmp_path, backbone="vit_tiny_patch16_224", crop_size=12))
