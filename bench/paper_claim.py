@@ -82,19 +82,33 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=4)
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--dates", type=int, default=4)
+    parser.add_argument("--store", help="Reuse this training store instead of building one.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when seeds run in parallel).")
+    parser.add_argument(
+        "--table-from", type=Path, nargs="+", help="Only print the table of these paper_claim.json files (merged)."
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.table_from:
+        print_table([run for path in args.table_from for run in json.loads(path.read_text())["runs"]])
+        return
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
 
-    store, timings = build_store(args.out, tiles=args.tiles, tile_size=args.tile_size, dates=args.dates)
-    rows: dict[str, list[float]] = {}
+    if args.store:
+        store, timings = args.store, {}
+    else:
+        store, timings = build_store(args.out, tiles=args.tiles, tile_size=args.tile_size, dates=args.dates)
     runs = []
     for seed in args.seeds:
         checkpoints, losses = {}, {}
         for name, lam in (("softcon", args.lambda_soft), ("hard", 0.0)):
             history: list[dict[str, float]] = []
             started = time.perf_counter()
+            done = args.out / f"ckpt-{name}-seed{seed}" / f"step_{args.steps:06d}.pt"
+            if done.is_file():  # a finished run of this seed: evaluate it again, do not retrain
+                checkpoints[name], losses[name] = done, []
+                continue
             result = run_training(
                 TrainConfig(
                     store=store,
@@ -125,34 +139,41 @@ def main() -> None:
             checkpoints["softcon"],
         )
         timings[f"evaluate_seed{seed}"] = time.perf_counter() - started
-        for result in evaluation.results:
-            name = result.encoder.split(" (")[0] if result.encoder.startswith("SoftCon") else result.encoder
-            for metric in ("linear_map_micro", "linear_map_macro", "knn_map_micro"):
-                rows.setdefault(f"{name}|{metric}", []).append(result.metrics[metric])
         runs.append(
             {
                 "seed": seed,
                 "results": [{"encoder": r.encoder, **r.metrics} for r in evaluation.results],
-                "train_history": {k: v for k, v in losses.items()},
+                "train_history": losses,
             }
         )
         print(f"seed {seed}: " + ", ".join(f"{r.encoder} {100 * r.metrics['linear_map_micro']:.1f}"
                                            for r in evaluation.results))  # fmt: skip
-    timings["total"] = time.perf_counter() - total
+        timings["total"] = time.perf_counter() - total
+        (args.out / "paper_claim.json").write_text(  # after every seed, so a stopped run keeps what it did
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "timings": timings, "runs": runs}, indent=1)
+        )
+    print_table(runs)
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
-    print("\n| encoder | linear mAP micro (mean ± std over seeds) | per seed | linear mAP macro | kNN mAP micro |")
+
+def print_table(runs: list[dict]) -> None:
+    """One row per encoder: mean ± std over the runs' seeds, and the per-seed values."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for result in run["results"]:
+            name = "SoftCon" if result["encoder"].startswith("SoftCon") else result["encoder"]
+            for metric in ("linear_map_micro", "linear_map_macro", "knn_map_micro"):
+                rows.setdefault(name, {}).setdefault(metric, []).append(100 * result[metric])
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    print(f"\n| encoder | linear mAP micro (mean ± std, seeds {seeds}) | per seed | linear mAP macro | kNN mAP micro |")
     print("|---|---|---|---|---|")
-    for name in dict.fromkeys(key.split("|")[0] for key in rows):
-        micro = 100 * np.array(rows[f"{name}|linear_map_micro"])
-        macro = 100 * np.array(rows[f"{name}|linear_map_macro"])
-        knn = 100 * np.array(rows[f"{name}|knn_map_micro"])
+    for name, metrics in rows.items():
+        micro, macro, knn = (
+            np.array(metrics[key]) for key in ("linear_map_micro", "linear_map_macro", "knn_map_micro")
+        )
         print(
             f"| {name} | {spread(micro)} | {', '.join(f'{v:.1f}' for v in micro)} | {spread(macro)} | {spread(knn)} |"
         )
-    print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    (args.out / "paper_claim.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "timings": timings, "runs": runs}, indent=1)
-    )
 
 
 if __name__ == "__main__":
