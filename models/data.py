@@ -38,7 +38,7 @@ import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
@@ -125,12 +125,21 @@ class SampleReader:
         return index
 
     def read(self, sample: int) -> np.ndarray:
-        """Raw (C, H, W) values of store sample ``sample``."""
+        """Raw (C, H, W) values of store sample ``sample`` in a new array."""
         if self.root is None:
             return self.array[sample]
+        return self.read_into(sample, np.empty(self.sample_shape, self.dtype))
+
+    def read_into(self, sample: int, out: np.ndarray) -> np.ndarray:
+        """Decode store sample ``sample`` straight into ``out``: a C-contiguous (C, H, W) array of the store's
+        dtype, e.g. one slot of a batch (no intermediate array, no copy)."""
+        if out.shape != self.sample_shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_into needs a C-contiguous {self.sample_shape} {self.dtype} array")
+        if self.root is None:
+            out[...] = self.array[sample]
+            return out
         shard, position = divmod(sample, self.per_shard)
         index = self._index(shard)
-        out = np.empty(self.sample_shape, self.dtype)
         if index is None or index[position, 0] == _EMPTY_CHUNK:
             out.fill(self.array.fill_value)
             return out
@@ -320,6 +329,8 @@ class StoreDataset(Dataset):
         self._run_start = position
         self._run_stop = np.searchsorted(sorted_locations, locations, side="right")
         self._reader: SampleReader | None = None
+        self._decoded: np.ndarray | None = None  # (C, H, W) decode buffer of the batch path, per process
+        self._table: np.ndarray | None = None  # (C, 65536) normalised values of uint16 (or uint8) inputs
 
     @property
     def in_chans(self) -> int:
@@ -335,7 +346,7 @@ class StoreDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
-        state["_reader"] = None
+        state["_reader"] = state["_decoded"] = state["_table"] = None
         return state
 
     @property
@@ -419,6 +430,117 @@ class StoreDataset(Dataset):
                 item["image" if not view else f"view_{view}"] = x
         item["other"] = torch.tensor(others.get("b", sample), dtype=torch.int64)
         return item
+
+    def __getitems__(self, positions: list[int]) -> _Batch:
+        """A whole batch at once (``DataLoader`` calls this with a batch's dataset positions).
+
+        Equal to stacking ``self[i]`` for ``i`` in ``positions`` (same draws, same values, bit for bit), but
+        every sample is decoded straight into one (B, C, H, W) batch array (``defer_augment``) or, cropped,
+        flipped and turned as a view of a reused decode buffer, converted and normalised straight into one
+        (B, C, H', W') float32 batch: no per-item tensors, no ``torch.stack``. uint16/uint8 stores are
+        normalised through a per-band lookup table built with the same float32 operations as
+        ``normalise`` (one pass, exactly the same numbers). In a DataLoader worker the batch tensors are
+        allocated in shared memory, where they would be copied to anyway. The returned list holds per-item
+        views for the default collate; ``collate_batch`` (``make_loader``'s) returns ``.batch`` as it is.
+        """
+        samples = self.indices[np.asarray(positions, dtype=np.int64)]  # (B,) store indices
+        B, (C, H, W) = len(samples), self.image_shape
+        views = ("a", "b") if self.two_views else ("",)
+        others = {view: samples.copy() for view in views}  # (B,) store index read for each view
+        params = {view: np.empty((B, N_AUG), np.int64) for view in views}
+        dropped = {view: np.empty((B, C), bool) for view in views}
+        for b, sample in enumerate(samples.tolist()):  # the draw order of __getitem__
+            rng = np.random.default_rng([self.seed, self.epoch, sample])
+            for view in views:
+                if view == "b":
+                    others["b"][b] = self.other_date(sample, rng)
+                params[view][b], dropped[view][b] = self.draw(rng)
+        batch: dict[str, torch.Tensor] = {
+            "labels": self.labels[torch.from_numpy(samples)],
+            "fractions": self.fractions[torch.from_numpy(samples)],
+            "labelled": self.labelled[torch.from_numpy(samples)],
+            "index": torch.from_numpy(samples.astype(np.int64)),
+        }
+        reader = self.reader
+        for view in views:
+            suffix = f"_{view}" if view else ""
+            if self.defer_augment:
+                raw = _new_batch((B, C, H, W), torch.from_numpy(np.empty(0, reader.dtype)).dtype)
+                raw_np = raw.numpy()
+                for b, sample in enumerate(others[view].tolist()):
+                    reader.read_into(sample, raw_np[b])
+                batch[f"raw{suffix}"] = raw
+                batch[f"aug{suffix}"] = torch.from_numpy(params[view])
+                batch[f"drop{suffix}"] = torch.from_numpy(dropped[view])
+                continue
+            size_h, size_w = (self.crop_size, self.crop_size) if self.crop_size is not None else (H, W)
+            x = _new_batch((B, C, size_h, size_w), torch.float32)
+            x_np = x.numpy()
+            if self._decoded is None:
+                self._decoded = np.empty((C, H, W), reader.dtype)  # reused: only read through views below
+            for b, sample in enumerate(others[view].tolist()):
+                raw = self._oriented(reader.read_into(sample, self._decoded), params[view][b], size_h, size_w)
+                self._normalise_into(raw, x[b], x_np[b])
+                if dropped[view][b].any():
+                    x_np[b, dropped[view][b]] = 0.0
+            batch["image" if not view else f"view_{view}"] = x
+        batch["other"] = torch.from_numpy(others["b" if self.two_views else ""].astype(np.int64))
+        return _Batch(batch, B)
+
+    @staticmethod
+    def _oriented(raw: np.ndarray, params: np.ndarray, size_h: int, size_w: int) -> np.ndarray:
+        """``apply_view_params`` as a numpy view of ``raw`` (no copy): crop, flips, quarter turns."""
+        top, left, flip_w, flip_h, turns = (int(v) for v in params)
+        raw = raw[:, top : top + size_h, left : left + size_w]
+        if flip_w:
+            raw = raw[:, :, ::-1]
+        if flip_h:
+            raw = raw[:, ::-1, :]
+        return np.rot90(raw, turns, axes=(1, 2)) if turns else raw
+
+    def _normalise_into(self, raw: np.ndarray, out: torch.Tensor, out_np: np.ndarray) -> None:
+        """``normalise(raw)`` written into ``out`` (a float32 (C, H', W') slot of a batch; ``out_np`` its array)."""
+        if raw.dtype in (np.uint8, np.uint16):
+            if self._table is None:
+                values = torch.arange(np.iinfo(raw.dtype).max + 1, dtype=torch.float32)  # exact in float32
+                table = (values - self.mean.view(-1, 1)) / self.std.view(-1, 1)  # (C, V): normalise's operations
+                if self.sensor == "s2":
+                    table[:, 0] = 0.0  # nodata
+                self._table = table.numpy()
+            for c in range(raw.shape[0]):
+                np.take(self._table[c], raw[c], out=out_np[c], mode="wrap")  # in range: "wrap" is a no-op, unbuffered
+            return
+        np.copyto(out_np, raw, casting="unsafe")
+        nodata = torch.isnan(out) if self.sensor == "s1" else out == 0
+        out.sub_(self.mean).div_(self.std).masked_fill_(nodata, 0.0)
+
+
+class _Batch(list):
+    """What ``StoreDataset.__getitems__`` returns: per-item dicts (views into the batch) for the default
+    collate, and the batch itself as ``.batch`` for ``collate_batch``."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], size: int) -> None:
+        super().__init__({key: value[b] for key, value in batch.items()} for b in range(size))
+        self.batch = batch
+
+
+def collate_batch(data: list) -> Any:
+    """Collate of ``make_loader``: a batch made by ``StoreDataset.__getitems__`` passes unchanged (no copy);
+    anything else goes through torch's ``default_collate``."""
+    return data.batch if isinstance(data, _Batch) else default_collate(data)
+
+
+def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in shared memory inside a DataLoader worker, where the batch goes next.
+
+    Never reused: the consumer may keep a batch, and a worker's shared-memory batch is the one the main
+    process receives.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 class GpuAugment:
@@ -559,6 +681,7 @@ def make_loader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last),
         num_workers=num_workers,
+        collate_fn=collate_batch,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         **workers,
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 import zarr
 from store_factory import SyntheticStore, write_store
+from torch.utils.data import BatchSampler, DataLoader, default_collate
 
 from models.data import (
     N_AUG,
@@ -283,3 +284,69 @@ def test_unsharded_store_falls_back_to_zarr(store: SyntheticStore) -> None:
     reader = SampleReader(array, index_cache=2)
     assert reader.root is None
     np.testing.assert_array_equal(reader.read(5), array[5])
+
+
+def _stacked_items(dataset: StoreDataset, loader) -> list[dict[str, torch.Tensor]]:
+    """The reference: each batch of ``loader``'s batch sampler as per-item ``__getitem__`` results, stacked."""
+    return [default_collate([dataset[i] for i in positions]) for positions in loader.batch_sampler]
+
+
+def _assert_identical(expected: list[dict], got: list[dict]) -> None:
+    assert len(expected) == len(got) > 0
+    for one, other in zip(expected, got, strict=True):
+        assert one.keys() == other.keys()
+        for key in one:  # bit for bit, same dtype; S1 raw values keep their NaN nodata
+            torch.testing.assert_close(other[key], one[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("sensor", ["s2", "s1"])
+@pytest.mark.parametrize("two_views", [True, False], ids=["two-views", "one-view"])
+@pytest.mark.parametrize("defer", [False, True], ids=["cpu-augment", "deferred"])
+def test_batch_path_equals_stacked_items(sharded: SyntheticStore, sensor: str, two_views: bool, defer: bool) -> None:
+    dataset = StoreDataset(
+        sharded.path, sensor=sensor, two_views=two_views, crop_size=10, seed=3, channel_dropout=0.3,
+        defer_augment=defer,
+    )  # fmt: skip
+    dataset.set_epoch(2)
+    loader = make_loader(dataset, 8, sampler=BlockShuffleSampler(dataset, seed=3, buffer_blocks=2))
+    expected = _stacked_items(dataset, loader)
+    got = _batches(loader)
+    _assert_identical(expected, got)
+    image = got[0]["raw_a" if defer and two_views else "raw" if defer else "view_a" if two_views else "image"]
+    assert image.shape[:2] == (8, dataset.in_chans)
+    # the batch is fresh memory every time (a kept batch is never overwritten by the next one)
+    assert got[0][next(iter(got[0]))].data_ptr() != got[1][next(iter(got[1]))].data_ptr()
+
+
+@pytest.mark.parametrize("two_views", [True, False], ids=["two-views", "one-view"])
+def test_batch_path_in_two_workers_equals_stacked_items(sharded: SyntheticStore, two_views: bool) -> None:
+    dataset = StoreDataset(sharded.path, two_views=two_views, crop_size=12, seed=9, channel_dropout=0.1)
+    loader = make_loader(dataset, 8, sampler=BlockShuffleSampler(dataset, seed=9, buffer_blocks=2), num_workers=2)
+    expected = _stacked_items(dataset, loader)
+    got = _batches(loader)
+    _assert_identical(expected, got)
+    assert all(len({id(batch[key]) for batch in got}) == len(got) for key in got[0])  # one tensor per batch
+
+
+def test_batch_path_without_crop_or_augment_is_the_normalised_patch(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path, two_views=False, augment=False, seed=1)
+    batch = dataset.__getitems__([0, 3, 5]).batch
+    for b, position in enumerate((0, 3, 5)):
+        sample = int(dataset.indices[position])
+        assert torch.equal(batch["image"][b], dataset.normalise(dataset.read_sample(sample)))
+    nodata = torch.from_numpy(dataset.read_sample(int(dataset.indices[0])) == 0)  # (C, H, W)
+    assert nodata.any() and (batch["image"][0][nodata] == 0).all() and (batch["image"][0][~nodata] != 0).any()
+
+
+def test_plain_dataloader_with_default_collate_still_works(sharded: SyntheticStore) -> None:
+    # tasks/train.py builds its own DataLoader (default collate): __getitems__ must serve it too
+    dataset = StoreDataset(sharded.path, crop_size=10, seed=4)
+    batches = BatchSampler(BlockShuffleSampler(dataset, seed=4), 8, drop_last=True)
+    plain = _batches(DataLoader(dataset, batch_sampler=batches))
+    _assert_identical(_batches(make_loader(dataset, 8, sampler=BlockShuffleSampler(dataset, seed=4))), plain)
+
+
+def test_read_into_refuses_a_wrong_buffer(sharded: SyntheticStore) -> None:
+    reader = StoreDataset(sharded.path).reader
+    with pytest.raises(ValueError, match="C-contiguous"):
+        reader.read_into(0, np.empty(reader.sample_shape, np.float32))
