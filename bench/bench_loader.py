@@ -6,8 +6,13 @@ and read with rasterio (13 files per sample). Two comparisons, each side deliver
 
 - raw read: 13 x 264 x 264 uint16 patches, batched, nothing else (store: ``defer_augment=True`` items);
 - full loader: 13 x 224 x 224 random crops, normalised, flipped, turned, float32, with the store's
-  augmentation draws (same seed, same crop, same flips) on both sides; for the store per item in the
-  workers, or batched after the loader (``GpuAugment``, here on the CPU).
+  augmentation draws (same seed, same crop, same flips) on both sides; for the store batch-level in the
+  workers (``StoreDataset.__getitems__``: decoded straight into one batch, no stacking), or batched after
+  the loader (``GpuAugment``, here on the CPU).
+
+The store's previous per-item path (``__getitem__`` per sample, then the default collate's
+``torch.stack``) runs in the same rounds as "per item + stack" rows, so the batch path's gain is measured
+against it on the same machine state.
 
 Throughput is counted from the first batch on (worker start-up excluded on both sides). Rounds alternate
 store and baseline so that the shared machine's noise hits both; the best round of each row is reported.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -113,6 +119,12 @@ def write_geotiffs(folder: Path, patches: np.ndarray) -> None:
                 dst.write(patch[band][None])
 
 
+class PerItemStoreDataset(StoreDataset):
+    """The store read item by item, then stacked by the default collate (the loader before batch loading)."""
+
+    __getitems__ = None  # the DataLoader falls back to [dataset[i] for i in batch] when this is falsy
+
+
 class GeoTiffDataset(Dataset):
     """The baseline: read 13 band files per patch with rasterio, then the same normalise/augment code."""
 
@@ -157,13 +169,19 @@ def check_same_tensors(store: Path, tif_folder: Path, stats: dict) -> None:
     for raw in (True, False):
         tif = GeoTiffDataset(tif_folder, stats["mean"], stats["std"], raw=raw)
         dataset = StoreDataset(store, two_views=False, crop_size=None if raw else CROP, defer_augment=raw)
+        batch = dataset.__getitems__([0, 1, 2]).batch["raw" if raw else "image"]
         for i in range(3):
             got = dataset[i]["raw" if raw else "image"]
             assert torch.equal(got, tif[i]["image"]), f"store and GeoTIFF sample {i} differ (raw={raw})"
+            assert torch.equal(batch[i], got), f"store batch and per-item sample {i} differ (raw={raw})"
 
 
-def store_loader(store: Path, workers: int, *, defer: bool, crop: int | None = CROP) -> DataLoader:
-    dataset = StoreDataset(store, two_views=False, crop_size=crop, defer_augment=defer)
+def store_loader(
+    store: Path, workers: int, *, defer: bool, crop: int | None = CROP, per_item: bool = False
+) -> DataLoader:
+    dataset = (PerItemStoreDataset if per_item else StoreDataset)(
+        store, two_views=False, crop_size=crop, defer_augment=defer
+    )
     return make_loader(dataset, 32, sampler=BlockShuffleSampler(dataset, buffer_blocks=2), num_workers=workers)
 
 
@@ -223,17 +241,24 @@ def main() -> None:
                 rows.setdefault(f"raw: store, {workers} workers", []).append(
                     samples_per_second(store_loader(small, workers, defer=True, crop=None), args.small)
                 )
+                rows.setdefault(f"raw: store per item + stack, {workers} workers", []).append(
+                    samples_per_second(store_loader(small, workers, defer=True, crop=None, per_item=True), args.small)
+                )
                 tif_loader = DataLoader(tif, batch_size=32, shuffle=True, num_workers=workers)
                 rows.setdefault(f"geotiff, {workers} workers", []).append(
                     samples_per_second(tif_loader, args.tif_patches)
                 )
-                rows.setdefault(f"store, CPU augment per item, {workers} workers", []).append(
+                rows.setdefault(f"store, CPU augment, batch path, {workers} workers", []).append(
                     samples_per_second(store_loader(small, workers, defer=False), args.small)
+                )
+                rows.setdefault(f"store, CPU augment per item + stack, {workers} workers", []).append(
+                    samples_per_second(store_loader(small, workers, defer=False, per_item=True), args.small)
                 )
                 deferred = store_loader(small, workers, defer=True)
                 rows.setdefault(f"store, batched augment after loader, {workers} workers", []).append(
                     samples_per_second(deferred, args.small, GpuAugment(deferred.dataset, device="cpu"))
                 )
+        print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"\n{'loader (raw: 13x264x264 uint16; else 224 crops float32)':<58} {'samples/s':>10} {'x geotiff':>10}"
               f"  rounds")  # fmt: skip
         for name, values in rows.items():

@@ -10,9 +10,14 @@ Every random choice (second date, crop offset, flips, 90° turns, dropped channe
 generator seeded by (seed, epoch, sample), so an item is the same whichever worker loads it and whenever
 it is loaded: that is what makes resumed training exact and ``num_workers`` irrelevant to the result.
 
+A DataLoader with automatic batching calls ``StoreDataset.__getitems__`` with a batch's positions: every
+sample is decoded straight into one batch tensor (no per-item tensors, no ``torch.stack``), equal bit for
+bit to stacking the per-item ``__getitem__`` results; ``make_loader``'s ``collate_batch`` passes that batch
+through unchanged.
+
 Two ways to apply normalization and augmentation, with identical results:
 
-- per item, on the CPU in the workers (default): items carry ``view_a``/``view_b`` (or ``image``);
+- on the CPU in the workers (default): items carry ``view_a``/``view_b`` (or ``image``);
 - batched, after the DataLoader, on the GPU when there is one (``defer_augment=True``): items carry the
   raw patches and the drawn parameters (``raw_a``, ``aug_a``, ``drop_a``, ...), the workers only read
   and collate uint16, and ``GpuAugment`` turns a batch into ``view_a``/``view_b`` on the device::
@@ -660,9 +665,11 @@ def make_loader(
     """A DataLoader over ``dataset`` in ``sampler``'s block-shuffled order, batched before the workers.
 
     Batches are formed in the main process from the sampler's order, so the batches (and, items being
-    seeded per sample, their contents) are the same for any ``num_workers``. Each sample is decoded once,
-    by the worker that loads it; the dataset's shard-index cache is raised to the sampler's buffer. Peak
-    memory is the batches in flight (``num_workers * prefetch_factor``), whatever the store's size.
+    seeded per sample, their contents) are the same for any ``num_workers``. A worker loads a whole batch
+    with ``StoreDataset.__getitems__`` (each sample decoded once, straight into the batch, allocated in
+    shared memory) and ``collate_batch`` hands it on without a copy; the dataset's shard-index cache is
+    raised to the sampler's buffer. Peak memory is the batches in flight (``num_workers * prefetch_factor``),
+    whatever the store's size.
 
     Args:
         dataset: the store dataset (``defer_augment=True`` to augment batches on the GPU afterwards).
