@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.data import BlockShuffleSampler, StoreDataset
+from models.data import BlockShuffleSampler, StoreDataset, collate_batch
 from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
 from models.ema import ema_momentum, ema_update, make_teacher
 from models.encoder import build_encoder
@@ -470,7 +470,9 @@ def _train(
             first_batch=skip,
             max_batches=config.steps - step,
         )
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=cuda)
+        loader = DataLoader(  # collate_batch: the dataset decodes a whole batch at once, passed through as is
+            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=cuda, collate_fn=collate_batch
+        )
         for batch in loader:
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             terms = trainer.step(batch, step)
