@@ -39,6 +39,7 @@ APIs get HTTP headers whose values come from environment variables (``IngestConf
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -595,6 +596,52 @@ def _tile_template(tile: Tile, bands: Sequence[str]) -> tuple[xr.Dataset, dict[s
 
 
 TILE_ARRAYS = ("s2", "scl", "s1", "time", "time_s1", "band", "pol", "x", "y", "spatial_ref")
+_NAN_FILL = base64.standard_b64encode(np.array(np.nan, "<f8").tobytes()).decode()
+"""xarray's CF ``_FillValue`` attribute for NaN in Zarr v3 (base64 of the float64 bytes)."""
+
+
+def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group, dict[str, zarr.Array]]:
+    """Create the empty tile group directly with zarr: the same arrays, dtypes, chunks, codecs, attributes and
+    ``dimension_names`` that ``_tile_template(...).to_zarr`` writes (a test compares the two), in ~1/10 the time.
+
+    The coordinates and ``spatial_ref`` are written before the two time coordinates are created, so a tile that
+    lists every array of ``TILE_ARRAYS`` has all its coordinate values (``open_tile`` recreates it otherwise).
+    Call it holding the tile lock.
+    """
+    template, encoding = _tile_template(tile, bands)
+    group = zarr.open_group(cube, mode="a", zarr_format=3).create_group(
+        f"tiles/{tile.tile_id}", attributes=dict(template.attrs), overwrite=True
+    )
+    arrays: dict[str, zarr.Array] = {}
+    time_attrs = {"units": TIME_UNITS, "calendar": "proleptic_gregorian"}
+    for name in ("s2", "scl", "s1", "band", "pol", "x", "y", "spatial_ref", "time_s1", "time"):
+        variable = template[name].variable
+        attrs = dict(variable.attrs)
+        values: np.ndarray | None = None
+        chunks: tuple[int, ...] = variable.shape
+        dtype: Any = variable.dtype
+        fill: Any = 0
+        if name in ("s2", "scl", "s1"):
+            chunks = encoding[name]["chunks"]
+            attrs["coordinates"] = "spatial_ref"
+            if name == "s1":
+                attrs["_FillValue"], fill = _NAN_FILL, np.nan
+        elif name in ("band", "pol"):
+            dtype, fill, values = str, "", np.asarray(variable.values, dtype=object)
+        elif name in ("x", "y"):
+            attrs["_FillValue"], fill, values = _NAN_FILL, np.nan, variable.values
+        elif name == "spatial_ref":
+            dtype, fill = np.int64, 0  # its value 0 is the fill value: no chunk to write
+        else:  # time, time_s1
+            dtype, chunks, attrs = np.int64, encoding[name]["chunks"], time_attrs
+        array = group.create_array(
+            name, shape=variable.shape, dtype=dtype, chunks=chunks, fill_value=fill, attributes=attrs,
+            dimension_names=list(variable.dims) if variable.dims else None,
+        )  # fmt: skip
+        if values is not None:
+            array[...] = values
+        arrays[name] = array
+    return group, arrays
 
 
 @contextlib.contextmanager
@@ -657,12 +704,7 @@ def open_tile(cube: str, tile: Tile, bands: Sequence[str], *, check_bands: bool 
         del zarr.open_group(cube, mode="a", zarr_format=3)[path]
         group = None
     if group is None:
-        template, encoding = _tile_template(tile, bands)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            template.to_zarr(cube, group=path, mode="a", zarr_format=3, encoding=encoding, consolidated=False)
-        group = zarr.open_group(cube, path=path, mode="r+", zarr_format=3)
-        arrays = dict(group.arrays())
+        group, arrays = create_tile(cube, tile, bands)
     if check_bands:
         stored_bands = [str(b) for b in arrays["band"][:]]
         if stored_bands != list(bands):

@@ -185,3 +185,36 @@ def test_real_virginia_scene_is_pixel_exact(tmp_path: Path) -> None:
             compared += window.size
     assert compared > 0
     shutil.rmtree(cube)
+
+
+def test_tile_created_with_zarr_matches_what_xarray_writes(tmp_path: Path) -> None:
+    """``create_tile`` writes the same files (metadata and coordinate chunks) as the xarray template's to_zarr."""
+    import warnings
+
+    from tasks.grid import tiles_for_bbox
+    from tasks.ingest import _tile_template, create_tile
+
+    tile = tiles_for_bbox((11.0, 46.49, 11.02, 46.51), resolution=10, tile_size=64)[0]
+    bands = ["B02", "B8A", "B12"]
+    template, encoding = _tile_template(tile, bands)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        template.to_zarr(tmp_path / "xr.zarr", group=f"tiles/{tile.tile_id}", mode="a", zarr_format=3,
+                         encoding=encoding, consolidated=False)  # fmt: skip
+    create_tile(str(tmp_path / "direct.zarr"), tile, bands)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    expected, got = files(tmp_path / "xr.zarr"), files(tmp_path / "direct.zarr")
+    assert sorted(got) == sorted(expected)
+    for name, content in expected.items():
+        if name.endswith(".json"):
+            assert json.loads(got[name]) == json.loads(content), name
+        else:
+            assert got[name] == content, name
+    ds = _open(tmp_path / "direct.zarr", tile.tile_id)
+    assert ds.rio.crs.to_epsg() == tile.epsg
+    assert list(ds.band.values) == bands and list(ds.pol.values) == ["VV", "VH"]
+    assert ds.x.values[0] == tile.x0 + 5 and ds.y.values[0] == tile.y0 - 5
+    assert ds.s1.encoding["_FillValue"] != ds.s1.encoding["_FillValue"]  # NaN
