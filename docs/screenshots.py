@@ -1,12 +1,14 @@
 """Take the README's screenshots of the Prefect UI and the MLflow UI with headless Chromium.
 
     apt-get install -y chromium            # Debian; or set CHROMIUM=/path/to/chrome
+    .venv/bin/pip install playwright       # drives that Chromium (no `playwright install`: no browser download)
     .venv/bin/python docs/screenshots.py   # a few minutes: servers, a tiny demo pipeline, two screenshots
 
 It starts ``softcon serve``'s servers in a temporary project folder, registers the deployments, runs a tiny
 demo pipeline through the servers (so MLflow holds a parent run with the five stage runs nested under it),
 then saves ``docs/img/prefect-deployment-form.png`` (the backfill deployment's custom-run parameter form)
-and ``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow).
+and ``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow: Playwright clicks the parent run's
+expander so its five stage runs show nested under it; MLflow keeps that state in the browser, not the URL).
 """
 
 from __future__ import annotations
@@ -49,6 +51,35 @@ def screenshot(url: str, out: Path, *, width: int = 1400, height: int = 900, wai
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}")
 
 
+def screenshot_nested_runs(url: str, out: Path, children: list[str], *, width: int = 1400, height: int = 700) -> None:
+    """Open MLflow's runs table at ``url``, expand the ``pipeline`` parent run, wait for ``children``, screenshot."""
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--hide-scrollbars"]  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=flags)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            parent = page.get_by_role("link", name="pipeline", exact=True)
+            parent.wait_for(timeout=120_000)
+            # The [+] expander is the button in the parent's run-name cell.
+            page.locator("[role=gridcell]", has=parent).locator("button").first.click()
+            for name in children:
+                page.get_by_role("link", name=name, exact=True).wait_for(timeout=60_000)
+            assistant_close = page.get_by_role("button", name="Close")  # MLflow 3's assistant side panel
+            if assistant_close.count():
+                assistant_close.first.click()
+            page.mouse.click(width - 5, height - 5)  # drop the focus ring from the clicked cell
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}, {len(children)} nested runs expanded")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=IMAGES, help="folder for the PNG files")
@@ -76,10 +107,10 @@ def main() -> None:
             parent = client.search_runs([experiment.experiment_id], "tags.`softcon.stage` = 'pipeline'")[0]
             # The stage runs nested under the pipeline's parent run (the runs table, filtered on the parent).
             search = quote(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-            screenshot(
+            screenshot_nested_runs(
                 f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}",
                 args.out / "mlflow-nested-runs.png",
-                height=700,
+                ["ingest", "labels", "preprocess", "train", "evaluate"],
             )
     finally:
         shutil.rmtree(home, ignore_errors=True)
