@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--tif-patches", type=int, default=128, help="patches of the GeoTIFF baseline")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    # One torch thread in this process, as in DataLoader workers: with 0 workers both sides then run their
+    # tensor ops single-threaded (two intra-op threads on two loaded cores slowed the baseline's float ops).
+    torch.set_num_threads(1)
 
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
