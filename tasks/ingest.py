@@ -612,7 +612,7 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
     group = zarr.open_group(cube, mode="a", zarr_format=3).create_group(
         f"tiles/{tile.tile_id}", attributes=dict(template.attrs), overwrite=True
     )
-    arrays: dict[str, zarr.Array] = {}
+    specs: dict[str, tuple[dict[str, Any], np.ndarray | None]] = {}
     time_attrs = {"units": TIME_UNITS, "calendar": "proleptic_gregorian"}
     for name in ("s2", "scl", "s1", "band", "pol", "x", "y", "spatial_ref", "time_s1", "time"):
         variable = template[name].variable
@@ -634,13 +634,27 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
             dtype, fill = np.int64, 0  # its value 0 is the fill value: no chunk to write
         else:  # time, time_s1
             dtype, chunks, attrs = np.int64, encoding[name]["chunks"], time_attrs
-        array = group.create_array(
-            name, shape=variable.shape, dtype=dtype, chunks=chunks, fill_value=fill, attributes=attrs,
-            dimension_names=list(variable.dims) if variable.dims else None,
+        specs[name] = (
+            {"shape": variable.shape, "dtype": dtype, "chunks": chunks, "fill_value": fill, "attributes": attrs,
+             "dimension_names": list(variable.dims) if variable.dims else None},
+            values,
         )  # fmt: skip
+
+    async def create(name: str) -> AsyncArray:
+        kwargs, values = specs[name]
+        array = await group._async_group.create_array(name, **kwargs)
         if values is not None:
-            array[...] = values
-        arrays[name] = array
+            await array.setitem(Ellipsis, values)
+        return array
+
+    async def create_all() -> dict[str, AsyncArray]:
+        # Concurrently (few event-loop round trips); the time coordinates only once the rest is written.
+        first = [name for name in specs if name not in SENSOR_ARRAYS]
+        created = dict(zip(first, await asyncio.gather(*(create(name) for name in first)), strict=True))
+        created.update(zip(SENSOR_ARRAYS, await asyncio.gather(*(create(name) for name in SENSOR_ARRAYS)), strict=True))
+        return created
+
+    arrays = {name: zarr.Array(array) for name, array in zarr_sync(create_all()).items()}
     return group, arrays
 
 
