@@ -12,6 +12,8 @@ os.environ["SOFTCON_HOME"] = str(_HOME)
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_HOME / 'mlflow.db'}"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# Prefect's temporary API starts slowly on a busy 2-core machine (configure_runtime does the same for the CLI).
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)
 for name in [key for key in os.environ if key.startswith("SOFTCON_") and key != "SOFTCON_HOME"]:
     os.environ.pop(name)

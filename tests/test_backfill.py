@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,17 +116,7 @@ def _cube_days(cube: Path) -> list[date]:
     return sorted(date.fromisoformat(str(t)[:10]) for t in times)
 
 
-@pytest.fixture
-def prefect_patience() -> Iterator[None]:
-    """Prefect's temporary API starts slowly on a busy 2-core machine (configure_runtime does this for the CLI)."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_patience")
 def test_backfill_runs_one_child_per_period_with_items_and_resumes(small_sample: SampleData, tmp_path: Path) -> None:
     from flows.backfill import backfill_flow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,16 +46,7 @@ def test_every_stage_has_a_policy_and_unknown_stages_are_refused() -> None:
         stage_cache_policy("pipeline")
 
 
-@pytest.fixture
-def prefect_patience() -> Iterator[None]:
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_patience")
 def test_train_rerun_is_served_from_the_cache_until_the_store_changes_or_refresh(tmp_path: Path) -> None:
     from flows.train import train_flow
 

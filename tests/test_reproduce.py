@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -97,16 +96,7 @@ def test_state_dict_digests_see_one_changed_weight(tmp_path: Path) -> None:
     assert compare_digests(b, a) == ["student.weight"]
 
 
-@pytest.fixture
-def prefect_patience() -> Iterator[None]:
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-        yield
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_patience")
 def test_reproduce_ingest_gives_the_same_bytes_and_notices_a_changed_cube(tmp_path: Path) -> None:
     from flows.ingest import ingest_flow
     from flows.reproduce import reproduce_run
@@ -133,7 +123,6 @@ def test_reproduce_ingest_gives_the_same_bytes_and_notices_a_changed_cube(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_patience")
 def test_reproduce_cpu_training_gives_identical_weights(tmp_path: Path) -> None:
     from flows.reproduce import reproduce_run
     from flows.train import train_flow
