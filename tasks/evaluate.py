@@ -272,9 +272,10 @@ def cached_features(
     return features, save_features(path, features)
 
 
-def select_probe_lr(config: EvaluateConfig, train: Features, selection: Features) -> float:
-    """The probe learning rate with the best micro mAP on ``selection``."""
-    best_lr, best_map = config.probe_lrs[0], -math.inf
+def select_probe(config: EvaluateConfig, train: Features, selection: Features) -> tuple[float, nn.Module]:
+    """The probe, among one per learning rate of ``config.probe_lrs``, with the best micro mAP on ``selection``."""
+    best: tuple[float, nn.Module] | None = None
+    best_map = -math.inf
     for lr in config.probe_lrs:
         probe = train_linear_probe(
             train,
@@ -285,9 +286,12 @@ def select_probe_lr(config: EvaluateConfig, train: Features, selection: Features
             seed=config.seed,
         )
         micro, _, _ = mean_average_precision(selection.y.numpy(), probe_scores(probe, selection))
+        if best is None:
+            best = (lr, probe)  # the first learning rate stands when no score is a number
         if micro > best_map:  # NaN (no positives) never wins
-            best_lr, best_map = lr, micro
-    return best_lr
+            best, best_map = (lr, probe), micro
+    assert best is not None  # probe_lrs has min_length=1 in EvaluateConfig
+    return best
 
 
 def _finite(features: Features) -> Features:
@@ -325,15 +329,7 @@ def evaluate_encoder(
         files.append(val_file)
         if len(val.x) > 0 and val.y.any():
             selection = _finite(val)
-    probe_lr = select_probe_lr(config, train, selection)
-    probe = train_linear_probe(
-        train,
-        lr=probe_lr,
-        epochs=config.probe_epochs,
-        batch_size=config.batch_size,
-        weight_decay=config.probe_weight_decay,
-        seed=config.seed,
-    )
+    probe_lr, probe = select_probe(config, train, selection)
 
     y = evaluated.y.numpy()
     linear = probe_scores(probe, evaluated)  # (N, K)
