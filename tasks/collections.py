@@ -2,7 +2,8 @@
 
 Earth Search v1 names Sentinel-2 assets by common name (``red``, ``nir08``, ``scl``), Planetary Computer by
 band (``B04``, ``B8A``, ``SCL``); the provider is detected from the asset keys an item carries.
-Sentinel-2 processing baseline 04.00 and later adds 1000 to every reflectance (``BOA_ADD_OFFSET``);
+Sentinel-2 processing baseline 04.00 and later adds 1000 to every reflectance (``BOA_ADD_OFFSET``), except
+in files Earth Search already harmonized (``earthsearch:boa_offset_applied``);
 Planetary Computer ``sentinel-1-rtc`` is linear gamma-naught power, which the cube keeps in dB.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Literal
 
 S2_BAND_TO_EARTHSEARCH: dict[str, str] = {
@@ -26,6 +28,10 @@ S2_OFFSET_BASELINE = (4, 0)
 """Processing baseline from which L2A reflectance carries BOA_ADD_OFFSET (ESA, January 2022)."""
 S2_BOA_ADD_OFFSET = -1000
 """Digital-number offset to add to L2A reflectance from baseline 04.00 on."""
+S2_OFFSET_START = date(2022, 1, 25)
+"""First acquisitions processed with baseline 04.00 (used when an item does not state its baseline)."""
+S2_OFFSET_APPLIED_FLAGS = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied")
+"""Item properties by which Earth Search says the offset is already removed from the files."""
 
 Sensor = Literal["s2", "s1"]
 S1Scale = Literal["linear", "db", "amplitude"]
@@ -63,13 +69,30 @@ class CollectionSpec:
         return float(nodata) if nodata is not None else float(self.nodata)
 
     def s2_offset(self, item: Mapping[str, Any]) -> int:
-        """Digital-number offset to add to this item's reflectance (``-1000`` from baseline 04.00)."""
+        """Digital-number offset to add to this item's reflectance (``-1000`` from baseline 04.00).
+
+        0 when the provider already harmonized the files (Earth Search's ``earthsearch:boa_offset_applied``,
+        earlier ``sentinel:boa_offset_applied``); without ``s2:processing_baseline`` the acquisition date
+        decides (baseline 04.00 started on 2022-01-25).
+
+        Raises:
+            ValueError: for a processing baseline that is not ``NN.NN``.
+        """
         if self.sensor != "s2":
             return 0
-        baseline = item.get("properties", {}).get("s2:processing_baseline")
-        if baseline is None:
+        properties = item.get("properties", {})
+        if any(properties.get(flag) is True for flag in S2_OFFSET_APPLIED_FLAGS):
             return 0
+        baseline = properties.get("s2:processing_baseline")
+        if baseline is None:
+            when = properties.get("datetime") or properties.get("start_datetime") or ""
+            return S2_BOA_ADD_OFFSET if str(when)[:10] >= S2_OFFSET_START.isoformat() else 0
         major, _, minor = str(baseline).partition(".")
+        if not (major.isdigit() and (minor.isdigit() or not minor)):
+            raise ValueError(
+                f"item {item.get('id')}: s2:processing_baseline {baseline!r} is not NN.NN (e.g. '05.11'); "
+                "fix the item or drop the property to decide the offset by date"
+            )
         return S2_BOA_ADD_OFFSET if (int(major), int(minor or 0)) >= S2_OFFSET_BASELINE else 0
 
     def s1_value_scale(self, item: Mapping[str, Any]) -> S1Scale:

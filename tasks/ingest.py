@@ -62,6 +62,7 @@ import xarray as xr
 import zarr
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
 from zarr.core.array import AsyncArray
 from zarr.core.sync import sync as zarr_sync
 
@@ -187,11 +188,12 @@ def url_signer(config: IngestConfig) -> Callable[[str], str] | None:
     return sign
 
 
-def _gdal_options(headers: dict[str, str]) -> dict[str, Any]:
-    """GDAL settings for asset reads: its own HTTP retries below ours, headers, no directory listings."""
+def _gdal_options(headers: dict[str, str], *, retries: int, retry_delay: float) -> dict[str, Any]:
+    """GDAL settings for asset reads: headers, no directory listings, and GDAL's own retries of HTTP 429/5xx
+    (per range request, with the run's retry count and first delay; it backs off itself) below ours (per load)."""
     options: dict[str, Any] = {
-        "GDAL_HTTP_MAX_RETRY": 3, "GDAL_HTTP_RETRY_DELAY": 1, "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-        "GDAL_HTTP_TIMEOUT": 60,
+        "GDAL_HTTP_MAX_RETRY": retries, "GDAL_HTTP_RETRY_DELAY": retry_delay,
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_TIMEOUT": 60,
     }  # fmt: skip
     if headers:
         options["GDAL_HTTP_HEADERS"] = "\r\n".join(f"{name}: {value}" for name, value in headers.items())
@@ -259,7 +261,8 @@ def read_area(config: IngestConfig) -> BaseGeometry:
 
     Raises:
         FileNotFoundError: a missing area file.
-        ValueError: an area file without geometries, or one that does not meet the bbox.
+        ValueError: an area file without geometries, with invalid (e.g. self-intersecting) ones, or one that
+            does not meet the bbox.
     """
     bbox_geometry = box(*config.bbox) if config.bbox is not None else None
     if config.area is None:
@@ -271,9 +274,15 @@ def read_area(config: IngestConfig) -> BaseGeometry:
     if not path.is_file():
         raise FileNotFoundError(f"area file {path} does not exist; give a GeoJSON or GeoPackage")
     frame = geopandas.read_file(path)
-    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    frame = frame[[geometry is not None and not geometry.is_empty for geometry in frame.geometry]]
     if frame.empty:
-        raise ValueError(f"area file {path} holds no geometries")
+        raise ValueError(f"area file {path} holds no geometries (all empty); draw the area again or give a bbox")
+    invalid = {index: explain_validity(g) for index, g in enumerate(frame.geometry) if not g.is_valid}
+    if invalid:
+        raise ValueError(
+            f"area file {path} holds invalid geometries (feature index: reason): {invalid}; repair them "
+            "(shapely.make_valid, QGIS 'Fix geometries') or give a bbox"
+        )
     if frame.crs is None:
         log.warning("area file %s has no CRS; taking lon/lat (EPSG:4326)", path)
         frame = frame.set_crs("EPSG:4326")
@@ -436,7 +445,9 @@ def load_s2_days(
 
 def _harmonize(stack: np.ndarray, offset: int) -> np.ndarray:
     """Reflectance as uint16 with the BOA offset (``<= 0``) added: 0 stays nodata, valid pixels clip to 1."""
-    if stack.dtype != np.uint16:  # odc-stac keeps the assets' dtype; other integer types are clipped in
+    if stack.dtype != np.uint16:  # odc-stac keeps the assets' dtype; other types are clipped in
+        if stack.dtype.kind == "f":  # NaN and inf (float assets) are nodata, never a saturated 65535
+            stack = np.where(np.isfinite(stack), stack, 0)
         stack = np.clip(stack, 0, 65535).astype(np.uint16)
     if not offset:
         return stack
@@ -474,13 +485,16 @@ def load_s1_days(
     for t, (day, day_items) in enumerate(sorted(days.items())):
         scale = spec.s1_value_scale(day_items[0])
         nodata = spec.asset_nodata(day_items[0], pols[0])
+        raw = {pol: data[keys[pol]].values[t].astype(np.float64) for pol in keys}
+        for values in raw.values():
+            values[(values == nodata) | ~np.isfinite(values)] = np.nan  # inf is nodata too, never stored
+        check_s1_scale(np.stack(list(raw.values())), scale, f"S1 items {[i['id'] for i in day_items]}")
         out = []
         for pol in S1_POLS:
             if pol not in keys:
                 out.append(np.full(tile.geobox.shape, np.nan, np.float32))
                 continue
-            values = data[keys[pol]].values[t].astype(np.float64)
-            values[(values == nodata) | ~np.isfinite(values)] = np.nan
+            values = raw[pol]
             if scale != "db":
                 values[values <= 0] = np.nan
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -489,6 +503,36 @@ def load_s1_days(
             out.append(values.astype(np.float32))
         result[day] = np.stack(out)
     return result
+
+
+S1_MIN_VALUES_TO_JUDGE = 100
+"""Valid pixels needed before the value range is used to check an S1 scale."""
+S1_NEGATIVE_FRACTION = 0.01
+"""Linear power and amplitude are never negative; dB backscatter of land and water nearly always is."""
+
+
+def check_s1_scale(values: np.ndarray, scale: str, what: str) -> None:
+    """Refuse S1 values whose range contradicts their declared scale (NaN = nodata, ignored).
+
+    Raises:
+        ValueError: negative values declared linear power or amplitude (they are dB already), or values
+            declared dB without negative ones (linear power or amplitude mislabelled as dB).
+    """
+    valid = values[np.isfinite(values)]
+    if valid.size < S1_MIN_VALUES_TO_JUDGE:
+        return
+    negative = float((valid < 0).mean())
+    if scale != "db" and negative > S1_NEGATIVE_FRACTION:
+        raise ValueError(
+            f"{what}: {negative:.0%} of the values are negative, impossible for {scale} backscatter; they look "
+            "like dB already. Declare raster:bands unit 'dB' on the VV/VH assets (or fix the collection's "
+            "s1_scale in tasks/collections.py)"
+        )
+    if scale == "db" and negative < S1_NEGATIVE_FRACTION:
+        raise ValueError(
+            f"{what}: declared dB but {1 - negative:.0%} of the values are >= 0 (median {np.median(valid):.3g}); "
+            "they look like linear power or amplitude. Fix the assets' raster:bands unit ('linear' or drop it)"
+        )
 
 
 def _odc_load(
@@ -901,15 +945,17 @@ class _RunState:
 
 
 def _flush(
-    cube: str, tile: Tile, bands: Sequence[str], batches: Sequence[_TileBatch], lon: float, state: _RunState
+    cube: str, tile: Tile, bands: Sequence[str], batches: Sequence[_TileBatch], lon: float, state: _RunState, *,
+    check_bands: bool = False,
 ) -> tuple[OpenTile | None, list[int]]:  # fmt: skip
-    """Append the batches (S2, S1) under one hold of the tile lock, dropping days another run wrote since they
-    were loaded; returns the tile as left (``None`` when there was nothing to append) and steps per batch."""
+    """Append the batches (S2, S1) under one hold of the tile lock, creating the tile if needed and dropping
+    days another run wrote since they were loaded; returns the tile as left (``None`` when there was nothing
+    to append) and steps per batch. ``check_bands`` when the run has not checked an existing tile's bands."""
     if not any(batches):
         return None, [0] * len(batches)
     appends, ingested = [], []
     with tile_lock(cube, tile.tile_id):
-        opened = open_tile(cube, tile, bands, check_bands=False)  # bands checked when the run first opened it
+        opened = open_tile(cube, tile, bands, check_bands=check_bands)
         for batch in batches:
             have = opened.days(batch.time_dim, lon)
             keep = [k for k, day in enumerate(batch.days) if day not in have]
@@ -982,14 +1028,20 @@ def _ingest_tile(
     config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
     progress: Callable[[str], None],
 ) -> set[date]:  # fmt: skip
-    """Load the tile's new days and append them; returns the tile's Sentinel-2 days afterwards."""
+    """Load the tile's new days and append them; returns the tile's Sentinel-2 days afterwards.
+
+    A tile that does not exist yet is created only when a tile-date is appended, so a run that writes nothing
+    (every tile-date cloudy or empty) leaves no empty tile, nor an empty cube.
+    """
     lon = _tile_centre_lon(tile)
-    with tile_lock(config.cube, tile.tile_id):
-        opened = open_tile(config.cube, tile, config.bands)
+    opened: OpenTile | None = None
+    if _open_existing(config.cube, f"tiles/{tile.tile_id}") is not None:
+        with tile_lock(config.cube, tile.tile_id):
+            opened = open_tile(config.cube, tile, config.bands)
     new_days: dict[str, list[tuple[date, list[dict[str, Any]]]]] = {}
     for sensor, time_dim in (("s2", "time"), ("s1", "time_s1")):
         sensor_items = [i for i in items if sensor_of(i["collection"]) == sensor and i["id"] not in state.failures]
-        have = opened.days(time_dim, lon)
+        have = opened.days(time_dim, lon) if opened is not None else set()
         new_days[sensor] = []
         for day, day_items in group_by_solar_day(sensor_items, lon).items():
             if day in have:
@@ -1027,11 +1079,13 @@ def _ingest_tile(
                     progress(f"{what}: cloud {cloud:.2f} > {config.max_tile_cloud}; skipped")
                     continue
                 batch.add(day, values, min(_item_datetime(i) for i in day_items), sorted(i["id"] for i in day_items))
-        flushed, written = _flush(config.cube, tile, config.bands, list(batches.values()), lon, state)
+        flushed, written = _flush(
+            config.cube, tile, config.bands, list(batches.values()), lon, state, check_bands=opened is None
+        )
         opened = flushed or opened
         counts.update(dict(zip(batches, written, strict=True)))
     progress(f"{tile.tile_id}: wrote {counts['s2']} S2 and {counts['s1']} S1 dates")
-    return opened.days("time", lon)
+    return opened.days("time", lon) if opened is not None else set()
 
 
 def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | None = None) -> IngestReport:
@@ -1047,14 +1101,16 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         >>> xr.open_zarr("cube.zarr", group=f"tiles/{report.tiles[0]}").s2
 
     Raises:
-        ValueError: when the search finds no items (no store is created), the cube holds other bands, or a
-            header's environment variable is unset.
+        ValueError: when the search finds no items or none is usable (no store is created), the cube holds
+            other bands, or a header's environment variable is unset.
         FileNotFoundError: a missing static STAC file or area file.
     """
     started = time.perf_counter()
     progress = on_progress or (lambda message: log.info(message))
     read = ReadOptions(
-        patch_url=url_signer(config), gdal=_gdal_options(request_headers(config)), retries=config.retries,
+        patch_url=url_signer(config),
+        gdal=_gdal_options(request_headers(config), retries=config.retries, retry_delay=config.retry_delay),
+        retries=config.retries,
         retry_delay=config.retry_delay,
     )  # fmt: skip
     area = read_area(config)
@@ -1062,7 +1118,8 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     if not found:
         raise ValueError(
             f"no STAC items in {config.stac} for collections {list(config.collections)}, area {area.bounds}, "
-            f"dates {config.start}..{config.end}"
+            f"dates {config.start}..{config.end}; nothing written. Check the area (lon/lat W,S,E,N: open sea has "
+            "no Sentinel-2 granules), the dates and the collection names"
         )
     s2_items = [i for i in found if sensor_of(i["collection"]) == "s2"]
     s1_items = [i for i in found if sensor_of(i["collection"]) == "s1"]
@@ -1084,6 +1141,12 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
             state.failures[item["id"]] = f"missing asset: {error.args[0]}"
             continue
         usable.append(item)
+    if not usable:
+        raise ValueError(
+            f"none of the {len(found)} STAC items is usable: {len(filtered)} over max_cloud {config.max_cloud}% "
+            f"(raise it), {len(state.failures)} without a requested asset {dict(state.failures)} (request other "
+            "bands); nothing written"
+        )
 
     tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
     local = None if "://" in config.cube else Path(config.cube)
