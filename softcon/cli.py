@@ -643,6 +643,33 @@ def backfill(
     console.print(table)
 
 
+@app.command("check-store")
+def check_store(
+    path: Annotated[str, typer.Argument(help="A cube (softcon ingest --cube) or a training store (preprocess --out).")],
+) -> None:
+    """Check a cube or training store against the data contracts; exit 1 listing each problem and its fix."""
+    from tasks.check_store import check_store as run_check
+
+    result = run_check(path)
+    if result.summary:
+        table = Table(title=f"{result.kind} {path}")
+        for column in result.summary[0]:
+            table.add_column(column)
+        for row in result.summary:
+            table.add_row(*row.values())
+        console.print(table)
+    if result.ok:
+        console.print(f"[green]ok[/green]: {result.kind} {path} follows the contract")
+        return
+    problems = Table(title=f"{len(result.problems)} problem(s) in {path}", show_lines=True)
+    for column in ("where", "what is wrong", "fix"):
+        problems.add_column(column, overflow="fold")
+    for problem in result.problems:
+        problems.add_row(problem.path or "(root)", problem.what, problem.fix)
+    err_console.print(problems)
+    raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point for ``python -m softcon``."""
     app(prog_name="softcon")
