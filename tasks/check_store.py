@@ -167,10 +167,31 @@ def _check_layout(
 
 
 def _open_root(path: str) -> zarr.Group | None:
+    """The root group as its ``zarr.json`` files have it (not through consolidated metadata, checked apart)."""
     try:
-        return zarr.open_group(path, mode="r")
+        return zarr.open_group(path, mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return None
+
+
+def check_consolidated(path: str, root: zarr.Group) -> list[Problem]:
+    """Arrays whose shape or dtype in the consolidated metadata (what xarray reads) differ from their own."""
+    try:
+        consolidated = zarr.open_group(path, mode="r", use_consolidated=True)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return []
+    if consolidated.metadata.consolidated_metadata is None:
+        return []
+    problems = []
+    actual = dict(root.arrays())
+    for name, array in consolidated.arrays():
+        real = actual.get(name)
+        if real is None or (real.shape, real.dtype) != (array.shape, array.dtype):
+            what = f"consolidated metadata says {array.shape} {array.dtype}, the array is " + (
+                f"{real.shape} {real.dtype}" if real is not None else "missing"
+            )
+            problems.append(Problem(name, what, REBUILD_STORE))
+    return problems
 
 
 def check_store(path: str) -> StoreCheck:
@@ -392,6 +413,7 @@ def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
             problems.append(Problem("s2", what, REBUILD_STORE))
 
     problems += _check_store_values(attrs, arrays, values)
+    problems += check_consolidated(store, root)
     split_names = list(attrs.get("split_names", ["train", "val", "test"]))
     split = values.get("split", np.zeros(0, np.uint8))
     row = {
