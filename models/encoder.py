@@ -23,8 +23,10 @@ Weight files read (``torch.load(weights_only=True)`` or safetensors, optionally 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -87,16 +89,57 @@ def build_encoder(
     return model
 
 
+def load_torch_file(path: str | Path, *, what: str = "weights file") -> Any:
+    """``torch.load`` of a local file on CPU with ``weights_only=True`` (never unpickles code), with errors that
+    say what is wrong with the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty, truncated or non-torch file, or one holding objects other than tensors and plain
+            values (refused unread).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own text suggests weights_only=False, i.e. running the file's code: not an option here.
+        detail = str(error).partition("WeightsUnpickler error:")[2].strip().splitlines()
+        raise ValueError(
+            f"{what} {path} is refused (Weights only load failed: {detail[0] if detail else error}): it holds "
+            "objects other than tensors and plain values, or is not a torch file; re-save it as a state dict "
+            "(torch.save(model.state_dict(), file)) or as safetensors"
+        ) from error
+    except (EOFError, OSError, RuntimeError) as error:
+        raise ValueError(
+            f"{what} {path} ({path.stat().st_size} bytes) cannot be read: it is truncated or not a torch file "
+            f"({type(error).__name__}: {error}); copy or download it again"
+        ) from error
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file or a torch file (weights_only); unwraps {"state_dict"/"model": ...}."""
+    """Tensors from a safetensors file or a torch file (weights_only); unwraps {"state_dict"/"model": ...}.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a truncated or unreadable file, or one that holds no state dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(
+                f"weights file {path} ({path.stat().st_size} bytes) cannot be read: it is truncated or not a "
+                f"safetensors file ({error}); copy or download it again"
+            ) from error
+    state = load_torch_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

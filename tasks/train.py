@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from models.data import BlockShuffleSampler, StoreDataset, collate_batch
 from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
 from models.ema import ema_momentum, ema_update, make_teacher
-from models.encoder import build_encoder
+from models.encoder import build_encoder, load_torch_file
 from models.loss import SoftConLoss, multilabel_loss
 from models.student import Student
 from softcon.config import TrainConfig
@@ -119,10 +119,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, what="checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a softcon training checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
