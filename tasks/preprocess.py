@@ -116,11 +116,18 @@ def read_cube_index(cube: str) -> CubeIndex:
     Raises:
         ValueError: when the cube, its tiles, an S2 array or the land cover is missing, or the tiles
             disagree on the class scheme.
+        PermissionError: when the object store refuses the credentials (named, never shown).
     """
     try:
         root = zarr.open_group(cube, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise ValueError(f"no cube at {cube!r}; run `softcon ingest --cube {cube}` first") from error
+    except PermissionError as error:
+        raise PermissionError(
+            f"access to cube {cube!r} was denied ({error}); check the object-store credentials in the environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for s3://, GOOGLE_APPLICATION_CREDENTIALS "
+            "for gs://, AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY for az://) and the bucket's policy"
+        ) from error
     tile_ids = sorted(root["tiles"].group_keys()) if "tiles" in root else []
     if not tile_ids:
         raise ValueError(f"cube {cube!r} has no tiles; run `softcon ingest --cube {cube}` first")
