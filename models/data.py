@@ -375,7 +375,7 @@ class StoreDataset(Dataset):
     def normalise(self, raw: np.ndarray) -> torch.Tensor:
         """(C, H, W) raw values -> normalised float32, nodata -> 0."""
         x = torch.from_numpy(raw.astype(np.float32))  # (C, H, W), a new array: the in-place ops are safe
-        nodata = torch.isnan(x) if self.sensor == "s1" else x == 0
+        nodata = ~torch.isfinite(x) if self.sensor == "s1" else x == 0  # S1: NaN and inf
         x.sub_(self.mean).div_(self.std)  # in place: the same values as (x - mean) / std, no temporaries
         return x.masked_fill_(nodata, 0.0)
 
@@ -516,7 +516,7 @@ class StoreDataset(Dataset):
                 np.take(self._table[c], raw[c], out=out_np[c], mode="wrap")  # in range: "wrap" is a no-op, unbuffered
             return
         np.copyto(out_np, raw, casting="unsafe")
-        nodata = torch.isnan(out) if self.sensor == "s1" else out == 0
+        nodata = ~torch.isfinite(out) if self.sensor == "s1" else out == 0
         out.sub_(self.mean).div_(self.std).masked_fill_(nodata, 0.0)
 
 
@@ -576,7 +576,7 @@ class GpuAugment:
             batch = torch.arange(B, device=self.device)[:, None, None]  # (B, 1, 1)
             raw = raw.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, S, S)
         x = raw.float()  # (B, C, H', W')
-        nodata = torch.isnan(x) if self.sensor == "s1" else x == 0
+        nodata = ~torch.isfinite(x) if self.sensor == "s1" else x == 0  # S1: NaN and inf
         x = ((x - self.mean) / self.std).masked_fill(nodata, 0.0)
         out = torch.empty_like(x) if x.shape[2] == x.shape[3] else x.clone()
         # The 16 (flip_w, flip_h, turns) combinations, each applied to its samples at once.

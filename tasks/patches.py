@@ -140,11 +140,11 @@ def s1_db_scale(units: str | None) -> float | None:
 def s1_to_db(values: np.ndarray, scale: float | None) -> np.ndarray:
     """S1 backscatter in dB as float32: unchanged when ``scale`` is None, else ``scale * log10``.
 
-    Zero or negative linear values (nodata in linear products) become NaN, the store's S1 nodata.
+    Zero or negative linear values (nodata in linear products) and inf become NaN, the store's S1 nodata.
     """
     values = np.asarray(values, dtype=np.float32)
     if scale is None:
-        return values
+        return np.where(np.isinf(values), np.float32(np.nan), values)
     with np.errstate(divide="ignore", invalid="ignore"):
         db = scale * np.log10(values)
-    return np.where(values > 0, db, np.nan).astype(np.float32)
+    return np.where((values > 0) & np.isfinite(db), db, np.nan).astype(np.float32)
