@@ -8,15 +8,24 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import State, flow, get_run_logger, task
 
 from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import IngestConfig
-from tasks.ingest import run_ingest
+from tasks.ingest import StoreFullError, run_ingest
 
-ingest_task = task(run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30], **cache_options("ingest"))
+
+def _retry_unless_disk_full(_task: object, _task_run: object, state: State) -> bool:
+    """Retry the ingest task on failure, except on a full disk: waiting does not free space."""
+    return not isinstance(state.result(raise_on_failure=False), StoreFullError)
+
+
+ingest_task = task(
+    run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_unless_disk_full, **cache_options("ingest"),
+)  # fmt: skip
 
 
 @flow(name="ingest")

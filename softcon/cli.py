@@ -7,6 +7,7 @@ run id it logged to.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -87,6 +88,11 @@ def _run(stage_flow: Any, config: Any) -> Any:
     try:
         result = stage_flow(config, **({"refresh": True} if _refresh_requested else {}))
     except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    except OSError as error:  # a full disk: the stage's message says where and what to do
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None
     return result

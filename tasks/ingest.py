@@ -21,7 +21,9 @@ time coordinate last. Each shape change is one atomic metadata write (Zarr's loc
 file and renames it), so a reader sees either the old tile or, while only the data arrays have grown, arrays
 longer than ``time`` (``xr.open_zarr`` refuses such a tile rather than showing a partial step); a killed
 append never shows a time step with missing data. The next ingest truncates the data arrays back to the
-time coordinate and drops item ids of days that are not in it, before doing anything else.
+time coordinate and drops item ids of days that are not in it, before doing anything else. A full disk
+(``ENOSPC``/``EDQUOT``) during an append rolls the tile back at once (deletes the chunks written ahead or a
+half-created tile, freeing their space) and raises ``StoreFullError`` naming the cube and what to do.
 
 Concurrent runs: every change to a tile (creation, repair, append) happens under an exclusive lock on
 ``<cube>/.ingest-locks/<tile_id>.lock`` (``fcntl.flock``, released by the kernel if the process dies), and
@@ -41,9 +43,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -93,6 +97,23 @@ _PERMANENT_ERRORS = (
 )  # fmt: skip
 """Read-error texts that no retry will fix (missing, forbidden or corrupt files)."""
 T = TypeVar("T")
+
+
+class StoreFullError(OSError):
+    """The disk (or quota) holding the cube ran out of space; the cube is left as it was before the append."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_bytes(path: str) -> int | None:
+    """Free bytes on the filesystem of ``path`` (its nearest existing parent); None for URLs."""
+    if "://" in path:
+        return None
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 @dataclass(frozen=True)
@@ -806,6 +827,42 @@ def _repair(tile: OpenTile) -> None:
         tile.group.update_attributes(stale_ids)
 
 
+def _drop_chunks_from(array: zarr.Array, steps: int) -> None:
+    """Delete the stored chunks of ``array`` that start at or past ``steps`` along axis 0 (written ahead of an
+    append that never committed; readers do not see them, but they hold disk space)."""
+    store, prefix = array.store_path.store, f"{array.store_path.path}/c/"
+    per_chunk = array.chunks[0]
+
+    async def drop() -> None:
+        keys = [key async for key in store.list_prefix(prefix)]
+        stale = [key for key in keys if int(key[len(prefix) :].split("/")[0]) * per_chunk >= steps]
+        await asyncio.gather(*(store.delete(key) for key in stale))
+
+    zarr_sync(drop())
+
+
+def _roll_back(cube: str, tile: Tile) -> None:
+    """Put a tile back as it was before a failed append (a full disk): delete a half-created tile, or the chunks
+    written ahead, then truncate grown arrays and drop item ids of unwritten days. Best effort: what is left,
+    the next ingest repairs. Call it holding the tile lock."""
+    path = f"tiles/{tile.tile_id}"
+    try:
+        group = _open_existing(cube, path)
+        if group is None:
+            return
+        arrays = dict(group.arrays())
+        if not set(TILE_ARRAYS) <= set(arrays):  # creation interrupted: nothing committed, remove it all
+            del zarr.open_group(cube, mode="a", zarr_format=3)[path]
+            return
+        seconds = {time_dim: arrays[time_dim][:] for time_dim in SENSOR_ARRAYS}
+        for time_dim, names in SENSOR_ARRAYS.items():
+            for name in names:
+                _drop_chunks_from(arrays[name], len(seconds[time_dim]))
+        _repair(OpenTile(group, arrays, seconds))
+    except Exception as error:  # the disk may still be full; the next run's open_tile repairs
+        log.warning("could not roll back tile %s of %s after a failed append (%s)", tile.tile_id, cube, error)
+
+
 def _decode_time(seconds: int) -> datetime:
     return datetime(1970, 1, 1) + timedelta(seconds=seconds)
 
@@ -955,16 +1012,29 @@ def _flush(
         return None, [0] * len(batches)
     appends, ingested = [], []
     with tile_lock(cube, tile.tile_id):
-        opened = open_tile(cube, tile, bands, check_bands=check_bands)
-        for batch in batches:
-            have = opened.days(batch.time_dim, lon)
-            keep = [k for k, day in enumerate(batch.days) if day not in have]
-            state.skipped["exists"] += len(batch) - len(keep)
-            ids = {batch.days[k].isoformat(): batch.ids[batch.days[k].isoformat()] for k in keep}
-            arrays = {name: [values[k] for k in keep] for name, values in batch.arrays.items()}
-            appends.append(NewSteps(batch.time_dim, arrays, [batch.times[k] for k in keep], ids))
-            ingested.append((len(keep), ids))
-        state.pixel_bytes += append_steps(opened, appends)
+        try:
+            opened = open_tile(cube, tile, bands, check_bands=check_bands)
+            for batch in batches:
+                have = opened.days(batch.time_dim, lon)
+                keep = [k for k, day in enumerate(batch.days) if day not in have]
+                state.skipped["exists"] += len(batch) - len(keep)
+                ids = {batch.days[k].isoformat(): batch.ids[batch.days[k].isoformat()] for k in keep}
+                arrays = {name: [values[k] for k in keep] for name, values in batch.arrays.items()}
+                appends.append(NewSteps(batch.time_dim, arrays, [batch.times[k] for k in keep], ids))
+                ingested.append((len(keep), ids))
+            state.pixel_bytes += append_steps(opened, appends)
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                raise
+            _roll_back(cube, tile)
+            free = _free_bytes(cube)
+            raise StoreFullError(
+                error.errno,
+                f"no space left on the disk holding cube {cube} ({'?' if free is None else f'{free / 2**20:.1f}'} "
+                f"MiB free) while writing tile {tile.tile_id}; the cube is unchanged past its last complete time step. "
+                "Free space there (or give --cube on a larger disk) and run softcon ingest again: it continues "
+                "with the dates still missing",
+            ) from error
     for written, ids in ingested:
         state.written += written
         for day_ids in ids.values():
