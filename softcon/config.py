@@ -168,7 +168,10 @@ class PreprocessConfig(StageConfig):
     samples_per_block: int = Field(
         default=64, gt=0, description="Samples per write block = per Zarr shard: one shard read is one batch."
     )
-    dask_address: str | None = Field(default=None, description="Existing scheduler; default LocalCluster.")
+    dask_address: str | None = Field(
+        default_factory=lambda: get_settings().dask_address,
+        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
+    )
     n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
 
     @model_validator(mode="after")

@@ -94,3 +94,18 @@ def test_preprocess_on_an_existing_cluster_writes_the_same_store_as_a_local_clus
     assert {"s2", "s1", "labels", "split"} <= set(remote_digests)
     assert remote_digests == local_digests
     assert zarr.open_group(remote.store, mode="r").attrs["complete"] is True
+
+
+def test_softcon_dask_address_is_the_default_scheduler(monkeypatch):
+    from softcon.settings import get_settings
+
+    monkeypatch.setenv("SOFTCON_DASK_ADDRESS", "tcp://dask-scheduler:8786")
+    get_settings.cache_clear()
+    try:
+        assert PreprocessConfig().dask_address == "tcp://dask-scheduler:8786"
+        assert PreprocessConfig(dask_address="tcp://other:8786").dask_address == "tcp://other:8786"
+        monkeypatch.delenv("SOFTCON_DASK_ADDRESS")
+        get_settings.cache_clear()
+        assert PreprocessConfig().dask_address is None  # a LocalCluster per run
+    finally:
+        get_settings.cache_clear()
