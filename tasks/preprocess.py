@@ -395,8 +395,13 @@ def _dask_client(config: PreprocessConfig, client: Client | None) -> Iterator[Cl
             yield remote
         return
     with (
+        # Scheduler and dashboard on loopback: a bare ":0" dashboard listens on every interface.
         LocalCluster(
-            n_workers=config.n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=config.n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as local,
     ):

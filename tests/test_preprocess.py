@@ -31,7 +31,7 @@ class Written:
 
 @pytest.fixture(scope="module")
 def client():
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as dask_client:
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as dask_client:
         yield dask_client
 
 
@@ -272,7 +272,7 @@ def on_progress(step, done, total):
     if step == "blocks" and done >= 1:
         time.sleep(0.5)  # slow the driver down so the parent's SIGKILL lands mid-write
 
-with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
     run_preprocess(config, client=client, on_progress=on_progress)
 print("finished", flush=True)
 """
@@ -328,7 +328,7 @@ def test_resume_after_sigkill_writes_only_unfinished_blocks(written, client, tmp
 def test_existing_scheduler_by_address(cube, tmp_path):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         links = []
         report = run_preprocess(
             _config(cube, tmp_path / "store.zarr", dask_address=cluster.scheduler_address),
