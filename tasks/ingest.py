@@ -221,9 +221,21 @@ def _gdal_options(headers: dict[str, str], *, retries: int, retry_delay: float) 
     return options
 
 
+def describe_error(error: BaseException) -> str:
+    """The error with the messages of its causes: GDAL's "Read failed. See previous exception" names the file
+    and what failed (a truncated tile, a missing file) only in the chained exceptions."""
+    parts, seen, cause = [f"{type(error).__name__}: {error}"], {id(error)}, error.__cause__ or error.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if str(cause) and str(cause) not in parts[-1]:
+            parts.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(parts)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a read error may go away on retry (network, server 5xx) rather than a missing/corrupt file."""
-    text = str(error).lower()
+    text = describe_error(error).lower()
     if isinstance(error, (KeyError, ValueError, TypeError)) and not isinstance(error, rasterio.errors.RasterioError):
         return False
     return not any(marker in text for marker in _PERMANENT_ERRORS)
@@ -402,6 +414,8 @@ class ReadOptions:
     gdal: dict[str, Any] = field(default_factory=dict)
     retries: int = 3
     retry_delay: float = 1.0
+    threads: int = 1
+    """Reads run at once within one load (odc-stac's ``pool``; each thread gets the same GDAL settings)."""
     stac_items: dict[tuple[str, str], pystac.Item] = field(default_factory=dict, compare=False, repr=False)
     """Parsed pystac Items by (collection, id), shared by the loads of a run (an item covers several tiles)."""
 
@@ -575,7 +589,7 @@ def _odc_load(
         data = odc.stac.load(
             stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling,
             groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=dtype,
-            patch_url=read.patch_url,
+            patch_url=read.patch_url, pool=read.threads if read.threads > 1 else None,
         )  # fmt: skip
     if data.sizes["time"] != len(days):  # pragma: no cover (a grouping bug)
         raise AssertionError(f"odc-stac returned {data.sizes['time']} time steps for {len(days)} days")
@@ -598,20 +612,20 @@ def load_day_isolating(
         return attempt(items), {}
     except Exception as error:
         if len(items) == 1:
-            return None, {items[0]["id"]: f"{type(error).__name__}: {error}"}
+            return None, {items[0]["id"]: describe_error(error)}
     good, failed = [], {}
     for item in items:
         try:
             attempt([item])
             good.append(item)
         except Exception as error:
-            failed[item["id"]] = f"{type(error).__name__}: {error}"
+            failed[item["id"]] = describe_error(error)
     if not good:
         return None, failed
     try:
         return attempt(good), failed
     except Exception as error:  # every item alone reads but not together: report them all
-        return None, {**failed, **{item["id"]: f"{type(error).__name__}: {error}" for item in good}}
+        return None, {**failed, **{item["id"]: describe_error(error) for item in good}}
 
 
 def s2_day_quality(s2: np.ndarray, scl: np.ndarray) -> tuple[float, float]:
@@ -1182,6 +1196,7 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         gdal=_gdal_options(request_headers(config), retries=config.retries, retry_delay=config.retry_delay),
         retries=config.retries,
         retry_delay=config.retry_delay,
+        threads=config.read_threads,
     )  # fmt: skip
     area = read_area(config)
     found = search_items(config, area)
