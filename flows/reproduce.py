@@ -18,6 +18,7 @@ The new MLflow run is tagged ``softcon.reproduction_of=<old id>`` and ``softcon.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ def reproduce_run(run_id: str, *, workdir: Path | None = None) -> Reproduction:
     Raises:
         ValueError: for an unknown run id, a run that is not a stage run, or params that do not validate.
     """
+    if not re.fullmatch(r"[A-Za-z0-9][\w-]{0,255}", run_id):  # MLflow's run id rule; it becomes a folder name
+        raise ValueError(f"{run_id!r} is not an MLflow run id (letters, digits, '_' and '-' only)")
     client = mlflow.MlflowClient()
     try:
         original = client.get_run(run_id)
