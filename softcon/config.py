@@ -95,7 +95,8 @@ class IngestConfig(StageConfig):
         if not (-180 <= west <= 180 and -180 <= east <= 180 and -90 <= south <= 90 and -90 <= north <= 90):
             raise ValueError(f"bbox {bbox} is outside lon [-180, 180] / lat [-90, 90]; give W,S,E,N in degrees")
         if west >= east or south >= north:
-            raise ValueError(f"bbox {bbox} needs west < east and south < north (order: W,S,E,N)")
+            across = " (an area across the antimeridian: split it into two runs)" if west > east else ""
+            raise ValueError(f"bbox {bbox} needs west < east and south < north (order: W,S,E,N){across}")
         return bbox
 
     @model_validator(mode="after")

@@ -85,6 +85,12 @@ def test_a_date_that_does_not_exist_is_named_before_any_work(field: str) -> None
         load_config(IngestConfig, section="ingest", overrides={**values, field: "2024-02-30"})
 
 
+def test_a_bbox_across_the_antimeridian_says_how_to_request_it() -> None:
+    values = {"stac": "items.json", "bbox": [179.9, -16.1, -179.9, -16.0], "start": "2024-06-01", "end": "2024-06-30"}
+    with pytest.raises(ConfigError, match=r"needs west < east .*across the antimeridian: split it into two runs"):
+        load_config(IngestConfig, section="ingest", overrides=values)
+
+
 # ---------------------------------------------------------------------------------------- area
 
 
