@@ -1,13 +1,18 @@
-"""Ingest benchmark: MB/s against a raw rasterio + zarr baseline, and peak RSS as the area grows.
+"""Ingest benchmark: time and MB/s against a raw rasterio + zarr baseline, and peak RSS as the area grows.
 
 1. Throughput: ``run_ingest`` of a sample area (static ItemCollection, no server) against a baseline in
    the same process: plain ``rasterio`` reads of the same windows (each band read onto the tile's 10 m
-   grid, bilinear for 20/60 m) plus a plain ``zarr`` write of the same arrays, one chunk per tile-date.
-   Target: ingest time <= 1.5x the baseline.
-2. Memory: ``run_ingest`` over 1x, 4x and 16x the tiles, each in its own subprocess (peak RSS per size).
-   Target: peak RSS at 16x within 20 % of 1x.
+   grid, bilinear for 20/60 m, one band after the other) plus a plain ``zarr`` write of the same arrays,
+   one chunk per tile-date. At two tile sizes: 256 px (the demo's, where per-load set-up weighs most) and
+   1056 px (the default). Ingest runs with its default ``read_threads`` (reads and warps of one load run
+   concurrently) and with ``read_threads=1`` (one read at a time, like the baseline), interleaved with
+   the baseline. Reported: best wall time of each and its ratio to the baseline's best, the median of the
+   per-round ratios, and the median CPU time (all threads) with its ratio: CPU time shows the work done,
+   whatever else the shared machine runs. Target: ingest time <= 1.5x the baseline.
+2. Memory: ``run_ingest`` over 1x, 4x and 16x the tiles (256 px), each in its own subprocess (peak RSS
+   per size). Target: peak RSS at 16x within 20 % of 1x.
 
-Run: ``python bench/bench_ingest.py`` (a few minutes); prints a table to paste into the README.
+Run: ``python bench/bench_ingest.py`` (a few minutes); prints tables to paste into the README.
 """
 
 from __future__ import annotations
@@ -34,79 +39,98 @@ from tasks.ingest import read_static_items, run_ingest
 from tasks.sample_data import write_sample_data
 
 TILE_SIZE, DATES = 256, 3
+SIZES = ((256, 4), (1056, 1))
+"""(tile size in px, tiles) of the throughput runs: the demo's tiles and the default tile size."""
 REPEATS = 5
-"""Interleaved ingest/baseline pairs; the best of each is compared (the machine is shared and noisy)."""
+"""Interleaved rounds of (ingest, ingest one read at a time, baseline); the machine is shared and noisy."""
 S2_KEYS = ("coastal", "blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "nir09",
            "swir16", "swir22")  # fmt: skip
 
 
-def _config(sample, cube: Path) -> IngestConfig:  # type: ignore[no-untyped-def]
+def _config(sample, cube: Path, tile_size: int = TILE_SIZE, **overrides: Any) -> IngestConfig:  # type: ignore[no-untyped-def]
     return IngestConfig(
-        stac=str(sample.items_file), bbox=sample.bbox, start=sample.start, end=sample.end, tile_size=TILE_SIZE,
-        cube=str(cube), max_cloud=100, max_tile_cloud=1.0, max_tile_nodata=1.0, retry_delay=0,
+        stac=str(sample.items_file), bbox=sample.bbox, start=sample.start, end=sample.end, tile_size=tile_size,
+        cube=str(cube), max_cloud=100, max_tile_cloud=1.0, max_tile_nodata=1.0, retry_delay=0, **overrides,
     )  # fmt: skip
 
 
-def baseline(sample, cube: Path) -> tuple[float, int]:  # type: ignore[no-untyped-def]
-    """Plain rasterio window reads onto each tile grid + plain zarr writes; (seconds, pixel bytes)."""
-    started = time.perf_counter()
+def baseline(sample, cube: Path, tile_size: int = TILE_SIZE) -> tuple[float, float, int]:  # type: ignore[no-untyped-def]
+    """Plain rasterio window reads onto each tile grid + plain zarr writes; (seconds, CPU seconds, pixel bytes)."""
+    started, cpu = time.perf_counter(), time.process_time()
     items = read_static_items(sample.items_file)
     root = zarr.open_group(str(cube), mode="w", zarr_format=3)
     written = 0
-    for tile in tiles_for_bbox(sample.bbox, resolution=10, tile_size=TILE_SIZE):
+    for tile in tiles_for_bbox(sample.bbox, resolution=10, tile_size=tile_size):
         s2_items = [i for i in items if i["collection"] == "sentinel-2-l2a"]
         s1_items = [i for i in items if i["collection"] == "sentinel-1-rtc"]
         group = root.create_group(tile.tile_id)
-        s2 = group.create_array("s2", shape=(len(s2_items), len(S2_KEYS), TILE_SIZE, TILE_SIZE), dtype="uint16",
-                                chunks=(1, len(S2_KEYS), TILE_SIZE, TILE_SIZE))  # fmt: skip
-        scl = group.create_array("scl", shape=(len(s2_items), TILE_SIZE, TILE_SIZE), dtype="uint8",
-                                 chunks=(1, TILE_SIZE, TILE_SIZE))  # fmt: skip
-        s1 = group.create_array("s1", shape=(len(s1_items), 2, TILE_SIZE, TILE_SIZE), dtype="float32",
-                                chunks=(1, 2, TILE_SIZE, TILE_SIZE))  # fmt: skip
+        n = tile_size
+        s2 = group.create_array("s2", shape=(len(s2_items), len(S2_KEYS), n, n), dtype="uint16",
+                                chunks=(1, len(S2_KEYS), n, n))  # fmt: skip
+        scl = group.create_array("scl", shape=(len(s2_items), n, n), dtype="uint8", chunks=(1, n, n))
+        s1 = group.create_array("s1", shape=(len(s1_items), 2, n, n), dtype="float32", chunks=(1, 2, n, n))
         for t, item in enumerate(s2_items):
             bands = np.stack([_read(item["assets"][k]["href"], tile, Resampling.bilinear) for k in S2_KEYS])
             s2[t] = bands.astype(np.uint16)
             scl[t] = _read(item["assets"]["scl"]["href"], tile, Resampling.nearest).astype(np.uint8)
-            written += bands.size * 2 + TILE_SIZE * TILE_SIZE
+            written += bands.size * 2 + n * n
         for t, item in enumerate(s1_items):
             pols = np.stack([_read(item["assets"][k]["href"], tile, Resampling.bilinear) for k in ("vv", "vh")])
             s1[t] = pols.astype(np.float32)
             written += pols.size * 4
-    return time.perf_counter() - started, written
+    return time.perf_counter() - started, time.process_time() - cpu, written
 
 
 def _read(href: str, tile, resampling: Resampling) -> np.ndarray:  # type: ignore[no-untyped-def]
     with rasterio.open(href) as src:
         window = from_bounds(*tile.bounds, transform=src.transform)
-        return src.read(1, window=window, out_shape=(TILE_SIZE, TILE_SIZE), resampling=resampling, boundless=True)
+        return src.read(1, window=window, out_shape=(tile.size, tile.size), resampling=resampling, boundless=True)
 
 
-def throughput(work: Path, tiles: int = 4, repeats: int = REPEATS) -> dict[str, Any]:
-    sample = write_sample_data(work / f"sample{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
-    ingest_s, base_s, ingest_bytes, base_bytes = [], [], 0, 0
-    for k in range(repeats):  # interleaved, best of each: the machine is shared and noisy
-        cube = work / f"cube{k}.zarr"
-        report = run_ingest(_config(sample, cube))
-        ingest_s.append(report.seconds)
-        ingest_bytes = report.pixel_bytes
-        shutil.rmtree(cube)
-        seconds, base_bytes = baseline(sample, work / f"base{k}.zarr")
-        base_s.append(seconds)
+def throughput(work: Path, tile_size: int, tiles: int, repeats: int = REPEATS) -> dict[str, Any]:
+    """Interleaved rounds of ingest (default threads), ingest (one read at a time) and the baseline."""
+    sample = write_sample_data(work / f"sample{tile_size}x{tiles}", tiles=tiles, tile_size=tile_size, dates=DATES)
+    runs: dict[str, list[tuple[float, float]]] = {"ingest": [], "ingest, 1 read at a time": [], "baseline": []}
+    pixel_bytes: dict[str, int] = {}
+    for k in range(repeats):
+        for name, overrides in (("ingest", {}), ("ingest, 1 read at a time", {"read_threads": 1})):
+            cube = work / f"cube{k}.zarr"
+            cpu = time.process_time()
+            report = run_ingest(_config(sample, cube, tile_size, **overrides))
+            runs[name].append((report.seconds, time.process_time() - cpu))
+            pixel_bytes[name] = report.pixel_bytes
+            shutil.rmtree(cube)
+        seconds, cpu_seconds, pixel_bytes["baseline"] = baseline(sample, work / f"base{k}.zarr", tile_size)
+        runs["baseline"].append((seconds, cpu_seconds))
         shutil.rmtree(work / f"base{k}.zarr")
-    best_i, best_b = min(ingest_s), min(base_s)
-    return {
-        "tiles": tiles, "ingest_s": best_i, "baseline_s": best_b, "ingest_mb_s": ingest_bytes / 1e6 / best_i,
-        "baseline_mb_s": base_bytes / 1e6 / best_b, "time_ratio": best_i / best_b, "ingest_all": ingest_s,
-        "baseline_all": base_s,
-    }  # fmt: skip
+    base = runs["baseline"]
+    rows = []
+    for name, values in runs.items():
+        wall = min(v[0] for v in values)
+        cpu = float(np.median([v[1] for v in values]))
+        rows.append({
+            "name": name, "wall_s": wall, "mb_s": pixel_bytes[name] / 1e6 / wall,
+            "ratio": wall / min(b[0] for b in base),
+            "round_ratio": float(np.median([v[0] / b[0] for v, b in zip(values, base, strict=True)])),
+            "cpu_s": cpu, "cpu_ratio": cpu / float(np.median([b[1] for b in base])), "all": [v[0] for v in values],
+        })  # fmt: skip
+    return {"tile_size": tile_size, "tiles": tiles, "rows": rows}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: ru_maxrss is carried over execve from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss_child(work: Path, tiles: int) -> None:
     """In a subprocess: ingest ``tiles`` tiles, print peak RSS in MB."""
     sample = write_sample_data(work / f"sample{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _peak_rss_mb()
     report = run_ingest(_config(sample, work / f"rss{tiles}.zarr"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"tiles": tiles, "peak_rss_mb": peak, "rss_before_ingest_mb": before,
                       "tile_dates": report.tile_dates_written}))  # fmt: skip
 
@@ -120,7 +144,7 @@ def main() -> None:
         # Write the inputs first (sample generation is not measured, and its memory stays out of the children).
         for tiles in (1, 4, 16):
             write_sample_data(work / f"sample{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
-        speed = throughput(work)
+        speeds = [throughput(work, tile_size, tiles) for tile_size, tiles in SIZES]
         rss = []
         for tiles in (1, 4, 16):
             out = subprocess.run([sys.executable, __file__, "--rss", str(work), str(tiles)], capture_output=True,
@@ -128,13 +152,15 @@ def main() -> None:
             rss.append(json.loads(out.strip().splitlines()[-1]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nthroughput ({speed['tiles']} tiles of {TILE_SIZE}px, {DATES} dates, S2+SCL+S1, best of {REPEATS})")
-    print("| measure | ingest | baseline (rasterio + zarr) | ratio |")
-    print("|---|---|---|---|")
-    print(f"| time, s | {speed['ingest_s']:.2f} | {speed['baseline_s']:.2f} | {speed['time_ratio']:.2f}x |")
-    print(f"| pixel MB/s | {speed['ingest_mb_s']:.1f} | {speed['baseline_mb_s']:.1f} | |")
-    print("every run, s: ingest", [round(t, 2) for t in speed["ingest_all"]], "baseline",
-          [round(t, 2) for t in speed["baseline_all"]])  # fmt: skip
+    for speed in speeds:
+        print(f"\n{speed['tiles']} tile(s) of {speed['tile_size']} px, {DATES} dates, S2+SCL+S1, {REPEATS} rounds")
+        print("| run | best s | pixel MB/s | x baseline (best) | x baseline (median per round) | CPU s "
+              "| x baseline CPU | every round, s |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for row in speed["rows"]:
+            print(f"| {row['name']} | {row['wall_s']:.2f} | {row['mb_s']:.1f} | {row['ratio']:.2f}x | "
+                  f"{row['round_ratio']:.2f}x | {row['cpu_s']:.2f} | {row['cpu_ratio']:.2f}x | "
+                  f"{' '.join(f'{t:.2f}' for t in row['all'])} |")  # fmt: skip
     print("\npeak RSS per area (separate subprocesses)")
     print("| tiles | tile-dates | peak RSS MB | vs 1x |")
     print("|---|---|---|---|")

@@ -15,7 +15,10 @@ The store's previous per-item path (``__getitem__`` per sample, then the default
 against it on the same machine state.
 
 Throughput is counted from the first batch on (worker start-up excluded on both sides). Rounds alternate
-store and baseline so that the shared machine's noise hits both; the best round of each row is reported.
+store and baseline so that the shared machine's noise hits both. Per row: the best round's samples/s and its
+ratio to the baseline's best, the median of the per-round ratios, and samples per CPU-second (this process
+plus its workers, whole pass; median over rounds) with its ratio: CPU time does not depend on what else
+the shared machine runs, and with every core busy throughput is cores / CPU-seconds per sample.
 
 Peak memory: a child process per (store size, buffer size) reads the store with num_workers=0 and reports
 its ru_maxrss, so the figure is the loader's own.
@@ -26,6 +29,7 @@ its ru_maxrss, so the figure is the loader's own.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,19 +154,45 @@ class GeoTiffDataset(Dataset):
         return {"image": apply_view_params(x, torch.from_numpy(params), CROP)}
 
 
-def samples_per_second(loader: DataLoader, limit: int, augment: GpuAugment | None = None) -> float:
-    """Samples/s from the first batch on (worker start-up and the first batch excluded)."""
-    started, seen = 0.0, -1
-    for batch in loader:
+@dataclass
+class Speed:
+    """One pass of a loader: wall-clock samples/s and samples per CPU-second (this process and its workers)."""
+
+    wall: float
+    cpu: float
+
+
+def measure(loader: DataLoader, limit: int, augment: GpuAugment | None = None) -> Speed:
+    """Samples/s from the first batch on (worker start-up and the first batch excluded), and samples per
+    CPU-second over the whole pass (this process plus its DataLoader workers, counted once they exit).
+
+    The CPU figure does not depend on what else the machine runs: with every core busy, throughput is
+    cores / (CPU-seconds per sample), so its ratio is the throughput ratio on a machine of one's own.
+    """
+    cpu_self, cpu_children = time.process_time(), _children_cpu()
+    iterator = iter(loader)
+    started, seen, total = 0.0, -1, 0
+    for batch in iterator:
         if augment is not None:
             batch = augment(batch)
+        size = len(batch["image"] if "image" in batch else batch["raw"])
+        total += size
         if seen < 0:
             started, seen = time.perf_counter(), 0
             continue
-        seen += len(batch["image"] if "image" in batch else batch["raw"])
+        seen += size
         if seen >= limit:
             break
-    return seen / (time.perf_counter() - started)
+    wall = seen / (time.perf_counter() - started)
+    del iterator  # shuts the workers down, so their CPU time is in RUSAGE_CHILDREN
+    gc.collect()
+    cpu = time.process_time() - cpu_self + _children_cpu() - cpu_children
+    return Speed(wall, total / cpu)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_same_tensors(store: Path, tif_folder: Path, stats: dict) -> None:
@@ -234,41 +265,43 @@ def main() -> None:
         tif = GeoTiffDataset(work / "tif", stats["mean"], stats["std"])
         tif_raw = GeoTiffDataset(work / "tif", stats["mean"], stats["std"], raw=True)
 
-        rows: dict[str, list[float]] = {}
+        rows: dict[str, list[Speed]] = {}
         for _ in range(args.rounds):
             for workers in (0, 2):
                 rows.setdefault(f"raw: geotiff, {workers} workers", []).append(
-                    samples_per_second(DataLoader(tif_raw, batch_size=32, shuffle=True, num_workers=workers),
+                    measure(DataLoader(tif_raw, batch_size=32, shuffle=True, num_workers=workers),
                                        args.tif_patches)
                 )  # fmt: skip
                 rows.setdefault(f"raw: store, {workers} workers", []).append(
-                    samples_per_second(store_loader(small, workers, defer=True, crop=None), args.small)
+                    measure(store_loader(small, workers, defer=True, crop=None), args.small)
                 )
                 rows.setdefault(f"raw: store per item + stack, {workers} workers", []).append(
-                    samples_per_second(store_loader(small, workers, defer=True, crop=None, per_item=True), args.small)
+                    measure(store_loader(small, workers, defer=True, crop=None, per_item=True), args.small)
                 )
                 tif_loader = DataLoader(tif, batch_size=32, shuffle=True, num_workers=workers)
-                rows.setdefault(f"geotiff, {workers} workers", []).append(
-                    samples_per_second(tif_loader, args.tif_patches)
-                )
+                rows.setdefault(f"geotiff, {workers} workers", []).append(measure(tif_loader, args.tif_patches))
                 rows.setdefault(f"store, CPU augment, batch path, {workers} workers", []).append(
-                    samples_per_second(store_loader(small, workers, defer=False), args.small)
+                    measure(store_loader(small, workers, defer=False), args.small)
                 )
                 rows.setdefault(f"store, CPU augment per item + stack, {workers} workers", []).append(
-                    samples_per_second(store_loader(small, workers, defer=False, per_item=True), args.small)
+                    measure(store_loader(small, workers, defer=False, per_item=True), args.small)
                 )
                 deferred = store_loader(small, workers, defer=True)
                 rows.setdefault(f"store, batched augment after loader, {workers} workers", []).append(
-                    samples_per_second(deferred, args.small, GpuAugment(deferred.dataset, device="cpu"))
+                    measure(deferred, args.small, GpuAugment(deferred.dataset, device="cpu"))
                 )
         print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"\n{'loader (raw: 13x264x264 uint16; else 224 crops float32)':<58} {'samples/s':>10} {'x geotiff':>10}"
-              f"  rounds")  # fmt: skip
-        for name, values in rows.items():
-            best = max(values)  # the least disturbed round on a shared machine
+        print(f"\n{'loader (raw: 13x264x264 uint16; else 224 crops float32)':<58} {'samples/s':>9} {'x tif':>6} "
+              f"{'x tif/round':>11} {'per CPU-s':>9} {'x tif':>6}  samples/s per round")  # fmt: skip
+        for name, speeds in rows.items():
             workers = name.rsplit(", ", 1)[1]
-            reference = max(rows[f"raw: geotiff, {workers}" if name.startswith("raw") else f"geotiff, {workers}"])
-            print(f"{name:<58} {best:>10.1f} {best / reference:>10.1f}  {' '.join(f'{v:.0f}' for v in values)}")
+            base = rows[f"raw: geotiff, {workers}" if name.startswith("raw") else f"geotiff, {workers}"]
+            wall, cpu = max(s.wall for s in speeds), float(np.median([s.cpu for s in speeds]))
+            per_round = float(np.median([s.wall / b.wall for s, b in zip(speeds, base, strict=True)]))
+            print(
+                f"{name:<58} {wall:>9.0f} {wall / max(b.wall for b in base):>6.1f} {per_round:>11.1f} {cpu:>9.0f} "
+                f"{cpu / float(np.median([b.cpu for b in base])):>6.1f}  {' '.join(f'{s.wall:.0f}' for s in speeds)}"
+            )
 
         print(f"\n{'peak memory (num_workers=0, batch 32)':<40} {'store samples':>14} {'buffer blocks':>14} {'MiB':>8}")
         for store, n in ((small, args.small), (large, args.large)):

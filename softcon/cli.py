@@ -116,7 +116,7 @@ def ingest(
     end: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")] = None,
     bands: Annotated[str | None, typer.Option(help="Sentinel-2 bands, e.g. B02,B03,B04,B08.")] = None,
     resolution: Annotated[float | None, typer.Option(help="Pixel size in metres [default: 10].")] = None,
-    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 256].")] = None,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 1056, 4 x 264 px].")] = None,
     epsg: Annotated[
         int | None,
         typer.Option(help="UTM EPSG code of the grid, e.g. 32632 [default: the zone of the area's centre]."),

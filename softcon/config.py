@@ -58,7 +58,9 @@ class IngestConfig(StageConfig):
     end: date = Field(description="Last acquisition day (inclusive).")
     bands: list[S2Band] = Field(default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands.")
     resolution: float = Field(default=10.0, gt=0, description="Pixel size in metres.")
-    tile_size: int = Field(default=256, gt=0, description="Tile side in pixels.")
+    tile_size: int = Field(
+        default=1056, gt=0, description="Tile side in pixels (1056 = 4 x 264 px SSL4EO-S12 patches, 10.56 km at 10 m)."
+    )
     epsg: int | None = Field(
         default=None,
         ge=32601,
@@ -84,6 +86,9 @@ class IngestConfig(StageConfig):
     )
     retries: int = Field(default=3, ge=0, description="Retries of a transient HTTP/read failure.")
     retry_delay: float = Field(default=1.0, ge=0, description="First retry delay, seconds (doubles each retry).")
+    read_threads: int = Field(
+        default=4, ge=1, description="Asset reads (and warps) run at once within one tile's load (odc-stac pool)."
+    )
     cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
 
     @field_validator("bbox")

@@ -25,7 +25,10 @@ import zarr
 from zarr.codecs import BloscCodec
 
 SCHEMA_VERSION = 1
-IMAGE_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+# Images are written once and decoded every epoch: LZ4HC with byte shuffle decodes about 3x faster than
+# zstd + bitshuffle for about 5 % more bytes (real S2 L1C patches: ratio 1.80 vs 1.89, 0.13 vs 0.39 ms per
+# 13x120x120 decode); bench/bench_loader.py measures what that buys the loader.
+IMAGE_COMPRESSOR = BloscCodec(cname="lz4hc", clevel=5, shuffle="shuffle")
 TABLE_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 
 
