@@ -16,10 +16,13 @@ from typing import Any, Literal
 import zarr
 
 from softcon.config import IngestConfig
+from tasks.ingest import tile_lock
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = ("day", "week", "month")
 LEDGER_ATTR = "ingested_periods"
+LEDGER_LOCK = "ingested-periods"
+"""Name of the lock (beside the tile locks, ``tasks.ingest.tile_lock``) held while the ledger is rewritten."""
 
 
 @dataclass(frozen=True, order=True)
@@ -107,21 +110,28 @@ def done_windows(config: IngestConfig) -> set[DateWindow]:
 
 
 def record_window(config: IngestConfig, window: DateWindow, **details: Any) -> None:
-    """Add ``window`` to the cube's ledger (read-modify-write of the root attrs by one writer: the backfill)."""
-    root = zarr.open_group(config.cube, mode="a", zarr_format=3)
-    ledger = [
-        entry
-        for entry in root.attrs.get(LEDGER_ATTR, [])
-        if not (
-            entry.get("request") == request_key(config)
-            and entry.get("start") == window.start.isoformat()
-            and entry.get("end") == window.end.isoformat()
+    """Add ``window`` to the cube's ledger: a read-modify-write of the root attrs under the cube's ledger lock,
+    so that concurrent backfills of one local cube do not drop each other's entries (no lock for URLs)."""
+    with tile_lock(config.cube, LEDGER_LOCK):
+        root = zarr.open_group(config.cube, mode="a", zarr_format=3)
+        ledger = [
+            entry
+            for entry in root.attrs.get(LEDGER_ATTR, [])
+            if not (
+                entry.get("request") == request_key(config)
+                and entry.get("start") == window.start.isoformat()
+                and entry.get("end") == window.end.isoformat()
+            )
+        ]
+        ledger.append(
+            {
+                "request": request_key(config),
+                "start": window.start.isoformat(),
+                "end": window.end.isoformat(),
+                **details,
+            }
         )
-    ]
-    ledger.append(
-        {"request": request_key(config), "start": window.start.isoformat(), "end": window.end.isoformat(), **details}
-    )
-    root.attrs[LEDGER_ATTR] = ledger
+        root.attrs[LEDGER_ATTR] = ledger
 
 
 def window_config(config: IngestConfig, window: DateWindow) -> IngestConfig:
