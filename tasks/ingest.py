@@ -13,7 +13,8 @@ Chunks are one time step per chunk: (1, band, y, x) for s2, (1, y, x) for scl, (
 Idempotence and appends: a tile-date (solar day) already in the tile is never loaded or written again,
 so a re-run writes nothing. New dates are appended along ``time`` in the order they are ingested (sorted
 within one run); a backfill of earlier dates lands after later ones, so readers that need order use
-``ds.sortby("time")``.
+``ds.sortby("time")``. A tile is created with its first time step: a run that writes nothing (no items, none
+usable, every tile-date cloudy or empty) leaves no empty tile and no empty cube.
 
 Crash safety: an append writes the new chunks of every array *before* it grows any array's shape (through a
 view of the array at its future shape), then grows the data arrays, records the item ids, and grows the
