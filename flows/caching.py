@@ -10,7 +10,10 @@ A stage task's cache key is made of three parts:
   the cube's time coordinates' lengths and STAC item ids, the store's ``fingerprint``/``complete`` attrs),
   not modification times, so a stage that rewrites the same bytes (labels into the cube) keys the same
   afterwards. A plain file (a raster source, pretrained weights, a checkpoint) is hashed by content up to
-  64 MiB and by size + mtime above that. A URL contributes its text only (remote stores are not listed).
+  64 MiB and by size + mtime above that. A Zarr store on object storage (``s3://``, ``gs://``, ``az://`` …) is
+  fingerprinted the same way, from the metadata of every node read through zarr (one request per group or
+  array, never a listing of the chunks), so a cube on S3 that gained dates runs preprocess again; any other URL
+  (a STAC API, an HTTP raster), or a store that cannot be read, contributes its text only.
 
 Results are persisted (``persist_result=True``) under ``<SOFTCON_HOME>/prefect/results``
 (``configure_runtime`` sets ``PREFECT_RESULTS_LOCAL_STORAGE_PATH``), so a later process — the CLI again, a
@@ -21,6 +24,8 @@ deployment run on a worker — finds them. ``--refresh`` (the flows' ``refresh``
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +37,31 @@ from pydantic import BaseModel
 
 FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed by content; larger ones by size and modification time."""
+OBJECT_STORE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory")
+"""fsspec protocols whose URLs are fingerprinted as Zarr stores (zarr.json contents), not by their text."""
+
+logger = logging.getLogger(__name__)
 
 
 def _is_url(location: str) -> bool:
     return "://" in location
+
+
+def _zarr_url_fingerprint(url: str) -> str | None:
+    """Hash of the metadata of every group and array of the Zarr store at ``url``; None when it is unreadable."""
+    import zarr
+
+    try:
+        root = zarr.open_group(url, mode="r", use_consolidated=False)
+        nodes = [("", root), *sorted(root.members(max_depth=None), key=lambda pair: pair[0])]
+    except Exception as error:  # an absent store, missing credentials, an unreachable endpoint: key on the URL
+        logger.debug("no Zarr fingerprint for %s (%s); keying on the URL", url, type(error).__name__)
+        return None
+    digest = hashlib.sha256()
+    for path, node in nodes:
+        digest.update(path.encode())
+        digest.update(json.dumps(node.metadata.to_dict(), sort_keys=True, default=str).encode())
+    return f"zarr:{digest.hexdigest()[:16]}"
 
 
 def path_fingerprint(location: str | Path | None) -> str:
@@ -44,6 +70,8 @@ def path_fingerprint(location: str | Path | None) -> str:
         return "none"
     text = str(location)
     if _is_url(text):
+        if text.split("://", 1)[0].lower() in OBJECT_STORE_PROTOCOLS:
+            return _zarr_url_fingerprint(text) or f"url:{text}"
         return f"url:{text}"
     path = Path(text)
     digest = hashlib.sha256()

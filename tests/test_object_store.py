@@ -28,6 +28,7 @@ import pytest
 import torch
 from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config
 
+from flows.caching import path_fingerprint
 from softcon.config import LabelsConfig, PreprocessConfig
 from tasks.digest import array_digests
 from tasks.ingest import run_ingest
@@ -158,7 +159,10 @@ def test_stages_write_and_read_s3_stores_identical_to_local_ones(s3_env, tmp_pat
         # The S3 pipeline as Prefect flows with MLflow runs; the local one as plain task calls.
         runs = [ingest_flow(sample_ingest_config(sample, stac, local_cube).model_copy(update={"cube": cube_url}),
                             experiment="object-store")]  # fmt: skip
+        ingested = path_fingerprint(cube_url)
         runs.append(labels_flow(LabelsConfig(cube=cube_url, **labels), experiment="object-store"))
+        # The cache key follows the store's metadata on S3 too: the cube that gained land cover keys anew.
+        assert ingested.startswith("zarr:") and path_fingerprint(cube_url) not in (ingested, f"url:{cube_url}")
         runs.append(
             preprocess_flow(PreprocessConfig(cube=cube_url, out=store_url, **preprocess), experiment="object-store")
         )
