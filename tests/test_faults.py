@@ -407,3 +407,21 @@ def test_full_disk_fails_the_ingest_flow_at_once_without_retries(
     with pytest.raises(StoreFullError):
         state.result()
     assert time.monotonic() - started < 30  # the task's retries wait 5 s then 30 s: none was made
+
+
+def test_the_cli_prints_a_full_disk_error_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import typer
+
+    from softcon.cli import _run
+
+    def full(_config: object) -> None:
+        raise StoreFullError(errno.ENOSPC, "no space left on the disk holding cube /x (0.0 MiB free) ... Free space")
+
+    with pytest.raises(typer.Exit) as raised:
+        _run(full, None)
+    assert raised.value.exit_code == 1
+    assert "no space left on the disk holding cube /x" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(PermissionError):  # other OS errors are not hidden
+        _run(lambda _config: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")), None)
