@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def _kill_when(child: subprocess.Popen, ready: callable, what: str, timeout: float = 120) -> None:  # type: ignore[valid-type]
+def _kill_when(child: subprocess.Popen, ready: Callable[[], bool], what: str, timeout: float = 120) -> None:
     """SIGKILL the child as soon as ``ready()`` is true (work visibly underway); fail if it ends first."""
     deadline = time.monotonic() + timeout
     while not ready():
@@ -102,6 +102,7 @@ def test_ingest_through_a_proxy_failing_30_percent_of_requests_equals_a_clean_ru
 # --------------------------------------------------------------------------------------------- files
 
 
+@pytest.mark.slow
 def test_corrupt_cog_and_missing_asset_in_one_run_are_skipped_reported_and_the_rest_ingested(
     data_cube: tuple[Path, IngestReport], data_sample: SampleData, tmp_path: Path
 ) -> None:
@@ -394,6 +395,7 @@ def test_full_disk_gives_a_clear_error_and_no_partial_step(
         _assert_same_cube(moved, reference, data_sample.tile_ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["200k"], indirect=True)
 def test_full_disk_fails_the_ingest_flow_at_once_without_retries(
     small_disk: Path, data_sample: SampleData, tmp_path: Path
