@@ -72,6 +72,7 @@ from zarr.core.array import AsyncArray
 from zarr.core.sync import sync as zarr_sync
 
 from softcon.config import IngestConfig
+from tasks.aligned_reads import ALIGNED_DRIVER
 from tasks.collections import CollectionSpec, sensor_of, spec_for_item
 from tasks.grid import Tile, tiles_for_bbox
 
@@ -590,7 +591,7 @@ def _odc_load(
         data = odc.stac.load(
             stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling,
             groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=dtype,
-            patch_url=read.patch_url, pool=read.threads if read.threads > 1 else None,
+            patch_url=read.patch_url, pool=read.threads if read.threads > 1 else None, driver=ALIGNED_DRIVER,
         )  # fmt: skip
     if data.sizes["time"] != len(days):  # pragma: no cover (a grouping bug)
         raise AssertionError(f"odc-stac returned {data.sizes['time']} time steps for {len(days)} days")
