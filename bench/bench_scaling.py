@@ -71,7 +71,7 @@ def measure_data_stages(folder: Path, tiles: int, tile_size: int, dates: int, wo
     cube_bytes = _tree_bytes(cube)
 
     started = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0")
     client = Client(cluster)
     cluster_s = time.perf_counter() - started
     try:

@@ -8,6 +8,7 @@ run id it logged to.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -313,6 +314,17 @@ def train(
     }
     stage_config = _build(TrainConfig, "train", config, overrides)
     configure_runtime()
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1 and rank != 0:
+        # Under torchrun only rank 0 runs the Prefect flow and records to MLflow; the other ranks run the same
+        # training loop, which joins the process group and leaves logging and checkpoints to rank 0.
+        from tasks.train import run_training
+
+        run_training(stage_config)
+        return
+    if world_size > 1:
+        global _refresh_requested
+        _refresh_requested = True  # a cached result on rank 0 would leave the other ranks waiting for it
     from flows.train import train_flow
 
     _print_result(_run(train_flow, stage_config))
@@ -559,8 +571,6 @@ def deploy(
     name: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeatable), e.g. backfill.")] = None,
 ) -> None:
     """Register the deployments of infra/prefect.yaml (each stage, pipeline, backfill, daily) with a Prefect server."""
-    import os
-
     from softcon import serve as servers
 
     url = api_url or os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"

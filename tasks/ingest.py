@@ -416,8 +416,9 @@ class ReadOptions:
     gdal: dict[str, Any] = field(default_factory=dict)
     retries: int = 3
     retry_delay: float = 1.0
-    threads: int = 1
-    """Reads run at once within one load (odc-stac's ``pool``; each thread gets the same GDAL settings)."""
+    threads: int | None = None
+    """Reads run at once within one load (odc-stac's ``pool``; each thread gets the same GDAL settings);
+    None: ``REMOTE_READ_THREADS`` for assets read over the network, one at a time for local files."""
     stac_items: dict[tuple[str, str], pystac.Item] = field(default_factory=dict, compare=False, repr=False)
     """Parsed pystac Items by (collection, id), shared by the loads of a run (an item covers several tiles)."""
 
@@ -572,6 +573,19 @@ def check_s1_scale(values: np.ndarray, scale: str, what: str) -> None:
         )
 
 
+REMOTE_READ_THREADS = 4
+"""Concurrent reads of one load when its assets are URLs: COG range requests wait on the network, not a core."""
+
+
+def _read_pool(items: Sequence[pystac.Item], threads: int | None) -> int | None:
+    """odc-stac's ``pool`` for a load: ``threads``, or by default concurrent reads for remote assets only."""
+    if threads is None:
+        hrefs = (asset.href for item in items for asset in item.assets.values())
+        remote = any("://" in href and not href.startswith("file://") for href in hrefs)
+        threads = REMOTE_READ_THREADS if remote else 1
+    return threads if threads > 1 else None
+
+
 def _odc_load(
     days: dict[date, list[dict[str, Any]]],
     keys: Sequence[str],
@@ -591,7 +605,7 @@ def _odc_load(
         data = odc.stac.load(
             stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling,
             groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=dtype,
-            patch_url=read.patch_url, pool=read.threads if read.threads > 1 else None, driver=ALIGNED_DRIVER,
+            patch_url=read.patch_url, pool=_read_pool(stac_items, read.threads), driver=ALIGNED_DRIVER,
         )  # fmt: skip
     if data.sizes["time"] != len(days):  # pragma: no cover (a grouping bug)
         raise AssertionError(f"odc-stac returned {data.sizes['time']} time steps for {len(days)} days")

@@ -19,7 +19,7 @@ from odc.geo.geobox import GeoBox
 from shapely.geometry import mapping
 
 from tasks.aligned_reads import ALIGNED_DRIVER, integer_upscale
-from tasks.ingest import read_static_items
+from tasks.ingest import REMOTE_READ_THREADS, _read_pool, read_static_items
 from tasks.sample_data import write_sample_data
 
 EPSG = 32632
@@ -154,3 +154,13 @@ def test_unaligned_or_other_crs_sources_are_warped_as_before(tmp_path: Path) -> 
     assert warps, "an unaligned source must go through odc-stac's warp"
     reference = _load([item], ["refl"], geobox, {"*": "bilinear"})
     np.testing.assert_array_equal(aligned["refl"].values, reference["refl"].values)
+
+
+def test_reads_run_concurrently_for_network_assets_only(tmp_path: Path) -> None:
+    transform = Affine(10, 0, 600_000, 0, -10, 5_000_000)
+    local = _item("local", {"b": _cog(tmp_path / "b.tif", np.ones((4, 4), np.uint16), transform, 0)}, (4, 4), transform)
+    remote = local.clone()
+    remote.assets["b"].href = "https://example.org/b.tif"
+    assert _read_pool([local], None) is None
+    assert _read_pool([local, remote], None) == REMOTE_READ_THREADS
+    assert _read_pool([remote], 1) is None and _read_pool([local], 3) == 3

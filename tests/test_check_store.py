@@ -66,7 +66,7 @@ def clean_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cube=synthetic.path, out=str(folder / "store.zarr"), patch_size=16, split_block=32, val_fraction=0.2,
         test_fraction=0.2, max_nodata_fraction=0.5,
     )  # fmt: skip
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
         run_preprocess(config, client=client, samples_per_block=8)
     return Path(config.out)
 

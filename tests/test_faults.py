@@ -184,7 +184,7 @@ class Store:
 def preprocess_client() -> Iterator[object]:
     from distributed import Client
 
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
         yield client
 
 
@@ -213,7 +213,7 @@ def on_progress(step, done, total):
     if step == "blocks" and done >= 1:
         time.sleep(0.3)  # a slow driver, so that the kill lands with blocks still to write
 
-with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
+with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
     run_preprocess(PreprocessConfig.model_validate_json(sys.argv[1]), client=client, on_progress=on_progress)
 """
 

@@ -1,0 +1,44 @@
+"""`torchrun ... -m softcon train`: every process trains, only rank 0 runs the Prefect flow and records to MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from store_factory import write_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_make_one_flow_run_and_one_mlflow_run(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "store.zarr")
+    home = tmp_path / "home"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SOFTCON_", "PREFECT_API"))}
+    env.update(
+        SOFTCON_HOME=str(home), PREFECT_HOME=str(home / "prefect"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}", OMP_NUM_THREADS="1",
+        SOFTCON_TRAIN__OUT=str(tmp_path / "ckpt"), SOFTCON_TRAIN__DEVICE="cpu", SOFTCON_TRAIN__WARMUP_STEPS="1",
+        SOFTCON_TRAIN__MASK_PATCH="4", SOFTCON_TRAIN__EMBED_DIM="16", SOFTCON_TRAIN__LOG_EVERY="2",
+        SOFTCON_TRAIN__CHECKPOINT_EVERY="4",
+    )  # fmt: skip
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "softcon", "train", "--store", str(store.path),
+         "--backbone", "resnet18", "--steps", "4", "--batch-size", "8"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("MLflow run id:") == 1, done.stdout  # rank 0 only
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [run.info.run_name for run in runs] == ["train"]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and "prefect.flow_run_id" in run.data.tags
+    assert run.data.metrics["final_loss"] > 0
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*.pt")) == ["step_000004.pt"]
