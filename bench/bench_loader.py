@@ -43,6 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+
+# As importing the `models` package does, before torch allocates anything (the sys.path set-up comes later).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import torch
 from rasterio.transform import from_origin
 from torch.utils.data import DataLoader, Dataset

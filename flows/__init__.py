@@ -1,0 +1,3 @@
+"""Prefect flows, one per stage plus the pipeline, backfill and reproduce."""
+
+import models  # noqa: F401  (sets torch's allocator options before a flow module imports torch)
