@@ -109,11 +109,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The standard AWS variables pointing at the server (Dask workers started now inherit them)."""
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """The standard AWS variables pointing at the server (Dask workers started now inherit them).
+
+    fsspec keeps one S3FileSystem per set of arguments, and it keeps the credentials it found when it first
+    connected: one made by an earlier test without credentials (``path_fingerprint("s3://...")`` in
+    test_caching) would be reused and fail, so the cache is emptied before and after.
+    """
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     for name, value in _aws_env(s3_server, s3_server.secret_key).items():
         monkeypatch.setenv(name, value)
-    return s3_server
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _aws_env(server: S3Server, secret_key: str) -> dict[str, str]:
