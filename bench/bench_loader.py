@@ -10,6 +10,10 @@ and read with rasterio (13 files per sample). Two comparisons, each side deliver
   workers (``StoreDataset.__getitems__``: decoded straight into one batch, no stacking), or batched after
   the loader (``GpuAugment``, here on the CPU).
 
+Rows "0 workers + 2 decode threads" decode each batch on two threads in the main process
+(``StoreDataset(decode_threads=2)``) and are compared with the baseline on 2 worker processes: two cores
+each.
+
 The store's previous per-item path (``__getitem__`` per sample, then the default collate's
 ``torch.stack``) runs in the same rounds as "per item + stack" rows, so the batch path's gain is measured
 against it on the same machine state.
@@ -212,10 +216,10 @@ def check_same_tensors(store: Path, tif_folder: Path, stats: dict) -> None:
 
 
 def store_loader(
-    store: Path, workers: int, *, defer: bool, crop: int | None = CROP, per_item: bool = False
+    store: Path, workers: int, *, defer: bool, crop: int | None = CROP, per_item: bool = False, threads: int = 1
 ) -> DataLoader:
     dataset = (PerItemStoreDataset if per_item else StoreDataset)(
-        store, two_views=False, crop_size=crop, defer_augment=defer
+        store, two_views=False, crop_size=crop, defer_augment=defer, decode_threads=threads
     )
     return make_loader(dataset, 32, sampler=BlockShuffleSampler(dataset, buffer_blocks=2), num_workers=workers)
 
@@ -294,6 +298,13 @@ def main() -> None:
                 rows.setdefault(f"store, batched augment after loader, {workers} workers", []).append(
                     measure(deferred, args.small, GpuAugment(deferred.dataset, device="cpu"))
                 )
+            # Two cores through decode threads in one process, against the baseline on two worker processes.
+            rows.setdefault("raw: store, 0 workers + 2 decode threads, 2 workers", []).append(
+                measure(store_loader(small, 0, defer=True, crop=None, threads=2), args.small)
+            )
+            rows.setdefault("store, CPU augment, 0 workers + 2 decode threads, 2 workers", []).append(
+                measure(store_loader(small, 0, defer=False, threads=2), args.small)
+            )
         print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"\n{'loader (raw: 13x264x264 uint16; else 224 crops float32)':<58} {'samples/s':>9} {'x tif':>6} "
               f"{'x tif/round':>11} {'per CPU-s':>9} {'x tif':>6}  samples/s per round")  # fmt: skip

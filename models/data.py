@@ -33,8 +33,11 @@ Two ways to apply normalization and augmentation, with identical results:
 from __future__ import annotations
 
 import sys
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +80,7 @@ class SampleReader:
         self.dtype = np.dtype(array.dtype)
         self.index_cache = index_cache
         self.indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()  # shard -> (n, 2) offsets, sizes
+        self._lock = threading.Lock()  # the index cache is shared by a dataset's decode threads
         self.root: Path | None = None
         self.blosc = False
         codecs = array.metadata.codecs
@@ -107,9 +111,10 @@ class SampleReader:
 
     def _index(self, shard: int) -> np.ndarray | None:
         """(per_shard, 2) uint64 offsets and sizes of a shard's samples, None for a shard not written."""
-        if shard in self.indexes:
-            self.indexes.move_to_end(shard)
-            return self.indexes[shard]
+        with self._lock:
+            if shard in self.indexes:
+                self.indexes.move_to_end(shard)
+                return self.indexes[shard]
         assert self.root is not None
         key = self.array.metadata.encode_chunk_key((shard,) + (0,) * len(self.sample_shape))
         path = self.root / self.array.path / key
@@ -124,9 +129,10 @@ class SampleReader:
             if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 raise ValueError(f"shard index checksum mismatch in {path}: the training store is corrupt")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)
-        self.indexes[shard] = index
-        while len(self.indexes) > self.index_cache:
-            self.indexes.popitem(last=False)
+        with self._lock:
+            self.indexes[shard] = index
+            while len(self.indexes) > self.index_cache:
+                self.indexes.popitem(last=False)
         return index
 
     def read(self, sample: int) -> np.ndarray:
@@ -262,6 +268,9 @@ class StoreDataset(Dataset):
             to the sampler's ``buffer_blocks``.
         channel_dropout: probability that a channel of a view is set to its mean (0 after normalisation).
         defer_augment: leave normalisation and augmentation to ``GpuAugment`` after the DataLoader.
+        decode_threads: threads that decode (and normalise) the samples of a batch in ``__getitems__``. The
+            decode and the lookups release the GIL, and the batch stays in this process's memory: with
+            ``num_workers=0`` this uses several cores without the DataLoader workers' shared-memory batches.
     """
 
     def __init__(
@@ -278,6 +287,7 @@ class StoreDataset(Dataset):
         cache_blocks: int = 8,
         channel_dropout: float = 0.0,
         defer_augment: bool = False,
+        decode_threads: int = 1,
     ) -> None:
         if sensor not in ("s2", "s1"):
             raise ValueError(f"sensor {sensor!r} is not one of ('s2', 's1')")
@@ -285,6 +295,8 @@ class StoreDataset(Dataset):
             raise ValueError(f"channel_dropout {channel_dropout} must be in [0, 1)")
         if cache_blocks < 1:
             raise ValueError(f"cache_blocks {cache_blocks} must be at least 1")
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads {decode_threads} must be at least 1")
         self.store = str(store)
         group = open_store(store)
         if sensor not in group:
@@ -297,6 +309,7 @@ class StoreDataset(Dataset):
         self.augment = augment
         self.channel_dropout = channel_dropout
         self.defer_augment = defer_augment
+        self.decode_threads = decode_threads
         self.epoch = 0
         self.cache_blocks = cache_blocks
         self.attrs = dict(group.attrs)
@@ -334,7 +347,8 @@ class StoreDataset(Dataset):
         self._run_start = position
         self._run_stop = np.searchsorted(sorted_locations, locations, side="right")
         self._reader: SampleReader | None = None
-        self._decoded: np.ndarray | None = None  # (C, H, W) decode buffer of the batch path, per process
+        self._local: threading.local | None = None  # per thread: the (C, H, W) decode buffer of the batch path
+        self._pool: ThreadPoolExecutor | None = None  # the decode threads
         self._table: np.ndarray | None = None  # (C, 65536) normalised values of uint16 (or uint8) inputs
 
     @property
@@ -351,7 +365,7 @@ class StoreDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
-        state["_reader"] = state["_decoded"] = state["_table"] = None
+        state["_reader"] = state["_local"] = state["_pool"] = state["_table"] = None
         return state
 
     @property
@@ -471,26 +485,61 @@ class StoreDataset(Dataset):
             suffix = f"_{view}" if view else ""
             if self.defer_augment:
                 raw = _new_batch((B, C, H, W), torch.from_numpy(np.empty(0, reader.dtype)).dtype)
-                raw_np = raw.numpy()
-                for b, sample in enumerate(others[view].tolist()):
-                    reader.read_into(sample, raw_np[b])
+                self._each(partial(_read_slot, reader, others[view].tolist(), raw.numpy()), B)
                 batch[f"raw{suffix}"] = raw
                 batch[f"aug{suffix}"] = torch.from_numpy(params[view])
                 batch[f"drop{suffix}"] = torch.from_numpy(dropped[view])
                 continue
-            size_h, size_w = (self.crop_size, self.crop_size) if self.crop_size is not None else (H, W)
-            x = _new_batch((B, C, size_h, size_w), torch.float32)
-            x_np = x.numpy()
-            if self._decoded is None:
-                self._decoded = np.empty((C, H, W), reader.dtype)  # reused: only read through views below
-            for b, sample in enumerate(others[view].tolist()):
-                raw = self._oriented(reader.read_into(sample, self._decoded), params[view][b], size_h, size_w)
-                self._normalise_into(raw, x[b], x_np[b])
-                if dropped[view][b].any():
-                    x_np[b, dropped[view][b]] = 0.0
+            size = (self.crop_size, self.crop_size) if self.crop_size is not None else (H, W)
+            x = _new_batch((B, C, *size), torch.float32)
+            if reader.dtype in (np.uint8, np.uint16):
+                self._lookup_table(reader.dtype)  # built once, before the threads read it
+            slot = partial(self._augment_slot, reader, others[view].tolist(), params[view], dropped[view], size, x)
+            self._each(slot, B)
             batch["image" if not view else f"view_{view}"] = x
         batch["other"] = torch.from_numpy(others["b" if self.two_views else ""].astype(np.int64))
         return _Batch(batch, B)
+
+    def _augment_slot(
+        self, reader: SampleReader, samples: list[int], params: np.ndarray, dropped: np.ndarray,
+        size: tuple[int, int], x: torch.Tensor, b: int,
+    ) -> None:  # fmt: skip
+        """Decode ``samples[b]``, crop, flip and turn it, and normalise it into slot ``b`` of the batch ``x``."""
+        raw = self._oriented(reader.read_into(samples[b], self._decode_buffer(reader.dtype)), params[b], *size)
+        x_np = x.numpy()
+        self._normalise_into(raw, x[b], x_np[b])
+        if dropped[b].any():
+            x_np[b, dropped[b]] = 0.0
+
+    def _each(self, work: Callable[[int], Any], n: int) -> None:
+        """``work(b)`` for b in range(n), on ``decode_threads`` threads when there are several."""
+        if self.decode_threads == 1 or n < 2:
+            for b in range(n):
+                work(b)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="softcon-decode")
+        for _ in self._pool.map(work, range(n)):  # re-raises the first error
+            pass
+
+    def _decode_buffer(self, dtype: np.dtype) -> np.ndarray:
+        """This thread's reused (C, H, W) decode buffer (only read through views, never handed out)."""
+        if self._local is None:
+            self._local = threading.local()
+        buffer = getattr(self._local, "decoded", None)
+        if buffer is None:
+            buffer = self._local.decoded = np.empty(self.image_shape, dtype)
+        return buffer
+
+    def _lookup_table(self, dtype: np.dtype) -> np.ndarray:
+        """(C, V) normalised value of every uint8/uint16 input value, with ``normalise``'s float32 operations."""
+        if self._table is None:
+            values = torch.arange(np.iinfo(dtype).max + 1, dtype=torch.float32)  # exact in float32
+            table = (values - self.mean.view(-1, 1)) / self.std.view(-1, 1)  # (C, V): normalise's operations
+            if self.sensor == "s2":
+                table[:, 0] = 0.0  # nodata
+            self._table = table.numpy()
+        return self._table
 
     @staticmethod
     def _oriented(raw: np.ndarray, params: np.ndarray, size_h: int, size_w: int) -> np.ndarray:
@@ -506,18 +555,18 @@ class StoreDataset(Dataset):
     def _normalise_into(self, raw: np.ndarray, out: torch.Tensor, out_np: np.ndarray) -> None:
         """``normalise(raw)`` written into ``out`` (a float32 (C, H', W') slot of a batch; ``out_np`` its array)."""
         if raw.dtype in (np.uint8, np.uint16):
-            if self._table is None:
-                values = torch.arange(np.iinfo(raw.dtype).max + 1, dtype=torch.float32)  # exact in float32
-                table = (values - self.mean.view(-1, 1)) / self.std.view(-1, 1)  # (C, V): normalise's operations
-                if self.sensor == "s2":
-                    table[:, 0] = 0.0  # nodata
-                self._table = table.numpy()
+            table = self._lookup_table(raw.dtype)
             for c in range(raw.shape[0]):
-                np.take(self._table[c], raw[c], out=out_np[c], mode="wrap")  # in range: "wrap" is a no-op, unbuffered
+                np.take(table[c], raw[c], out=out_np[c], mode="wrap")  # in range: "wrap" is a no-op, unbuffered
             return
         np.copyto(out_np, raw, casting="unsafe")
         nodata = ~torch.isfinite(out) if self.sensor == "s1" else out == 0
         out.sub_(self.mean).div_(self.std).masked_fill_(nodata, 0.0)
+
+
+def _read_slot(reader: SampleReader, samples: list[int], out: np.ndarray, b: int) -> None:
+    """Decode ``samples[b]`` into slot ``b`` of the batch array ``out``."""
+    reader.read_into(samples[b], out[b])
 
 
 class _Batch(list):

@@ -219,6 +219,9 @@ class TrainConfig(StageConfig):
     resume: bool = Field(default=False, description="Continue from the last checkpoint in out.")
     out: str = Field(default_factory=lambda: _default_path("checkpoints"), description="Checkpoint folder.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    decode_threads: int = Field(
+        default=1, ge=1, description="Threads decoding and augmenting each batch (in the main process or each worker)."
+    )
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     seed: int = 0
     objective: Literal["softcon", "supervised"] = Field(

@@ -388,8 +388,9 @@ def _train(
 
     # data: two dates (or two augmentations) of each scene, block-shuffled, sharded per rank
     dataset = StoreDataset(
-        config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed
-    )
+        config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed,
+        decode_threads=config.decode_threads,
+    )  # fmt: skip
     if len(dataset) < config.batch_size:
         raise ValueError(
             f"the train split of {config.store} has {len(dataset)} samples, fewer than batch_size {config.batch_size}"

@@ -302,10 +302,13 @@ def _assert_identical(expected: list[dict], got: list[dict]) -> None:
 @pytest.mark.parametrize("sensor", ["s2", "s1"])
 @pytest.mark.parametrize("two_views", [True, False], ids=["two-views", "one-view"])
 @pytest.mark.parametrize("defer", [False, True], ids=["cpu-augment", "deferred"])
-def test_batch_path_equals_stacked_items(sharded: SyntheticStore, sensor: str, two_views: bool, defer: bool) -> None:
+@pytest.mark.parametrize("threads", [1, 3], ids=["1-thread", "3-decode-threads"])
+def test_batch_path_equals_stacked_items(
+    sharded: SyntheticStore, sensor: str, two_views: bool, defer: bool, threads: int
+) -> None:
     dataset = StoreDataset(
         sharded.path, sensor=sensor, two_views=two_views, crop_size=10, seed=3, channel_dropout=0.3,
-        defer_augment=defer,
+        defer_augment=defer, decode_threads=threads,
     )  # fmt: skip
     dataset.set_epoch(2)
     loader = make_loader(dataset, 8, sampler=BlockShuffleSampler(dataset, seed=3, buffer_blocks=2))
@@ -320,7 +323,9 @@ def test_batch_path_equals_stacked_items(sharded: SyntheticStore, sensor: str, t
 
 @pytest.mark.parametrize("two_views", [True, False], ids=["two-views", "one-view"])
 def test_batch_path_in_two_workers_equals_stacked_items(sharded: SyntheticStore, two_views: bool) -> None:
-    dataset = StoreDataset(sharded.path, two_views=two_views, crop_size=12, seed=9, channel_dropout=0.1)
+    dataset = StoreDataset(
+        sharded.path, two_views=two_views, crop_size=12, seed=9, channel_dropout=0.1, decode_threads=2
+    )  # decode threads inside each worker process, too
     loader = make_loader(dataset, 8, sampler=BlockShuffleSampler(dataset, seed=9, buffer_blocks=2), num_workers=2)
     expected = _stacked_items(dataset, loader)
     got = _batches(loader)
