@@ -73,6 +73,8 @@ def _inside(window: Window, width: int, height: int) -> bool:
 def _has_nodata(rdr: Any, bidx: int, window: Window, nodata: float | None) -> bool:
     """Whether the source pixels under ``window``, with the one-pixel margin that bilinear weights reach, hold
     nodata: there GDAL's warper and its resampled read weigh neighbours differently."""
+    if nodata is None and np.dtype(rdr.dtypes[bidx - 1]).kind != "f":
+        return False  # an integer band without a nodata value has none
     outer = Window(window.col_off - 1, window.row_off - 1, window.width + 2, window.height + 2)
     outer = outer.round_offsets(op="floor").round_lengths(op="ceil").intersection(Window(0, 0, rdr.width, rdr.height))
     return bool(nodata_mask(rdr.read(bidx, window=outer), nodata).any())

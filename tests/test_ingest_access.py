@@ -8,14 +8,10 @@ uses, and header checks go through a loopback proxy in front of the local STAC A
 from __future__ import annotations
 
 import json
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import urlparse
 
 import geopandas
@@ -31,6 +27,7 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     data_stac_url,
     sample_ingest_config,
 )
+from header_proxy import HeaderProxy, serve_header_proxy
 from shapely.geometry import box, mapping
 
 import tasks.ingest as ingest
@@ -149,67 +146,14 @@ def test_planetary_computer_asset_urls_reach_the_loader_signed(
 # ------------------------------------------------------------------------------------------ headers
 
 
-class _HeaderProxy(BaseHTTPRequestHandler):
-    """Forwards to the local STAC API only requests that carry ``expected`` in ``Authorization``."""
-
-    upstream = ""
-    root = ""
-    expected = ""
-    seen: ClassVar[list[tuple[str, str, str | None]]] = []
-
-    def _forward(self, method: str) -> None:
-        header = self.headers.get("Authorization")
-        self.seen.append((method, self.path, header))
-        if header != self.expected:
-            self._reply(401, b'{"code": "Unauthorized"}', "application/json")
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
-        request = urllib.request.Request(
-            self.upstream + self.path, data=body, method=method,
-            headers={"Content-Type": self.headers.get("Content-Type") or "application/json"},
-        )  # fmt: skip
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, data, kind = response.status, response.read(), response.headers.get("Content-Type")
-        except urllib.error.HTTPError as error:
-            status, data, kind = error.code, error.read(), error.headers.get("Content-Type")
-        # Links (next pages, self) must lead back through the proxy.
-        self._reply(status, data.replace(self.upstream.encode(), self.root.encode()), kind or "application/json")
-
-    def _reply(self, status: int, data: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._forward("GET")
-
-    def do_POST(self) -> None:
-        self._forward("POST")
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def header_proxy(data_stac_url: str) -> Iterator[type[_HeaderProxy]]:
-    handler = type("Proxy", (_HeaderProxy,), {"upstream": data_stac_url.rstrip("/"), "seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.root = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+def header_proxy(data_stac_url: str) -> Iterator[type[HeaderProxy]]:
+    with serve_header_proxy(data_stac_url) as handler:
         yield handler
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_header_from_environment_reaches_the_stac_api_and_asset_reads(
-    data_sample: SampleData, header_proxy: type[_HeaderProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_sample: SampleData, header_proxy: type[HeaderProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     header_proxy.expected = "Bearer s3cret-token"
     monkeypatch.setenv("SOFTCON_TEST_STAC_TOKEN", "Bearer s3cret-token")
@@ -233,7 +177,7 @@ def test_header_from_environment_reaches_the_stac_api_and_asset_reads(
 
 
 def test_without_the_header_the_api_refuses(
-    data_sample: SampleData, header_proxy: type[_HeaderProxy], tmp_path: Path
+    data_sample: SampleData, header_proxy: type[HeaderProxy], tmp_path: Path
 ) -> None:
     header_proxy.expected = "Bearer s3cret-token"
     with pytest.raises(Exception, match=r"401|Unauthorized"):
@@ -242,7 +186,7 @@ def test_without_the_header_the_api_refuses(
 
 
 def test_unset_header_variable_fails_before_any_request(
-    data_sample: SampleData, header_proxy: type[_HeaderProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_sample: SampleData, header_proxy: type[HeaderProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("SOFTCON_TEST_UNSET_TOKEN", raising=False)
     cube = tmp_path / "cube.zarr"

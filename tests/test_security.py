@@ -12,19 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import mlflow
 import psutil
 import pytest
 import xarray as xr
 from data_fixtures import data_sample, data_stac_url, sample_ingest_config  # noqa: F401  (fixtures)
+from header_proxy import HeaderProxy, serve_header_proxy
 
 import softcon.serve as serve
 from flows.reproduce import reproduce_run
@@ -76,60 +72,10 @@ def test_every_torch_load_in_the_source_tree_passes_weights_only_true() -> None:
 # ------------------------------------------------------------------------------------------ secrets
 
 
-class _TokenProxy(BaseHTTPRequestHandler):
-    """Forwards to the local STAC API only requests that carry ``token`` in ``Authorization``."""
-
-    upstream = ""
-    root = ""
-    token = ""
-    authorised: ClassVar[list[str]] = []
-
-    def _forward(self, method: str) -> None:
-        if self.headers.get("Authorization") != self.token:
-            self._reply(401, b'{"code": "Unauthorized"}')
-            return
-        self.authorised.append(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        request = urllib.request.Request(
-            self.upstream + self.path, data=self.rfile.read(length) if length else None, method=method,
-            headers={"Content-Type": self.headers.get("Content-Type") or "application/json"},
-        )  # fmt: skip
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, data = response.status, response.read()
-        except urllib.error.HTTPError as error:
-            status, data = error.code, error.read()
-        self._reply(status, data.replace(self.upstream.encode(), self.root.encode()))
-
-    def _reply(self, status: int, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        self._forward("GET")
-
-    def do_POST(self) -> None:
-        self._forward("POST")
-
-    def log_message(self, *_args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def token_proxy(data_stac_url: str) -> Iterator[type[_TokenProxy]]:
-    handler = type("Proxy", (_TokenProxy,), {"upstream": data_stac_url.rstrip("/"), "authorised": []})
-    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
-    handler.root = f"http://{LOOPBACK}:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+def token_proxy(data_stac_url: str) -> Iterator[type[HeaderProxy]]:
+    with serve_header_proxy(data_stac_url) as handler:
         yield handler
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 SECRETS = {
@@ -144,13 +90,13 @@ SECRETS = {
 
 @pytest.mark.slow
 def test_no_credential_reaches_mlflow_prefect_logs_or_stdout(
-    data_sample: SampleData, token_proxy: type[_TokenProxy], tmp_path: Path
+    data_sample: SampleData, token_proxy: type[HeaderProxy], tmp_path: Path
 ) -> None:
     """``softcon ingest`` run as a user would, with fake credentials in its environment and the STAC token
     sent through ``--header``: the token is used (the API refuses requests without it), and no secret value
     appears in MLflow (params, tags, metric names, artifacts), the Prefect database, the task-result cache,
     any other file under the project folder, the logs or the output."""
-    token_proxy.token = SECRETS["SOFTCON_TEST_STAC_TOKEN"]
+    token_proxy.expected = SECRETS["SOFTCON_TEST_STAC_TOKEN"]
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SOFTCON_", "PREFECT_", "MLFLOW_"))}
     env |= SECRETS | {
@@ -172,7 +118,8 @@ def test_no_credential_reaches_mlflow_prefect_logs_or_stdout(
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert any("/search" in path for path in token_proxy.authorised)  # the header was really sent
+    authorised = [path for _, path, header in token_proxy.seen if header == token_proxy.expected]
+    assert any("/search" in path for path in authorised)  # the header was really sent
     assert "MLflow run id" in output
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
