@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 # Set before Prefect or MLflow is imported by any test module: both read these at import/first use.
 _HOME = Path(tempfile.mkdtemp(prefix="softcon-tests-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["SOFTCON_HOME"] = str(_HOME)
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_HOME / 'mlflow.db'}"
@@ -17,3 +23,13 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.pop("PREFECT_API_URL", None)
 for name in [key for key in os.environ if key.startswith("SOFTCON_") and key != "SOFTCON_HOME"]:
     os.environ.pop(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_mlflow_artifacts() -> Iterator[None]:
+    """Delete the MLflow artifacts a test module logged once it has finished.
+
+    Each training run logs a checkpoint of about 180 MB; kept for the whole session they filled CI's disk.
+    """
+    yield
+    shutil.rmtree(_HOME / "mlartifacts", ignore_errors=True)
