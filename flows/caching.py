@@ -145,7 +145,8 @@ STAGE_POLICIES: dict[str, _Policy] = {
     "labels": _Policy(data_fields=("cube", "source")),
     "preprocess": _Policy(data_fields=("cube",), exclude_inputs=("client", "on_progress", "on_dashboard")),
     "train": _Policy(data_fields=("store", "weights"), exclude_inputs=("on_metrics",)),
-    # The checkpoint is downloaded to a new temporary folder each time: key on its bytes, not its path.
+    # A checkpoint's path says nothing of its contents (a file rewritten in place; one run cached under each
+    # project home): key on its bytes, not its path.
     "evaluate": _Policy(
         data_fields=("store", "bigearthnet"), exclude_inputs=("checkpoint",), path_args=("checkpoint",)
     ),

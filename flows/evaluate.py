@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -11,6 +14,7 @@ from flows.caching import cache_options
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import EvaluateConfig
+from softcon.settings import get_settings
 from tasks.compare import comparison_table, write_report
 from tasks.evaluate import run_evaluation
 
@@ -19,23 +23,48 @@ report_task = task(write_report, name="comparison-report")
 
 
 def resolve_checkpoint(model: str) -> Path:
-    """A checkpoint file, or the checkpoint logged by the MLflow train run with that id."""
+    """A checkpoint file, or the checkpoint logged by the MLflow train run with that id.
+
+    A run's checkpoint is downloaded once into ``<home>/checkpoints/<run id>`` and reused from there: MLflow's
+    default is a new temporary folder per call, never removed, which filled /tmp with GBs of checkpoints.
+    """
     from flows.train import CHECKPOINT_ARTIFACT
 
     path = Path(model)
     if path.is_file():
         return path
-    try:
-        folder = mlflow.artifacts.download_artifacts(run_id=model, artifact_path=CHECKPOINT_ARTIFACT)
-    except Exception as error:  # MLflow raises several types for an unknown run or a missing artifact
-        raise ValueError(
-            f"model {model!r} is neither a checkpoint file nor an MLflow train run with a "
-            f"'{CHECKPOINT_ARTIFACT}' artifact: {error}"
-        ) from error
-    checkpoints = sorted(Path(folder).glob("*.pt"))
-    if not checkpoints:
-        raise ValueError(f"MLflow run {model} has no checkpoint under '{CHECKPOINT_ARTIFACT}'")
-    return checkpoints[-1]
+    if not model or model.startswith(".") or any(char in model for char in "/\\\0"):  # a folder name, no more
+        raise ValueError(f"model {model!r} is neither a checkpoint file nor an MLflow train run id")
+
+    def checkpoints(folder: Path) -> list[Path]:
+        return sorted(folder.glob("*.pt"))
+
+    cache = get_settings().root / "checkpoints"
+    final = cache / model
+    if not checkpoints(final):
+        cache.mkdir(parents=True, exist_ok=True)
+        # Download next to the final folder, then rename: a crash leaves only a dot-folder, never a partial run.
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix="."))
+        try:
+            try:
+                folder = mlflow.artifacts.download_artifacts(
+                    run_id=model, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(staging)
+                )
+            except Exception as error:  # MLflow raises several types for an unknown run or a missing artifact
+                raise ValueError(
+                    f"model {model!r} is neither a checkpoint file nor an MLflow train run with a "
+                    f"'{CHECKPOINT_ARTIFACT}' artifact: {error}"
+                ) from error
+            if not checkpoints(Path(folder)):
+                raise ValueError(f"MLflow run {model} has no checkpoint under '{CHECKPOINT_ARTIFACT}'")
+            try:
+                os.replace(folder, final)
+            except OSError:
+                if not checkpoints(final):  # not another process's complete download: a real failure
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return checkpoints(final)[-1]
 
 
 def resolve_baseline(spec: str) -> str:
