@@ -2,8 +2,10 @@
 
 For each backbone this builds the real training step (``tasks.train.build_trainer``: student with Siamese
 masking, EMA teacher, SoftCon loss, AdamW, clipping, bf16 autocast, channels_last) and feeds it batches read
-from a training store (``StoreDataset`` two-view batches, moved to the device once and cycled, so the figure
-is the step's speed, not the loader's; the loader's own rate is reported on its own row). It reports:
+from a training store (two-view batches from the training loader: ``make_loader`` workers reading a
+``defer_augment`` dataset, ``GpuAugment`` on the device; kept there and cycled, so the figure is the step's
+speed, not the loader's). The loader's own rate, and its ratio to the step's, is reported on its own row:
+below 1x the GPU would wait for data. It reports:
 
     samples/s     scenes per second over the timed steps (after warm-up), synchronised
     peak memory   torch.cuda.max_memory_allocated over the timed steps (GiB)
@@ -24,20 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.data import BlockShuffleSampler, StoreDataset  # noqa: E402
+from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader  # noqa: E402
 from models.encoder import is_vit  # noqa: E402
 from softcon.config import TrainConfig  # noqa: E402
 from tasks.train import build_trainer  # noqa: E402
@@ -75,9 +78,27 @@ def synthetic_store(folder: Path, size: int, n_samples: int) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from store_factory import write_store
 
-    # 60 % of locations are the train split; 2 dates per location give the two views
+    # 60 % of locations are the train split; 2 dates per location give the two views; shards of 32
+    # one-sample chunks as the preprocess stage writes them (the loader's fast path)
     n_locations = max(8, math.ceil(n_samples / 2 / 0.6))
-    return write_store(folder / "store.zarr", n_locations=n_locations, dates_per_location=2, size=size).path
+    return write_store(folder / "store.zarr", n_locations=n_locations, dates_per_location=2, size=size,
+                       sharded=True, chunk=32).path  # fmt: skip
+
+
+class EpochsSampler(BlockShuffleSampler):
+    """``epochs`` block-shuffled epochs in one order, so one loader (one start of its workers) runs them all."""
+
+    def __init__(self, dataset: StoreDataset, epochs: int) -> None:
+        super().__init__(dataset, seed=0)
+        self.epochs = epochs
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.epochs):
+            self.set_epoch(epoch)
+            yield from super().__iter__()
+
+    def __len__(self) -> int:
+        return self.epochs * super().__len__()
 
 
 def side_for(model: str, size: int) -> int:
@@ -89,21 +110,37 @@ def side_for(model: str, size: int) -> int:
 
 
 def load_batches(
-    store: Path, side: int, batch_size: int, n_batches: int, device: torch.device
+    store: Path, side: int, batch_size: int, n_batches: int, device: torch.device, workers: int, loader_batches: int
 ) -> tuple[list[dict], float]:
-    """``n_batches`` two-view batches from the store on the device, and the loader's samples/s."""
-    dataset = StoreDataset(store, "train", "s2", two_views=True, crop_size=side, seed=0)
+    """``n_batches`` two-view batches on the device, and the samples/s of the training loader that made them.
+
+    The loader is the one training uses with a GPU: ``make_loader`` over a ``defer_augment`` dataset (reads
+    and decodes in ``workers`` processes, pinned batches) and ``GpuAugment`` on ``device`` (crops, flips,
+    turns, normalisation); its rate is counted from the first batch over ``loader_batches`` more, repeating
+    epochs over the store, and compared with the step's rate it says whether the GPU would wait for data.
+    """
+    dataset = StoreDataset(store, "train", "s2", two_views=True, crop_size=side, seed=0, defer_augment=True)
     if len(dataset) < batch_size * n_batches:
         raise ValueError(f"the store's train split has {len(dataset)} samples, need {batch_size * n_batches}")
-    sampler = BlockShuffleSampler(dataset, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
-    started, batches = time.perf_counter(), []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == n_batches:
+    per_epoch = len(dataset) // batch_size
+    sampler = EpochsSampler(dataset, epochs=math.ceil((loader_batches + 1) / per_epoch))
+    augment = GpuAugment(dataset, device)
+    batches: list[dict] = []
+    started, timed = 0.0, 0
+    for batch in make_loader(dataset, batch_size, sampler=sampler, num_workers=workers):
+        views = augment(batch)
+        if len(batches) < n_batches:
+            batches.append(views)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not started:
+            started = time.perf_counter()
+        else:
+            timed += 1
+        if timed == loader_batches:
             break
-    load_rate = batch_size * n_batches / (time.perf_counter() - started)
-    return [{k: v.to(device) for k, v in batch.items()} for batch in batches], load_rate
+    load_rate = batch_size * timed / (time.perf_counter() - started) if timed else float("nan")
+    return batches, load_rate
 
 
 def count_step_flops(trainer, batch: dict) -> float:
@@ -123,7 +160,9 @@ def count_step_flops(trainer, batch: dict) -> float:
 
 def bench_model(args: argparse.Namespace, model: str, store: Path, device: torch.device) -> tuple[Row, float]:
     side = side_for(model, args.size)
-    batches, load_rate = load_batches(store, side, args.batch_size, args.n_batches, device)
+    batches, load_rate = load_batches(
+        store, side, args.batch_size, args.n_batches, device, args.workers, args.loader_batches
+    )
     total = args.warmup + args.steps
     config = TrainConfig(
         store=str(store), backbone=model, batch_size=args.batch_size, steps=total, warmup_steps=1, device=str(device),
@@ -175,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model")
     parser.add_argument("--warmup", type=int, help="untimed steps first; default 10 on CUDA, 1 on CPU")
     parser.add_argument("--n-batches", type=int, default=4, help="distinct store batches cycled on the device")
+    parser.add_argument("--workers", type=int, help="loader worker processes; default min(8, cores - 1), 0 on CPU")
+    parser.add_argument("--loader-batches", type=int, default=20, help="batches timed for the loader's rate")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default from the device name)")
@@ -187,6 +228,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cpu = device.type == "cpu"
     args.batch_size = args.batch_size or (4 if cpu else 128)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
+    args.workers = args.workers if args.workers is not None else (0 if cpu else min(8, (os.cpu_count() or 2) - 1))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -214,7 +256,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             f"{row.gflops_per_step:11.1f} {row.tflops_per_second:8.2f} {mfu}"
         )
     for row, rate in zip(rows, load_rates, strict=True):
-        print(f"store loader (1 process, {row.size} px two-view batches): {rate:.1f} samples/s")
+        print(
+            f"training loader at {row.size} px ({args.workers} workers, GpuAugment on {device.type}): "
+            f"{rate:.1f} samples/s, {rate / row.samples_per_second:.2f}x the {row.model} step"
+        )
     if args.json:
         args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
     return rows

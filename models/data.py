@@ -615,6 +615,9 @@ class GpuAugment:
     def views(self, raw: torch.Tensor, params: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) raw -> (B, C, H', W') normalised, cropped, flipped, turned, channels dropped."""
         raw = raw.to(self.device, non_blocking=True)
+        unsigned16 = raw.dtype == torch.uint16
+        if unsigned16:  # CUDA has no indexing kernels for uint16: index the same bits as int16
+            raw = raw.view(torch.int16)
         params = params.to(self.device)  # (B, N_AUG)
         B = raw.shape[0]
         if self.crop_size is not None:  # crop before converting: less to convert
@@ -624,7 +627,7 @@ class GpuAugment:
             cols = (params[:, 1, None] + steps)[:, None, :]  # (B, 1, S)
             batch = torch.arange(B, device=self.device)[:, None, None]  # (B, 1, 1)
             raw = raw.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, C, S, S)
-        x = raw.float()  # (B, C, H', W')
+        x = (raw.int() & 0xFFFF).float() if unsigned16 else raw.float()  # (B, C, H', W')
         nodata = ~torch.isfinite(x) if self.sensor == "s1" else x == 0  # S1: NaN and inf
         x = ((x - self.mean) / self.std).masked_fill(nodata, 0.0)
         out = torch.empty_like(x) if x.shape[2] == x.shape[3] else x.clone()

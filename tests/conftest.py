@@ -27,9 +27,11 @@ for name in [key for key in os.environ if key.startswith("SOFTCON_") and key != 
 
 @pytest.fixture(scope="module", autouse=True)
 def _drop_mlflow_artifacts() -> Iterator[None]:
-    """Delete the MLflow artifacts a test module logged once it has finished.
+    """Delete the MLflow artifacts a test module logged, and the checkpoints evaluate downloaded, once it has
+    finished.
 
     Each training run logs a checkpoint of about 180 MB; kept for the whole session they filled CI's disk.
     """
     yield
-    shutil.rmtree(_HOME / "mlartifacts", ignore_errors=True)
+    for folder in ("mlartifacts", "checkpoints"):
+        shutil.rmtree(_HOME / folder, ignore_errors=True)
