@@ -110,7 +110,15 @@ def side_for(model: str, size: int) -> int:
 
 
 def load_batches(
-    store: Path, side: int, batch_size: int, n_batches: int, device: torch.device, workers: int, loader_batches: int
+    store: Path,
+    side: int,
+    batch_size: int,
+    n_batches: int,
+    device: torch.device,
+    *,
+    workers: int,
+    threads: int,
+    loader_batches: int,
 ) -> tuple[list[dict], float]:
     """``n_batches`` two-view batches on the device, and the samples/s of the training loader that made them.
 
@@ -119,7 +127,9 @@ def load_batches(
     turns, normalisation); its rate is counted from the first batch over ``loader_batches`` more, repeating
     epochs over the store, and compared with the step's rate it says whether the GPU would wait for data.
     """
-    dataset = StoreDataset(store, "train", "s2", two_views=True, crop_size=side, seed=0, defer_augment=True)
+    dataset = StoreDataset(
+        store, "train", "s2", two_views=True, crop_size=side, seed=0, defer_augment=True, decode_threads=threads
+    )
     if len(dataset) < batch_size * n_batches:
         raise ValueError(f"the store's train split has {len(dataset)} samples, need {batch_size * n_batches}")
     per_epoch = len(dataset) // batch_size
@@ -161,8 +171,9 @@ def count_step_flops(trainer, batch: dict) -> float:
 def bench_model(args: argparse.Namespace, model: str, store: Path, device: torch.device) -> tuple[Row, float]:
     side = side_for(model, args.size)
     batches, load_rate = load_batches(
-        store, side, args.batch_size, args.n_batches, device, args.workers, args.loader_batches
-    )
+        store, side, args.batch_size, args.n_batches, device,
+        workers=args.workers, threads=args.decode_threads, loader_batches=args.loader_batches,
+    )  # fmt: skip
     total = args.warmup + args.steps
     config = TrainConfig(
         store=str(store), backbone=model, batch_size=args.batch_size, steps=total, warmup_steps=1, device=str(device),
@@ -215,6 +226,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--warmup", type=int, help="untimed steps first; default 10 on CUDA, 1 on CPU")
     parser.add_argument("--n-batches", type=int, default=4, help="distinct store batches cycled on the device")
     parser.add_argument("--workers", type=int, help="loader worker processes; default min(8, cores - 1), 0 on CPU")
+    parser.add_argument("--decode-threads", type=int, default=1, help="decode threads per loader process")
     parser.add_argument("--loader-batches", type=int, default=20, help="batches timed for the loader's rate")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student")
@@ -257,7 +269,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
     for row, rate in zip(rows, load_rates, strict=True):
         print(
-            f"training loader at {row.size} px ({args.workers} workers, GpuAugment on {device.type}): "
+            f"training loader at {row.size} px ({args.workers} workers x {args.decode_threads} decode threads, "
+            f"GpuAugment on {device.type}): "
             f"{rate:.1f} samples/s, {rate / row.samples_per_second:.2f}x the {row.model} step"
         )
     if args.json:

@@ -223,6 +223,11 @@ class TrainConfig(StageConfig):
         default=1, ge=1, description="Threads decoding and augmenting each batch (in the main process or each worker)."
     )
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    augment_on_device: bool | None = Field(
+        default=None,
+        description="Crop, flip, turn and normalise batches on the training device (GpuAugment) instead of in the "
+        "loader; the loader then only decodes. Default: on for CUDA, off for CPU. Same values either way.",
+    )
     seed: int = 0
     objective: Literal["softcon", "supervised"] = Field(
         default="softcon", description="softcon, or the supervised multi-label head reference."

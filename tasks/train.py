@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.data import BlockShuffleSampler, StoreDataset, collate_batch
+from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, collate_batch
 from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
 from models.ema import ema_momentum, ema_update, make_teacher
 from models.encoder import build_encoder, load_torch_file
@@ -386,11 +386,14 @@ def _train(
     rank_batch_size(config.batch_size, dist_ctx.world_size)  # refuse an uneven split before any work
     seed_everything(config.seed)
 
-    # data: two dates (or two augmentations) of each scene, block-shuffled, sharded per rank
+    # data: two dates (or two augmentations) of each scene, block-shuffled, sharded per rank; on a GPU the
+    # loader only decodes and the views are cut and normalised there (the same values as on the CPU)
+    on_device = config.augment_on_device if config.augment_on_device is not None else cuda
     dataset = StoreDataset(
         config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed,
-        decode_threads=config.decode_threads,
+        decode_threads=config.decode_threads, defer_augment=on_device,
     )  # fmt: skip
+    augment = GpuAugment(dataset, device) if on_device else None
     if len(dataset) < config.batch_size:
         raise ValueError(
             f"the train split of {config.store} has {len(dataset)} samples, fewer than batch_size {config.batch_size}"
@@ -472,7 +475,10 @@ def _train(
             dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=cuda, collate_fn=collate_batch
         )
         for batch in loader:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            if augment is not None:
+                batch = augment(batch)
+            else:
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             terms = trainer.step(batch, step)
             step += 1
             trained_samples += config.batch_size

@@ -44,6 +44,17 @@ def test_short_run_reduces_loss_and_writes_a_checkpoint(store: SyntheticStore, t
     assert {"student", "teacher", "projector", "optimizer", "scheduler", "loss", "rng", "config"} <= set(state)
 
 
+def test_augmenting_on_the_device_trains_the_same_weights(store: SyntheticStore, tmp_path: Path) -> None:
+    """GpuAugment (the default on CUDA) cuts and normalises the same views as the loader's CPU path."""
+    options = dict(steps=2, checkpoint_every=2, crop_size=12)
+    in_loader = run_training(tiny_config(store, tmp_path / "loader", **options, augment_on_device=False))
+    on_device = run_training(tiny_config(store, tmp_path / "device", **options, augment_on_device=True))
+    expected, got = read_checkpoint(in_loader.checkpoint), read_checkpoint(on_device.checkpoint)
+    for part in ("student", "teacher", "projector"):
+        for key, value in expected[part].items():
+            assert torch.equal(value, got[part][key]), f"{part}.{key}"
+
+
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(store: SyntheticStore, tmp_path: Path) -> None:
     straight = run_training(tiny_config(store, tmp_path / "straight"))
