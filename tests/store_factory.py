@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
+from tasks.training_store import IMAGE_COMPRESSOR
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def write_store(
     """Write the store at ``path`` and describe it.
 
     ``sharded=True`` lays the images out like the preprocess stage: shards of ``chunk`` samples, inner
-    chunks of one sample.
+    chunks of one sample, the stage's image codec (the loader's fast path reads exactly this layout).
     """
     rng = np.random.default_rng(seed)
     n_bands = len(S2_L2A_BANDS)
@@ -106,7 +107,10 @@ def write_store(
     }
     for name, data in arrays.items():
         if sharded and name in ("s2", "s1"):
-            group.create_array(name, data=data, chunks=(1, *data.shape[1:]), shards=(chunk, *data.shape[1:]))
+            group.create_array(
+                name, data=data, chunks=(1, *data.shape[1:]), shards=(chunk, *data.shape[1:]),
+                compressors=IMAGE_COMPRESSOR,
+            )  # fmt: skip
         else:
             group.create_array(name, data=data, chunks=(chunk, *data.shape[1:]))
     group.attrs.update(

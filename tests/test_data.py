@@ -118,6 +118,8 @@ def test_block_is_a_shard(sharded: SyntheticStore) -> None:
     assert dataset.block_size == 8  # one read decodes one shard, not one inner chunk
     raw = zarr.open_group(str(sharded.path), mode="r")["s2"]
     assert raw.chunks[0] == 1 and np.array_equal(dataset.read_sample(13), raw[13])
+    # the preprocess stage's layout and codec: the loader's one-pread-one-decode path, not zarr's fallback
+    assert dataset.reader.root is not None and dataset.reader.blosc
 
 
 @pytest.mark.parametrize("sensor", ["s2", "s1"])
