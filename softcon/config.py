@@ -219,8 +219,11 @@ class TrainConfig(StageConfig):
     resume: bool = Field(default=False, description="Continue from the last checkpoint in out.")
     out: str = Field(default_factory=lambda: _default_path("checkpoints"), description="Checkpoint folder.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
-    decode_threads: int = Field(
-        default=1, ge=1, description="Threads decoding and augmenting each batch (in the main process or each worker)."
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads decoding (and augmenting) each batch, in the main process or each worker. Default: "
+        "1 on CPU, where the model needs the cores; on CUDA one per core up to 8 without workers, else 1.",
     )
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     augment_on_device: bool | None = Field(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -345,6 +346,16 @@ def build_trainer(
     return Trainer(config, student, device, dist_ctx or DistributedContext())
 
 
+def decode_threads(config: TrainConfig, cuda: bool) -> int:
+    """The loader's decode threads: ``config.decode_threads``, or by default one per core (up to 8) in the main
+    process when a GPU trains, since decoding threads there share no batch through shared memory as workers do."""
+    if config.decode_threads is not None:
+        return config.decode_threads
+    if not cuda or config.num_workers:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
 def run_training(
     config: TrainConfig, *, on_metrics: Callable[[int, dict[str, float]], None] | None = None
 ) -> TrainResult:
@@ -391,7 +402,7 @@ def _train(
     on_device = config.augment_on_device if config.augment_on_device is not None else cuda
     dataset = StoreDataset(
         config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed,
-        decode_threads=config.decode_threads, defer_augment=on_device,
+        decode_threads=decode_threads(config, cuda), defer_augment=on_device,
     )  # fmt: skip
     augment = GpuAugment(dataset, device) if on_device else None
     if len(dataset) < config.batch_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from store_factory import SyntheticStore, write_store
 
 from models.distributed import DistributedContext
 from softcon.config import TrainConfig
-from tasks.train import collapse_warning, load_encoder, read_checkpoint, run_training
+from tasks.train import collapse_warning, decode_threads, load_encoder, read_checkpoint, run_training
 
 torch.set_num_threads(2)
 
@@ -53,6 +54,18 @@ def test_augmenting_on_the_device_trains_the_same_weights(store: SyntheticStore,
     for part in ("student", "teacher", "projector"):
         for key, value in expected[part].items():
             assert torch.equal(value, got[part][key]), f"{part}.{key}"
+
+
+def test_decode_threads_default_to_the_cores_only_for_a_gpu_without_workers(
+    store: SyntheticStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert decode_threads(tiny_config(store, tmp_path), cuda=False) == 1  # the CPU model needs the cores
+    assert decode_threads(tiny_config(store, tmp_path), cuda=True) == 8
+    assert decode_threads(tiny_config(store, tmp_path, num_workers=4), cuda=True) == 1
+    assert decode_threads(tiny_config(store, tmp_path, decode_threads=3), cuda=True) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert decode_threads(tiny_config(store, tmp_path), cuda=True) == 1
 
 
 @pytest.mark.slow
