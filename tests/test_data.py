@@ -136,6 +136,28 @@ def test_batched_augment_equals_per_item_augment(sharded: SyntheticStore, sensor
     assert not any(key.startswith(("raw", "aug", "drop")) for key in got[0])
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["raw", "augmented"])
+def test_batch_memory_is_reused_only_once_nothing_holds_it(sharded: SyntheticStore, defer: bool) -> None:
+    dataset = StoreDataset(sharded.path, crop_size=None if defer else 10, seed=3, defer_augment=defer)
+    key = "raw_a" if defer else "view_a"
+    kept = dataset.__getitems__(list(range(8))).batch[key]
+    expected = kept.clone()
+    item_view = dataset.__getitems__(list(range(8, 16)))[2][key]  # one item's view keeps its whole batch
+    item_expected = item_view.clone()
+    for start in (16, 24, 32):  # batches taken and dropped meanwhile: they share memory among themselves
+        pointers = {_memory(dataset.__getitems__(list(range(start, start + 8))).batch[key]) for _ in range(3)}
+        assert len(pointers) == 1
+        assert _memory(kept) not in pointers and _memory(item_view) not in pointers
+    assert torch.equal(kept, expected) and torch.equal(item_view, item_expected)
+    pointer = _memory(kept)
+    del kept
+    assert _memory(dataset.__getitems__(list(range(8))).batch[key]) in (pointer, *pointers)
+
+
+def _memory(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
 def test_deferred_items_are_raw_store_values(sharded: SyntheticStore) -> None:
     item = StoreDataset(sharded.path, defer_augment=True)[3]
     assert item["raw_a"].dtype == torch.uint16 and item["raw_a"].shape == (12, sharded.size, sharded.size)
