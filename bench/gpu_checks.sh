@@ -6,7 +6,9 @@
 # Steps, each under its own timeout so that one failure or hang does not stop the rest:
 #   env            nvidia-smi; torch / CUDA / cuDNN / NCCL versions, device name, capability, bf16 support
 #   pytest-cuda    the CUDA-only tests (GPU augmentation equals the CPU path; pinned memory follows CUDA)
-#   train          bench/gpu_train.py: ResNet-50 and ViT-S/14 SoftCon steps, 224 px, bf16 (+ rows as JSON)
+#   train          bench/gpu_train.py: ResNet-50 and ViT-S/14 SoftCon steps, 224 px, bf16 (+ rows as JSON), and
+#                  the training loader's rate with DataLoader workers next to the step's
+#   loader-threads the same loader decoding on threads in the main process instead of workers
 #   ddp            under torchrun: an NCCL all_reduce, DDP-wrapped trainer steps (NCCL, one rank) against the
 #                  plain trainer, and run_training's own loop on CUDA with checkpoints and load_encoder
 #   compile        the training step of ResNet-50 under torch.compile
@@ -102,8 +104,9 @@ else
 fi
 
 # --- training throughput ----------------------------------------------------------------------------------------
-# One synthetic 224 px store (one batch of 128 two-view scenes, cycled on the device: the step's speed does not depend
-# on the data, and the one-process loader takes seconds per 100 scenes) shared by the eager and the compiled run.
+# One synthetic 264 px store in the preprocess stage's layout (cropped to 224 on the GPU, as in training; one batch
+# of 128 two-view scenes is kept on the device and cycled, the step's speed not depending on the data) shared by the
+# eager, the compiled and the loader runs; the loader's own rate is timed over 20 batches, repeating epochs.
 write_store() {
     "$PY" - "$WORK/store" <<'EOF'
 import sys, time
@@ -111,7 +114,7 @@ from pathlib import Path
 sys.path.insert(0, "bench")
 from gpu_train import synthetic_store
 started = time.perf_counter()
-path = synthetic_store(Path(sys.argv[1]), 224, 128)
+path = synthetic_store(Path(sys.argv[1]), 264, 128)
 print(f"synthetic store {path} written in {time.perf_counter() - started:.1f}s")
 EOF
 }
@@ -122,6 +125,9 @@ if ((CUDA)); then
     [[ -d $WORK/store/store.zarr ]] && STORE=(--store "$WORK/store/store.zarr")
     step train 200 train.log "$PY" bench/gpu_train.py "${STORE[@]}" --n-batches 1 --steps 100 --warmup 10 \
         --json "$OUTDIR/train.json"
+    # the loader in the main process on decode threads (no shared-memory batches) against the workers above
+    step loader-threads 90 train.log "$PY" bench/gpu_train.py "${STORE[@]}" --models resnet50 --n-batches 1 \
+        --steps 20 --workers 0 --decode-threads "$(($(nproc) > 9 ? 8 : $(nproc) - 1))"
 else
     skip train train.log "no CUDA"
     step train-cpu-smoke 240 train.log "$PY" bench/gpu_train.py --device cpu --steps 2 --size 64 \
