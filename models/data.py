@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import google_crc32c
-import numba
 import numcodecs.blosc
 import numpy as np
 import torch
@@ -567,26 +566,13 @@ class StoreDataset(Dataset):
     def _normalise_into(self, raw: np.ndarray, out: torch.Tensor, out_np: np.ndarray) -> None:
         """``normalise(raw)`` written into ``out`` (a float32 (C, H', W') slot of a batch; ``out_np`` its array)."""
         if raw.dtype in (np.uint8, np.uint16):
-            _lookup_into(raw, self._lookup_table(raw.dtype), out_np)
+            from models.lookup import lookup_into  # here: loaders that only decode never load numba
+
+            lookup_into(raw, self._lookup_table(raw.dtype), out_np)
             return
         np.copyto(out_np, raw, casting="unsafe")
         nodata = ~torch.isfinite(out) if self.sensor == "s1" else out == 0
         out.sub_(self.mean).div_(self.std).masked_fill_(nodata, 0.0)
-
-
-@numba.njit(nogil=True, cache=True)
-def _lookup_into(raw: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
-    """``out[c, i, j] = table[c, raw[c, i, j]]`` for a (C, H, W) uint8/uint16 view of any strides (a cropped,
-    flipped, turned decode buffer) into a (C, H, W) float32 slot.
-
-    Compiled and without the GIL, so decode threads run it side by side; numpy's ``take`` first converts the
-    indices to intp and holds the GIL for part of it (0.76 ms per 12 x 224 x 224 crop, measured).
-    """
-    for c in range(raw.shape[0]):
-        row = table[c]
-        for i in range(raw.shape[1]):
-            for j in range(raw.shape[2]):
-                out[c, i, j] = row[raw[c, i, j]]
 
 
 def _read_slot(reader: SampleReader, samples: list[int], out: np.ndarray, b: int) -> None:

@@ -158,6 +158,19 @@ def _memory(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_lookup_kernel_equals_numpy_take_on_flipped_and_turned_views(dtype: type) -> None:
+    from models.lookup import lookup_into
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, np.iinfo(dtype).max + 1, (3, 12, 12), dtype=dtype)
+    table = rng.random((3, np.iinfo(dtype).max + 1), dtype=np.float32)
+    for view in (raw[:, 2:10, 1:9], raw[:, ::-1, 3:11][:, 1:9], np.rot90(raw[:, 4:12, :8][:, :, ::-1], 3, axes=(1, 2))):
+        out = np.empty(view.shape, np.float32)
+        lookup_into(view, table, out)
+        assert np.array_equal(out, np.stack([np.take(table[c], view[c]) for c in range(3)]))
+
+
 def test_deferred_items_are_raw_store_values(sharded: SyntheticStore) -> None:
     item = StoreDataset(sharded.path, defer_augment=True)[3]
     assert item["raw_a"].dtype == torch.uint16 and item["raw_a"].shape == (12, sharded.size, sharded.size)
