@@ -3,7 +3,9 @@
 It sits in front of a STAC API (forwarding every request, with the upstream's address in response bodies
 rewritten to its own, so that links followed by the client come back through it) and serves a folder of
 asset files under ``/files/`` with HTTP range requests (what GDAL's ``/vsicurl/`` sends for COGs). A seeded
-share of all requests, API and files alike, is answered ``503 Service Unavailable``.
+share of all requests, API and files alike, is answered ``503 Service Unavailable``, but never the same request
+(method, path, range) more than ``max_consecutive`` times in a row: the failures are transient, as the name
+says, and a client retrying that often always gets through, whatever order its threads send requests in.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 @contextmanager
-def flaky_proxy(files_root: Path, *, failure_rate: float = 0.3, seed: int = 0) -> Iterator[FlakyProxy]:
-    """Serve on 127.0.0.1 (a free port) until the block ends; fail ``failure_rate`` of requests with 503."""
+def flaky_proxy(
+    files_root: Path, *, failure_rate: float = 0.3, seed: int = 0, max_consecutive: int = 2
+) -> Iterator[FlakyProxy]:
+    """Serve on 127.0.0.1 (a free port) until the block ends; fail ``failure_rate`` of requests with 503, the
+    same request at most ``max_consecutive`` times in a row."""
     rng = random.Random(seed)
     lock = threading.Lock()
+    streak: Counter[tuple[str, str, str]] = Counter()  # failures in a row of each (method, path, range)
     proxy: FlakyProxy
 
     class Handler(BaseHTTPRequestHandler):
@@ -69,10 +75,13 @@ def flaky_proxy(files_root: Path, *, failure_rate: float = 0.3, seed: int = 0) -
             pass
 
         def _fail(self, kind: str) -> bool:
+            key = (self.command, self.path, self.headers.get("Range", ""))
             with lock:
                 proxy.stats.requests[kind] += 1
-                if rng.random() >= failure_rate:
+                if rng.random() >= failure_rate or streak[key] >= max_consecutive:
+                    streak.pop(key, None)
                     return False
+                streak[key] += 1
                 proxy.stats.failed[kind] += 1
             self.send_response(503)
             self.send_header("Content-Length", "0")
