@@ -122,10 +122,11 @@ def load_batches(
 ) -> tuple[list[dict], float]:
     """``n_batches`` two-view batches on the device, and the samples/s of the training loader that made them.
 
-    The loader is the one training uses with a GPU: ``make_loader`` over a ``defer_augment`` dataset (reads
-    and decodes in ``workers`` processes, pinned batches) and ``GpuAugment`` on ``device`` (crops, flips,
-    turns, normalisation); its rate is counted from the first batch over ``loader_batches`` more, repeating
-    epochs over the store, and compared with the step's rate it says whether the GPU would wait for data.
+    The loader is the one training uses with a GPU: ``make_loader`` over a ``defer_augment`` dataset (reads and
+    decodes in ``workers`` processes, or on ``threads`` threads in this one; pinned batches) and ``GpuAugment``
+    on ``device`` (crops, flips, turns, normalisation); its rate is counted from the first batch over
+    ``loader_batches`` more, repeating epochs over the store, and compared with the step's rate it says whether
+    the GPU would wait for data.
     """
     dataset = StoreDataset(
         store, "train", "s2", two_views=True, crop_size=side, seed=0, defer_augment=True, decode_threads=threads
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model")
     parser.add_argument("--warmup", type=int, help="untimed steps first; default 10 on CUDA, 1 on CPU")
     parser.add_argument("--n-batches", type=int, default=4, help="distinct store batches cycled on the device")
-    parser.add_argument("--workers", type=int, help="loader worker processes; default min(8, cores - 1), 0 on CPU")
+    parser.add_argument("--workers", type=int, help="loader worker processes; default cores - 1 up to 8, 0 on CPU")
     parser.add_argument("--decode-threads", type=int, default=1, help="decode threads per loader process")
     parser.add_argument("--loader-batches", type=int, default=20, help="batches timed for the loader's rate")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cpu = device.type == "cpu"
     args.batch_size = args.batch_size or (4 if cpu else 128)
     args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
-    args.workers = args.workers if args.workers is not None else (0 if cpu else min(8, (os.cpu_count() or 2) - 1))
+    if args.workers is None:
+        args.workers = 0 if cpu else max(1, min(8, len(os.sched_getaffinity(0)) - 1))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

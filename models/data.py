@@ -600,7 +600,7 @@ class BatchPool:
 
     A batch of tens to hundreds of MB is above malloc's mmap threshold: each new one is pages the kernel maps
     and zeroes on first touch, which costs about a quarter of decoding into it and, from several decode threads
-    at once, serialises on the process's page tables (one core: 682 vs 822 samples/s into fresh vs mapped
+    at once, serialises on the process's page tables (one core: 681 vs 822 samples/s into fresh vs mapped
     memory; two threads: 1,050 vs 1,797). The pool keeps up to ``size`` tensors per (shape, dtype), as many as
     were in use at once, and hands out a new view of a kept one only when its storage is used by the pool's
     own tensor alone: a batch the consumer still holds (or any view or array made from it) is never written.
@@ -619,7 +619,7 @@ class BatchPool:
                 if _storage_users(tensor) == 1:  # the pool's tensor alone
                     return tensor.view(shape)  # a tensor of its own: it holds the storage while in use
             fresh = torch.empty(shape, dtype=dtype)
-            if len(kept) < self.size and _storage_users(fresh) == 1:
+            if len(kept) < self.size and _storage_users(fresh) == 1:  # 0: torch cannot tell, so never keep it
                 kept.append(fresh)
                 return fresh.view(shape)
             return fresh

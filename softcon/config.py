@@ -223,7 +223,7 @@ class TrainConfig(StageConfig):
         default=None,
         ge=1,
         description="Threads decoding (and augmenting) each batch, in the main process or each worker. Default: "
-        "1 on CPU, where the model needs the cores; on CUDA one per core up to 8 without workers, else 1.",
+        "1 on CPU, where the model needs the cores; on CUDA one per core but one, up to 8, without workers, else 1.",
     )
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
     augment_on_device: bool | None = Field(

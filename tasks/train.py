@@ -347,7 +347,7 @@ def build_trainer(
 
 
 def decode_threads(config: TrainConfig, cuda: bool) -> int:
-    """The loader's decode threads: ``config.decode_threads``, or by default one per core (up to 8) in the main
+    """The loader's decode threads: ``config.decode_threads``, or by default one per core but one (up to 8) in the main
     process when a GPU trains, since decoding threads there share no batch through shared memory as workers do."""
     if config.decode_threads is not None:
         return config.decode_threads
