@@ -6,8 +6,11 @@ one MLflow parent run. Run from a deployment (``deployment="ingest/ingest"``), e
 ingest deployment on the work pool, at most ``max_in_flight`` at a time; the ingest deployment's own
 concurrency limit (1, in ``infra/prefect.yaml``) keeps two runs from appending to the cube at once. Run in
 process (the CLI), the children are subflows, one after the other. A period is recorded in the ledger when
-its child completes, so a backfill restarted after a crash skips the finished periods; the ingest itself is
-idempotent (existing days are skipped, a half-written append is repaired).
+its child completes having written its tile-dates (or found them already there), with the tile-dates the cube
+then holds for it, so a backfill restarted after a crash skips the finished periods, while a period that wrote
+nothing but nodata or cloudy skips, had failed items, or whose tile-dates have since left the cube, runs again
+(``tasks/backfill.py`` says exactly when); ``refresh`` runs every period with items whatever the ledger says.
+The ingest itself is idempotent (existing days are skipped, a half-written append is repaired).
 
 ``daily-ingest`` is what the schedule runs: its window is the day(s) before the run's *scheduled* time in
 the schedule's timezone, so a late run, or a re-run of an old scheduled run, ingests the right day.
@@ -34,9 +37,12 @@ from softcon.settings import get_settings
 from tasks.backfill import (
     DateWindow,
     Period,
-    done_windows,
+    read_ledger_state,
+    read_period_tile_dates,
     record_window,
+    request_tiles,
     split_periods,
+    unfinished_reason,
     window_config,
     windows_with_items,
 )
@@ -51,10 +57,14 @@ class WindowOutcome(BaseModel):
     start: date
     end: date
     status: str
-    """``ingested``, ``skipped`` (already in the ledger), ``empty`` (no usable items) or ``failed``."""
+    """``ingested`` (recorded in the ledger), ``incomplete`` (its ingest completed but the period is not done,
+    see ``reason``: the next backfill runs it again), ``skipped`` (done according to the ledger), ``empty`` (no
+    usable items) or ``failed``."""
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
     tile_dates_written: float = 0.0
+    reason: str | None = None
+    """Why an ``incomplete`` period was not recorded."""
 
 
 class BackfillResult(BaseModel):
@@ -90,6 +100,37 @@ def _child_parameters(
     }
 
 
+def _settle(
+    request: IngestConfig,
+    window: DateWindow,
+    tile_ids: list[str],
+    metrics: dict[str, float],
+    *,
+    flow_run_id: str | None,
+    mlflow_run_id: str,
+) -> WindowOutcome:
+    """Record a period whose child completed, when it is done and the cube holds its tile-dates."""
+    logger = get_run_logger()
+    held = read_period_tile_dates(request, tile_ids, window)
+    reason = unfinished_reason(metrics, held)
+    ids = {"flow_run_id": flow_run_id, "mlflow_run_id": mlflow_run_id}
+    if reason is None:
+        record_window(request, window, tile_dates=held, **{k: v for k, v in ids.items() if v is not None})
+        logger.info("period %s: completed", window.label)
+    else:
+        logger.warning(
+            "period %s: completed but not recorded as done: %s; it runs again next time", window.label, reason
+        )
+    return WindowOutcome(
+        start=window.start,
+        end=window.end,
+        status="ingested" if reason is None else "incomplete",
+        tile_dates_written=metrics.get("tile_dates_written", 0.0),
+        reason=reason,
+        **ids,
+    )
+
+
 def _mlflow_run_of(flow_run_id: str, parent_run_id: str) -> mlflow.entities.Run:
     """The MLflow run a child flow run logged (tagged with its Prefect flow-run id by ``stage_run``)."""
     client = mlflow.MlflowClient()
@@ -103,6 +144,7 @@ def _mlflow_run_of(flow_run_id: str, parent_run_id: str) -> mlflow.entities.Run:
 def _run_children_on_deployment(
     request: IngestConfig,
     windows: list[DateWindow],
+    tile_ids: list[str],
     *,
     deployment: str,
     max_in_flight: int,
@@ -140,18 +182,16 @@ def _run_children_on_deployment(
                 if state.is_completed():
                     # The child's result lives in its own process; its MLflow run is found by its flow-run tag.
                     run = _mlflow_run_of(child_id, parent_run_id)
-                    record_window(request, window, flow_run_id=child_id, mlflow_run_id=run.info.run_id)
                     outcomes.append(
-                        WindowOutcome(
-                            start=window.start,
-                            end=window.end,
-                            status="ingested",
+                        _settle(
+                            request,
+                            window,
+                            tile_ids,
+                            run.data.metrics,
                             flow_run_id=child_id,
                             mlflow_run_id=run.info.run_id,
-                            tile_dates_written=run.data.metrics.get("tile_dates_written", 0.0),
                         )
                     )
-                    logger.info("period %s: completed", window.label)
                 else:
                     logger.error("period %s: child flow run %s ended %s", window.label, child_id, state.type.value)
                     outcomes.append(
@@ -161,7 +201,13 @@ def _run_children_on_deployment(
 
 
 def _run_children_in_process(
-    request: IngestConfig, windows: list[DateWindow], *, parent_run_id: str, experiment: str | None, refresh: bool
+    request: IngestConfig,
+    windows: list[DateWindow],
+    tile_ids: list[str],
+    *,
+    parent_run_id: str,
+    experiment: str | None,
+    refresh: bool,
 ) -> list[WindowOutcome]:
     """One ingest subflow per window, in date order (they append to the same cube)."""
     logger = get_run_logger()
@@ -176,15 +222,8 @@ def _run_children_in_process(
         )
         if state.is_completed():
             result = state.result()
-            record_window(request, window, mlflow_run_id=result.run_id)
             outcomes.append(
-                WindowOutcome(
-                    start=window.start,
-                    end=window.end,
-                    status="ingested",
-                    mlflow_run_id=result.run_id,
-                    tile_dates_written=result.metrics.get("tile_dates_written", 0.0),
-                )
+                _settle(request, window, tile_ids, result.metrics, flow_run_id=None, mlflow_run_id=result.run_id)
             )
         else:
             logger.error("period %s: ingest ended %s", window.label, state.type.value)
@@ -211,7 +250,7 @@ def backfill_flow(
         deployment: ``"ingest/ingest"`` to run each period on the work pool as a run of that deployment;
             ``None`` runs them in this process as subflows, one after the other.
         experiment: MLflow experiment of the parent run and the nested ingest runs.
-        refresh: ignore cached ingest results and do the work again.
+        refresh: run every period with items again, whatever the ledger says, and ignore cached ingest results.
         poll_seconds: how often child run states are read (deployment mode).
 
     Raises:
@@ -221,24 +260,31 @@ def backfill_flow(
     logger = get_run_logger()
     windows = split_periods(request.start, request.end, period)
     with_items = find_windows(request, period)
-    done = done_windows(request)
+    ledger = read_ledger_state(request)
+    done = set() if refresh else ledger.done & set(with_items)
     todo = [window for window in windows if window in with_items and window not in done]
+    again = {} if refresh else ledger.rerun_reasons(todo)
     logger.info(
-        "backfill %s..%s by %s: %d periods, %d with items, %d already ingested, %d to run",
+        "backfill %s..%s by %s: %d periods, %d with items, %d already ingested, %d to run%s",
         request.start,
         request.end,
         period,
         len(windows),
         len(with_items),
-        len(done & set(with_items)),
+        len(done),
         len(todo),
+        " (refresh: the ledger is bypassed)" if refresh else ledger.rerun_summary(todo),
     )
+    for window, reason in again.items():
+        logger.info("period %s: %s; running it again", window.label, reason)
+    tile_ids = request_tiles(request) if todo else []
     with stage_run("backfill", request, experiment=experiment) as parent:
         parent_id = parent.info.run_id
         if deployment:
             ran = _run_children_on_deployment(
                 request,
                 todo,
+                tile_ids,
                 deployment=deployment,
                 max_in_flight=max_in_flight,
                 parent_run_id=parent_id,
@@ -248,7 +294,7 @@ def backfill_flow(
             )
         else:
             ran = _run_children_in_process(
-                request, todo, parent_run_id=parent_id, experiment=experiment, refresh=refresh
+                request, todo, tile_ids, parent_run_id=parent_id, experiment=experiment, refresh=refresh
             )
     by_window = {(outcome.start, outcome.end): outcome for outcome in ran}
     outcomes = []

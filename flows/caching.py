@@ -19,21 +19,36 @@ Results are persisted (``persist_result=True``) under ``<SOFTCON_HOME>/prefect/r
 (``configure_runtime`` sets ``PREFECT_RESULTS_LOCAL_STORAGE_PATH``), so a later process — the CLI again, a
 deployment run on a worker — finds them. ``--refresh`` (the flows' ``refresh`` parameter) sets Prefect's
 ``refresh_cache`` and forces the work.
+
+A key alone cannot tell whether the work is still there: an absent cube always looks the same, so deleting
+a cube or a training store and running the stage again used to return the old result over nothing. So a
+stage task (``stage_task``) returns :class:`flows.outputs.Produced`, the result with the state of its
+outputs when it finished (Zarr node metadata and chunk files, a file's digest) and the MLflow run it ran
+under, and :class:`ValidOutputs` uses a cached result only while every output is as it was left and that
+MLflow run still holds its artifacts. Otherwise it logs why ("output … is missing / changed since the
+cached run …: running again"), expires the record, and the stage runs again and records its new outputs.
+Since a cube is ingest's output, ingest and labels key on their request and source only: the cube's state
+is checked as their output, so a second run over an untouched cube is a cache hit.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from prefect import Task, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
+
+from flows.outputs import Produced, restore_from_mlflow, stale_reason, states
 
 FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed by content; larger ones by size and modification time."""
@@ -126,29 +141,148 @@ class DataFingerprint(CachePolicy):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def _mlflow_run_problem(run_id: str | None, artifact_path: str | None) -> str | None:
+    """Why the MLflow run that recorded a cached result no longer stands for it, or None."""
+    if run_id is None:
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        if run.info.lifecycle_stage != "active":
+            return f"MLflow run {run_id} that recorded the cached result was deleted"
+        if artifact_path and not client.list_artifacts(run_id, artifact_path):
+            return f"MLflow run {run_id} that recorded the cached result has lost its '{artifact_path}' artifacts"
+    except MlflowException as error:
+        return f"MLflow run {run_id} that recorded the cached result cannot be read ({error.message})"
+    return None
+
+
+def _ingested_parts(node: str) -> bool:
+    """Ingest's share of the cube: the tiles' data arrays and coordinates, not land cover or the root (whose
+    attributes hold the backfill ledger, written after each period)."""
+    return node != "" and node.rsplit("/", 1)[-1] != "landcover"
+
+
+def _landcover_parts(node: str) -> bool:
+    """Labels' share of the cube: each tile's ``landcover`` array."""
+    return node.rsplit("/", 1)[-1] == "landcover"
+
+
 @dataclass
 class _Policy:
-    """What one stage task keys on; ``policy()`` builds the Prefect cache policy."""
+    """What one stage task keys on, what it writes, and how to find that in its result.
+
+    ``policy()`` builds the Prefect cache policy; ``outputs(result)`` lists the output locations of a result,
+    ``parts`` picks the nodes of a shared Zarr store that belong to this stage, and ``mlflow_artifacts`` names
+    the artifact folder the stage's MLflow run must still hold.
+    """
 
     data_fields: tuple[str, ...]
+    outputs: Callable[[Any], Iterable[str | Path]]
     exclude_inputs: tuple[str, ...] = ()
     path_args: tuple[str, ...] = ()
+    parts: Callable[[str], bool] | None = None
+    mlflow_artifacts: str | None = None
 
     def policy(self) -> CachePolicy:
         inputs: CachePolicy = Inputs(exclude=list(self.exclude_inputs)) if self.exclude_inputs else INPUTS
-        return inputs + TASK_SOURCE + DataFingerprint(fields=self.data_fields, path_args=self.path_args)
+        key = inputs + TASK_SOURCE + DataFingerprint(fields=self.data_fields, path_args=self.path_args)
+        return ValidOutputs(key=key, check=self.stale_reason)
+
+    def stale_reason(self, produced: Any) -> str | None:
+        if not isinstance(produced, Produced):
+            return "the cached result predates output checks"
+        reason = stale_reason(produced, self.parts)
+        if reason and self.mlflow_artifacts and (restored := restore_from_mlflow(produced, self.mlflow_artifacts)):
+            _run_logger().info("restored %s from MLflow run %s", ", ".join(restored), produced.mlflow_run_id)
+            reason = stale_reason(produced, self.parts)
+        return reason or _mlflow_run_problem(produced.mlflow_run_id, self.mlflow_artifacts)
+
+    def produced(self, value: Any) -> Produced[Any]:
+        import mlflow
+
+        active = mlflow.active_run()
+        return Produced(
+            value=value,
+            outputs=states(self.outputs(value), self.parts),
+            mlflow_run_id=active.info.run_id if active else None,
+        )
+
+
+@dataclass
+class ValidOutputs(CachePolicy):
+    """A cache policy that answers with ``key``'s record only while ``check`` finds its outputs intact.
+
+    A stale record is expired in place (rewritten with an expiration in the past, through the task's own
+    result store, local or remote), so Prefect runs the task and overwrites it under the same key.
+    """
+
+    key: CachePolicy = field(kw_only=True)
+    check: Callable[[Any], str | None] = field(kw_only=True)
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        key = self.key.compute_key(task_ctx=task_ctx, inputs=inputs, flow_parameters=flow_parameters, **kwargs)
+        if key is None or task_ctx is None or task_ctx.task.refresh_cache:
+            return key
+        store = task_ctx.result_store
+        if not store.exists(key):
+            return key
+        try:
+            reason = self.check(store.read(key).result)
+        except Exception as error:  # an unreadable record (other code, a torn write) is no answer either
+            reason = f"the cached result cannot be read ({type(error).__name__}: {error})"
+        if reason:
+            _run_logger().warning("%s: running again", reason)
+            store.write(None, key=key, expiration=datetime.now(UTC) - timedelta(seconds=1))
+        return key
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (its lines reach the flow-run log and the CLI), else this module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
 
 
 STAGE_POLICIES: dict[str, _Policy] = {
-    # The cube is both what ingest reads (which days it already holds) and what it writes.
-    "ingest": _Policy(data_fields=("cube",), exclude_inputs=("on_progress",)),
-    "labels": _Policy(data_fields=("cube", "source")),
-    "preprocess": _Policy(data_fields=("cube",), exclude_inputs=("client", "on_progress", "on_dashboard")),
-    "train": _Policy(data_fields=("store", "weights"), exclude_inputs=("on_metrics",)),
+    # Ingest reads the cube (which days it holds) and writes it: its state is checked as ingest's output, not
+    # keyed, so an untouched cube gives a cache hit and a deleted or damaged one runs again.
+    "ingest": _Policy(
+        data_fields=(), outputs=lambda report: [report.cube], exclude_inputs=("on_progress",), parts=_ingested_parts
+    ),
+    "labels": _Policy(data_fields=("source",), outputs=lambda report: [report.cube], parts=_landcover_parts),
+    "preprocess": _Policy(
+        data_fields=("cube",),
+        outputs=lambda report: [report.store],
+        exclude_inputs=("client", "on_progress", "on_dashboard"),
+    ),
+    "train": _Policy(
+        data_fields=("store", "weights"),
+        outputs=lambda result: [result.checkpoint],
+        exclude_inputs=("on_metrics",),
+        mlflow_artifacts="checkpoint",
+    ),
     # A checkpoint's path says nothing of its contents (a file rewritten in place; one run cached under each
     # project home): key on its bytes, not its path.
     "evaluate": _Policy(
-        data_fields=("store", "bigearthnet"), exclude_inputs=("checkpoint",), path_args=("checkpoint",)
+        data_fields=("store", "bigearthnet"),
+        outputs=lambda result: [path for r in result.results for path in (*r.feature_files, r.scores_file)],
+        exclude_inputs=("checkpoint",),
+        path_args=("checkpoint",),
+        mlflow_artifacts="features",
     ),
 }
 
@@ -165,8 +299,29 @@ def stage_cache_policy(stage: str) -> CachePolicy:
 
 
 def cache_options(stage: str) -> dict[str, Any]:
-    """Keyword arguments for ``task(...)``: the stage's cache policy, with results persisted."""
-    return {"cache_policy": stage_cache_policy(stage), "persist_result": True}
+    """Keyword arguments for ``task(...)``: the stage's cache policy, with results persisted (to the object store
+    named by ``SOFTCON_RESULTS_URL`` when set: flows/result_storage.py)."""
+    from flows.result_storage import task_result_storage
+
+    options: dict[str, Any] = {"cache_policy": stage_cache_policy(stage), "persist_result": True}
+    if (storage := task_result_storage()) is not None:
+        options["result_storage"] = storage
+    return options
+
+
+def stage_task(fn: Callable[..., Any], stage: str, **options: Any) -> Task[..., Produced[Any]]:
+    """``fn`` as the stage's Prefect task: cached under the stage's policy, returning :class:`Produced`.
+
+    The wrapper keeps ``fn``'s signature and source for Prefect (parameters, ``TASK_SOURCE``), so the key
+    changes when ``fn``'s code does; callers take ``.value`` of what it returns.
+    """
+    spec = STAGE_POLICIES[stage]
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Produced[Any]:
+        return spec.produced(fn(*args, **kwargs))
+
+    return task(run, **options, **cache_options(stage))
 
 
 def data_fingerprints(config: BaseModel, fields: Iterable[str]) -> dict[str, str]:

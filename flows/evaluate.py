@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger, task
 
-from flows.caching import cache_options
+from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import EvaluateConfig
@@ -18,7 +18,7 @@ from softcon.settings import get_settings
 from tasks.compare import comparison_table, write_report
 from tasks.evaluate import run_evaluation
 
-evaluate_task = task(run_evaluation, name="probe-frozen-encoder", **cache_options("evaluate"))
+evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encoder")
 report_task = task(write_report, name="comparison-report")
 
 
@@ -88,7 +88,7 @@ def evaluate_flow(
     with stage_run("evaluate", config, parent_run_id=parent_run_id, experiment=experiment) as run:
         checkpoint = resolve_checkpoint(config.model)
         baselines = [resolve_baseline(spec) for spec in config.baselines]
-        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint, baselines)
+        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint, baselines).value
         mlflow.log_metrics(result.metrics)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")
         for path in sorted({path for r in result.results for path in r.feature_files}):

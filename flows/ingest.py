@@ -8,23 +8,23 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from prefect import State, flow, get_run_logger, task
+from prefect import State, flow, get_run_logger
 
-from flows.caching import cache_options
+from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import IngestConfig
-from tasks.ingest import StoreFullError, run_ingest
+from tasks.ingest import CubeDamageError, StoreFullError, run_ingest
 
 
-def _retry_unless_disk_full(_task: object, _task_run: object, state: State) -> bool:
-    """Retry the ingest task on failure, except on a full disk: waiting does not free space."""
-    return not isinstance(state.result(raise_on_failure=False), StoreFullError)
+def _retry_unless_lasting(_task: object, _task_run: object, state: State) -> bool:
+    """Retry the ingest task on failure, except on a full disk or a damaged cube: waiting fixes neither."""
+    return not isinstance(state.result(raise_on_failure=False), StoreFullError | CubeDamageError)
 
 
-ingest_task = task(
-    run_ingest, name="ingest-items", retries=2, retry_delay_seconds=[5, 30],
-    retry_condition_fn=_retry_unless_disk_full, **cache_options("ingest"),
+ingest_task = stage_task(
+    run_ingest, "ingest", name="ingest-items", retries=2, retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_unless_lasting,
 )  # fmt: skip
 
 
@@ -35,7 +35,7 @@ def ingest_flow(
     """Ingest every item matching the request onto the tile grid; re-running adds only new dates."""
     logger = get_run_logger()
     with stage_run("ingest", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = ingest_task.with_options(refresh_cache=refresh)(config)
+        report = ingest_task.with_options(refresh_cache=refresh)(config).value
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as folder:

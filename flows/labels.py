@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.caching import cache_options
+from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import LabelsConfig
 from tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
 from tasks.labels import run_labels
 
-labels_task = task(
-    run_labels, name="rasterize-labels", retries=2, retry_delay_seconds=[5, 30], **cache_options("labels")
-)
+labels_task = stage_task(run_labels, "labels", name="rasterize-labels", retries=2, retry_delay_seconds=[5, 30])
 
 
 @flow(name="labels")
@@ -24,7 +22,7 @@ def labels_flow(
     """Write each tile's ``landcover`` array; log the class histogram (table + bar chart) and a quick-look."""
     logger = get_run_logger()
     with stage_run("labels", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = labels_task.with_options(refresh_cache=refresh)(config)
+        report = labels_task.with_options(refresh_cache=refresh)(config).value
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         mlflow.log_dict(

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.caching import cache_options
+from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import PreprocessConfig
@@ -18,8 +18,8 @@ from tasks.preprocess import DashboardCallback, ProgressCallback, run_preprocess
 
 # run_preprocess itself reuses a complete store and resumes an incomplete one; the Prefect cache (keyed on the
 # config, the code and the cube's metadata, callbacks excluded: flows/caching.py) also skips the cluster start.
-preprocess_task = task(
-    run_preprocess, name="write-training-store", retries=1, retry_delay_seconds=10, **cache_options("preprocess")
+preprocess_task = stage_task(
+    run_preprocess, "preprocess", name="write-training-store", retries=1, retry_delay_seconds=10
 )
 
 
@@ -96,7 +96,7 @@ def preprocess_flow(
         observer = FlowProgress(run.info.run_id, logger)
         report = preprocess_task.with_options(refresh_cache=refresh)(
             config, on_progress=observer.progress, on_dashboard=observer.dashboard
-        )
+        ).value
         metrics = report.metrics()
         mlflow.log_metrics(metrics)
         mlflow.log_metrics(norm_stat_metrics(report.norm_stats))

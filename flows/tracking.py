@@ -18,6 +18,7 @@ import mlflow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.result_storage import check_result_storage
 from softcon.settings import get_settings
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on one param value
@@ -91,7 +92,12 @@ def stage_run(
     """Open the MLflow run of one stage (or of the pipeline when ``stage == "pipeline"``).
 
     A stage run of the pipeline is nested under ``parent_run_id``; one run alone is a top-level run.
+
+    Raises:
+        ResultStorageError: before anything is recorded or run, when ``SOFTCON_RESULTS_URL`` names a store this
+            process cannot write (flows/result_storage.py).
     """
+    check_result_storage()
     experiment_id = use_experiment(experiment)
     run_tags = {
         "softcon.stage": stage,

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 
 import mlflow
 import torch
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from flows.caching import cache_options
+from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import TrainConfig
@@ -53,7 +53,7 @@ class StepLogger:
             )
 
 
-train_task = task(run_training, name="soft-contrastive-training", **cache_options("train"))
+train_task = stage_task(run_training, "train", name="soft-contrastive-training")
 
 
 SYSTEM_METRICS_INTERVAL_S = 10.0
@@ -118,7 +118,7 @@ def train_flow(
         with system_metrics(run.info.run_id, enabled=config.log_system_metrics):
             result = train_task.with_options(refresh_cache=refresh)(
                 config, on_metrics=StepLogger(run.info.run_id, config.steps, logger)
-            )
+            ).value
         mlflow.log_metrics(
             {f"final_{name}": value for name, value in result.metrics.items()}
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}

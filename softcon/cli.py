@@ -651,11 +651,13 @@ def backfill(
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None
     table = Table(title=f"backfill (MLflow parent run {result.run_id})")
-    for column in ("period", "status", "MLflow run", "tile-dates written"):
+    for column in ("period", "status", "MLflow run", "tile-dates written", "note"):
         table.add_column(column)
     for window in result.windows:
         label = str(window.start) if window.start == window.end else f"{window.start}..{window.end}"
-        table.add_row(label, window.status, window.mlflow_run_id or "", f"{window.tile_dates_written:g}")
+        table.add_row(
+            label, window.status, window.mlflow_run_id or "", f"{window.tile_dates_written:g}", window.reason or ""
+        )
     console.print(table)
 
 

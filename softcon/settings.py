@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     """MLflow experiment for stages run on their own (the pipeline uses its own name)."""
     dask_address: str | None = None
     """Address of an existing Dask scheduler; default: a LocalCluster per stage."""
+    results_url: str | None = None
+    """Object storage for the stage tasks' cached results (``s3://bucket/prefix``), shared by every process that
+    names it, so a pod finds what an earlier pod computed; default: ``<home>/prefect/results``, one machine's.
+    Credentials come from the environment (``AWS_*`` …), never from here: ``flows/result_storage.py``."""
 
     @property
     def root(self) -> Path:

@@ -4,12 +4,14 @@
 some damaged tiles outright, and the point is to say what is wrong):
 
 - cube, per tile ``tiles/<tile_id>``: every array present with the contract's dtype and dimension names; every
-  chunk readable (decompresses) and no chunk of ``s2``, ``s1`` or a coordinate missing (a lost file reads as
-  nodata); the data arrays as long as their time coordinate (longer: an interrupted append, which the next
-  ingest truncates); the ``s2_items`` / ``s1_items`` attributes naming one day per time step; no time step or
-  item twice; band and pol names from the contract; the land cover (once labelled) on the tile's grid.
+  chunk readable (decompresses) and no chunk of ``s2``, ``scl``, ``s1`` (within the committed time steps) or of
+  a coordinate missing (a lost file reads as nodata); the data arrays as long as their time coordinate (longer:
+  an interrupted append, which the next ingest truncates); the ``s2_items`` / ``s1_items`` attributes naming one
+  day per time step; no time step or item twice; band and pol names from the contract; the land cover (once
+  labelled) on the tile's grid.
 - training store: ``schema_version`` this code reads, ``complete`` set, ``blocks_done`` every write block (and
-  each done block's image shard present); every array as long as the samples, with the contract's dtype and
+  each done block's image shard present); once complete, the files, metadata and attributes the store recorded
+  in its manifest when it was finished; every array as long as the samples, with the contract's dtype and
   dimension names, every chunk readable; labels multi-hot in {0, 1} with one column per class name, fractions
   in [0, 1], split values naming a split, tile indices naming a tile, no sample twice.
 
@@ -33,7 +35,7 @@ from xarray.coding.times import decode_cf_datetime
 from zarr.core.sync import sync as zarr_sync
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
-from tasks.training_store import PLAN_DTYPES, SCHEMA_VERSION, block_bounds
+from tasks.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,10 @@ CUBE_OPTIONAL = ("s1", "time_s1", "pol")
 LANDCOVER = (("y", "x"), ("uint8",))
 TIME_SERIES = {"time": (("s2", "scl"), "s2_items"), "time_s1": (("s1",), "s1_items")}
 """Time coordinate -> (the data arrays along it, the attribute naming its item ids per day)."""
-LOST_CHUNK_ARRAYS = ("s2", "s1", "time", "time_s1", "x", "y", "band", "pol")
-"""Arrays of which every chunk is written: ingest never writes an all-nodata step (max_tile_nodata < 1)."""
+STEP_ARRAYS = {"s2": "time", "scl": "time", "s1": "time_s1"}
+"""Data array -> its time coordinate. Ingest writes a chunk file for every step it commits, even one of fill values."""
+LOST_CHUNK_ARRAYS = (*STEP_ARRAYS, "time", "time_s1", "x", "y", "band", "pol")
+"""Arrays of which every chunk is written (for the data arrays: every chunk of a committed step)."""
 
 STORE_IMAGE_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "s2": (("sample", "band", "h", "w"), ("uint16",)),
@@ -68,8 +72,16 @@ STORE_TABLE_DIMS = {"labels": ("sample", "class"), "fractions": ("sample", "clas
 INGEST_AGAIN = "re-run `softcon ingest` with the same --cube: it truncates an interrupted append and continues"
 RECREATE_TILE = "re-run `softcon ingest` over the tile's dates: it recreates a tile that lacks arrays"
 REBUILD_TILE = "delete the tile group {path} and re-run `softcon ingest` over its dates to write it again"
+REINGEST_STEPS = (
+    "re-run `softcon ingest` with the same --cube over the day(s) {days}: it writes the lost steps again from the same "
+    "items; or " + REBUILD_TILE
+)
 PREPROCESS_AGAIN = "re-run `softcon preprocess` with the same parameters: it resumes and writes only missing blocks"
 REBUILD_STORE = "delete the store and re-run `softcon preprocess` to write it again"
+REPAIR_STORE = (
+    "re-run `softcon preprocess` with the same parameters: it writes lost or changed image shards again and "
+    "rebuilds a store whose metadata, attributes or tables changed"
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class Problem:
     """Where, inside the store (``tiles/<id>/s2``, ``labels``; empty for the root)."""
     what: str
     fix: str
+    steps: tuple[int, ...] = ()
+    """The committed time steps a lost chunk file of a data array (``s2``, ``scl``, ``s1``) holds: the damage
+    is confined to them, and re-ingesting their days repairs it."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,20 @@ def missing_chunks(array: zarr.Array) -> list[str]:
     expected = [_chunk_key(array, index) for index in itertools.product(*(range(n) for n in counts))]
     stored = _stored_keys(array)
     return [key for key in expected if key not in stored]
+
+
+def missing_steps(array: zarr.Array, steps: int) -> tuple[list[str], list[int]]:
+    """Chunk (shard) files missing among those holding indices below ``steps`` along axis 0, and those indices
+    (they read as fill values)."""
+    grid = array.shards or array.chunks
+    counts = [math.ceil(size / step) for size, step in zip(array.shape, grid, strict=True)]
+    stored = _stored_keys(array)
+    keys, lost = [], set()
+    for index in itertools.product(*(range(n) for n in counts)):
+        if index[0] * grid[0] < steps and _chunk_key(array, index) not in stored:
+            keys.append(_chunk_key(array, index))
+            lost.update(range(index[0] * grid[0], min((index[0] + 1) * grid[0], steps)))
+    return keys, sorted(lost)
 
 
 def read_whole(array: zarr.Array) -> tuple[np.ndarray | None, str | None]:
@@ -276,11 +305,16 @@ def _check_time_series(
     return problems, days
 
 
-def check_tile(tile: zarr.Group, prefix: str) -> tuple[list[Problem], dict[str, str]]:
-    """Problems of one cube tile, and its summary row."""
+def check_tile(tile: zarr.Group, prefix: str, *, read_chunks: bool = True) -> tuple[list[Problem], dict[str, str]]:
+    """Problems of one cube tile, and its summary row.
+
+    ``read_chunks=False`` checks from the listing and the metadata only, reading no chunk but those of the 1-D
+    coordinates (what ingest checks before it writes): lost chunk files, lengths, item ids, layout.
+    """
     problems: list[Problem] = []
     rebuild = REBUILD_TILE.format(path=prefix)
     arrays = dict(tile.arrays())
+    lost_steps: dict[str, tuple[list[str], list[int]]] = {}
     has_s1 = any(name in arrays for name in CUBE_OPTIONAL)
     required = [name for name in CUBE_ARRAYS if has_s1 or name not in CUBE_OPTIONAL]
     absent = [name for name in required if name not in arrays]
@@ -294,12 +328,15 @@ def check_tile(tile: zarr.Group, prefix: str) -> tuple[list[Problem], dict[str, 
             problems += _check_layout(array, path, *CUBE_ARRAYS[name], fix=rebuild)
         elif name == "landcover":
             problems += _check_layout(array, path, *LANDCOVER, fix="re-run `softcon labels` on the cube")
-        data, error = read_whole(array)
+        data, error = read_whole(array) if read_chunks or array.ndim <= 1 else (None, None)
         if error:
             problems.append(Problem(path, f"unreadable chunk ({error})", rebuild))
         elif data is not None:
             values[name] = data
-        if name in LOST_CHUNK_ARRAYS:
+        if name in STEP_ARRAYS:
+            if STEP_ARRAYS[name] in arrays:  # steps past the time coordinate are an interrupted append's
+                lost_steps[name] = missing_steps(array, arrays[STEP_ARRAYS[name]].shape[0])
+        elif name in LOST_CHUNK_ARRAYS:
             lost = missing_chunks(array)
             if lost:
                 what = f"{len(lost)} chunk file(s) missing ({', '.join(lost[:3])}): they read as nodata"
@@ -325,6 +362,14 @@ def check_tile(tile: zarr.Group, prefix: str) -> tuple[list[Problem], dict[str, 
         if time_dim in values:
             found, days[time_dim] = _check_time_series(tile, prefix, time_dim, arrays, values[time_dim])
             problems += found
+    for name, (keys, steps) in lost_steps.items():
+        if not steps:
+            continue
+        step_days = days.get(STEP_ARRAYS[name], [])
+        lost_days = sorted({str(step_days[step]) for step in steps if step < len(step_days)})
+        what = f"{len(keys)} chunk file(s) missing ({', '.join(keys[:3])}): they read as nodata; steps {steps}"
+        fix = REINGEST_STEPS.format(days=", ".join(lost_days) or "of those steps", path=prefix)
+        problems.append(Problem(f"{prefix}/{name}", what, fix, steps=tuple(steps)))
     s2_days = sorted(days.get("time", []))
     row = {
         "tile": prefix.rsplit("/", 1)[-1],
@@ -408,7 +453,16 @@ def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
         lost = [block for block in blocks if _chunk_key(arrays["s2"], (block,) + (0,) * (ndim - 1)) not in stored]
         if lost:
             what = f"image shard(s) of done block(s) {sorted(lost)} missing: they read as nodata"
-            problems.append(Problem("s2", what, REBUILD_STORE))
+            problems.append(Problem("s2", what, REPAIR_STORE))
+    if complete is True and MANIFEST_ATTR in attrs:  # an older version wrote none
+        damage = find_damage(store, attrs)
+        for what in damage.rebuild:
+            problems.append(
+                Problem("", f"differs from the manifest written when it was finished: {what}", REPAIR_STORE)
+            )
+        for shard in damage.shards:
+            if (shard.array, shard.change) != ("s2", "missing"):  # reported above
+                problems.append(Problem(shard.array, f"shard of block {shard.block} {shard.change}", REPAIR_STORE))
 
     problems += _check_store_values(attrs, arrays, values)
     problems += check_consolidated(store, root)

@@ -32,6 +32,14 @@ the tile's existing days are re-read under the lock just before appending, so tw
 different date ranges of one local store never duplicate or lose a step; loading from STAC happens outside
 the lock, in parallel. Stores given as URLs (object storage) get no lock: run one writer per cube there.
 
+Damage: before it writes anything, a run checks the existing tiles it will write from their listing and metadata
+(``tasks/check_store.py: check_tile`` without reading image chunks). Every committed step has a chunk file of each
+of its data arrays (fill values included), so a lost file is seen; such a step whose day this run holds with the
+same item ids is loaded again and written in place (``IngestReport.tile_dates_repaired``). Any other damage (a lost
+step of a day outside the run, a lost coordinate chunk, a data array shorter than its time coordinate, item ids
+that do not match the steps) stops the run before any write with ``CubeDamageError``, naming each problem and its
+fix. An interrupted append or tile creation is not damage: it is repaired as described above.
+
 Network: transient read failures (HTTP 5xx, timeouts, connection resets) are retried with exponential
 backoff (``retries``, ``retry_delay``); an item that still fails, or whose file is corrupt or missing, is
 skipped, named in ``IngestReport.items_failed`` with the reason, and the other items of its day are loaded.
@@ -44,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -73,6 +82,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from softcon.config import IngestConfig
 from tasks.aligned_reads import ALIGNED_DRIVER
+from tasks.check_store import INGEST_AGAIN, REBUILD_TILE, RECREATE_TILE, check_tile
 from tasks.collections import CollectionSpec, sensor_of, spec_for_item
 from tasks.grid import Tile, tiles_for_bbox
 
@@ -99,6 +109,10 @@ _PERMANENT_ERRORS = (
 )  # fmt: skip
 """Read-error texts that no retry will fix (missing, forbidden or corrupt files)."""
 T = TypeVar("T")
+
+
+class CubeDamageError(ValueError):
+    """Tiles the run would write hold damage that re-running cannot repair; raised before anything is written."""
 
 
 class StoreFullError(OSError):
@@ -135,6 +149,8 @@ class IngestReport:
     tile_dates_written: int
     tile_dates_skipped: dict[str, int] = field(default_factory=dict)
     """Reason (``exists``, ``cloud``, ``nodata``) -> count."""
+    tile_dates_repaired: int = 0
+    """Committed tile-dates whose lost chunk files this run wrote again (see the module doc, "Damage")."""
     bytes_written: int = 0
     """Bytes added to the store on disk (compressed); 0 for object-storage URLs."""
     pixel_bytes: int = 0
@@ -161,6 +177,7 @@ class IngestReport:
             "items_failed": float(len(self.items_failed)),
             "tiles": float(len(self.tiles)),
             "tile_dates_written": float(self.tile_dates_written),
+            "tile_dates_repaired": float(self.tile_dates_repaired),
             "dates": float(self.dates),
             "bytes_written": float(self.bytes_written),
             "pixel_bytes": float(self.pixel_bytes),
@@ -903,10 +920,14 @@ def existing_days(group: zarr.Group, time_dim: str, lon: float) -> set[date]:
 
 
 def _future_view(array: zarr.Array, length: int) -> AsyncArray:
-    """The array at a longer length along axis 0, without writing that length to the store."""
+    """The array at a longer length along axis 0, without writing that length to the store.
+
+    It writes a chunk of fill values too (zarr skips those by default), so that every committed step has its
+    chunk files and a lost one shows in a listing (``check_tiles``).
+    """
     current = array._async_array
     future = current.metadata.update_shape((length, *array.shape[1:]))
-    return AsyncArray(future, current.store_path, current.config)
+    return AsyncArray(future, current.store_path, dataclasses.replace(current.config, write_empty_chunks=True))
 
 
 def _write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
@@ -918,7 +939,8 @@ def _write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
 
     async def write_all() -> None:
         await asyncio.gather(
-            *(_future_view(array, start + len(values)).setitem(slice(start, None), values)
+            *(_future_view(array, max(array.shape[0], start + len(values)))
+              .setitem(slice(start, start + len(values)), values)
               for array, start, values in writes)
         )  # fmt: skip
 
@@ -976,6 +998,119 @@ def append_steps(tile: OpenTile, appends: Sequence[NewSteps]) -> int:
     return int(pixel_bytes)
 
 
+@dataclass(frozen=True)
+class LostStep:
+    """A committed time step of a tile whose chunk files are lost, and the items to load it from again."""
+
+    time_dim: str
+    step: int
+    day: date
+    """The step's solar day (its key in ``s2_items`` / ``s1_items``)."""
+    arrays: tuple[str, ...]
+    """The data arrays whose chunk of the step is lost."""
+    items: list[dict[str, Any]]
+
+
+def check_tiles(cube: str, tiles: Sequence[Tile], items: Sequence[dict[str, Any]]) -> dict[str, list[LostStep]]:
+    """Check the existing tiles a run will write before it writes anything, from their listing and metadata.
+
+    An interrupted append or tile creation is left to ``open_tile`` (it repairs them), a land cover problem to
+    the labels stage. Lost chunk files of committed steps whose item ids (as the tile recorded them for the
+    step's day) are all among ``items`` are returned, to be written again from those items; any other problem
+    is an error.
+
+    Returns:
+        Tile id -> its steps to load and write again.
+
+    Raises:
+        CubeDamageError: naming every problem found that this run cannot repair (where, what, and the fix).
+    """
+    lost_steps: dict[str, list[LostStep]] = {}
+    errors: list[str] = []
+    by_id = {item["id"]: item for item in items}
+    for tile in tiles:
+        prefix = f"tiles/{tile.tile_id}"
+        if _open_existing(cube, prefix) is None:
+            continue
+        with tile_lock(cube, tile.tile_id):
+            group = _open_existing(cube, prefix)
+            assert group is not None  # tiles are never deleted while their lock is held
+            arrays = dict(group.arrays())
+            if not set(TILE_ARRAYS) <= set(arrays):
+                held = {dim: arrays[dim].shape[0] for dim in SENSOR_ARRAYS if dim in arrays}
+                if any(held.values()):  # an interrupted creation holds no step: open_tile creates it again
+                    absent = sorted(set(TILE_ARRAYS) - set(arrays))
+                    errors.append(f"{prefix}: arrays {absent} missing from a tile holding steps {held}. Fix: "
+                                  f"{REBUILD_TILE.format(path=prefix)}")  # fmt: skip
+                continue
+            problems, _ = check_tile(group, prefix, read_chunks=False)
+            seconds = {dim: arrays[dim][:] for dim in SENSOR_ARRAYS}
+            recorded = {dim: dict(group.attrs.get(ITEM_ATTRS[dim], {})) for dim in SENSOR_ARRAYS}
+        lon = _tile_centre_lon(tile)
+        lost: dict[tuple[str, int], list[str]] = defaultdict(list)
+        for problem in problems:
+            if problem.fix in (INGEST_AGAIN, RECREATE_TILE) or problem.path.endswith("/landcover"):
+                continue
+            if not problem.steps:
+                errors.append(f"{problem.path}: {problem.what}. Fix: {problem.fix}")
+                continue
+            name = problem.path.rsplit("/", 1)[-1]
+            time_dim = next(dim for dim, names in SENSOR_ARRAYS.items() if name in names)
+            for step in problem.steps:
+                lost[(time_dim, step)].append(name)
+        for (time_dim, step), names in sorted(lost.items()):
+            when = _decode_time(int(seconds[time_dim][step]))
+            day = solar_day(when, lon)
+            ids = sorted(recorded[time_dim].get(day.isoformat(), []))
+            day_items = [by_id[item_id] for item_id in ids if item_id in by_id]
+            if ids and len(day_items) == len(ids):
+                lost_steps.setdefault(tile.tile_id, []).append(LostStep(time_dim, step, day, tuple(names), day_items))
+                continue
+            absent = sorted(set(ids) - set(by_id))
+            why = f"its items {absent} are not among the run's" if ids else f"the tile records no item ids for {day}"
+            errors.append(
+                f"{prefix}/{','.join(names)}: the chunk file(s) of step {step} ({day}) are missing: they read as "
+                f"nodata, and this run cannot write them again ({why}). Fix: re-run `softcon ingest` with the same "
+                f"--cube and --start {when.date()} --end {when.date()}: it writes the lost step again from the same "
+                f"items; or {REBUILD_TILE.format(path=prefix)}"
+            )
+    if errors:
+        raise CubeDamageError(
+            f"cube {cube}: {len(errors)} problem(s) in the tiles this run would write; nothing written:\n  "
+            + "\n  ".join(errors)
+        )
+    return lost_steps
+
+
+def rewrite_lost_steps(cube: str, tile: Tile, bands: Sequence[str], lost: Sequence[LostStep], read: ReadOptions) -> int:
+    """Load the lost steps again (the same items as when they were written) and write their lost chunk files in
+    place, under the tile lock; returns the steps written.
+
+    Raises:
+        CubeDamageError: when an item of a lost step fails to load now (the step stays as it is).
+    """
+    loaded: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    for step in lost:
+        sensor = "s2" if step.time_dim == "time" else "s1"
+        ((_, _, values, failed),) = load_days(sensor, {step.day: step.items}, tile, bands, read)
+        if values is None or failed:
+            raise CubeDamageError(
+                f"tiles/{tile.tile_id}: lost step {step.step} ({step.day}) of {sensor} cannot be loaded again: "
+                f"{failed or 'no pixels'}; re-run softcon ingest once the items read"
+            )
+        arrays = values if sensor == "s2" else (values,)  # (s2, scl) or s1
+        loaded[(step.time_dim, step.step)] = dict(zip(SENSOR_ARRAYS[step.time_dim], arrays, strict=True))
+    with tile_lock(cube, tile.tile_id):
+        opened = open_tile(cube, tile, bands, check_bands=False)
+        _write_ahead([
+            (opened.arrays[name], step.step, loaded[(step.time_dim, step.step)][name][None])
+            for step in lost for name in step.arrays
+        ])  # fmt: skip
+    log.warning("tile %s: wrote %d lost step(s) again: %s", tile.tile_id, len(lost),
+                [f"{step.day} {','.join(step.arrays)}" for step in lost])  # fmt: skip
+    return len(lost)
+
+
 def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
@@ -1028,6 +1163,7 @@ class _RunState:
     ingested: set[str] = field(default_factory=set)
     failures: dict[str, str] = field(default_factory=dict)
     written: int = 0
+    repaired: int = 0
     pixel_bytes: int = 0
 
 
@@ -1126,14 +1262,17 @@ def load_days(
 
 def _ingest_tile(
     config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], lost: Sequence[LostStep] = (),
 ) -> set[date]:  # fmt: skip
-    """Load the tile's new days and append them; returns the tile's Sentinel-2 days afterwards.
+    """Write the tile's ``lost`` steps again, load its new days and append them; returns the tile's Sentinel-2
+    days afterwards.
 
     A tile that does not exist yet is created only when a tile-date is appended, so a run that writes nothing
     (every tile-date cloudy or empty) leaves no empty tile, nor an empty cube.
     """
     lon = _tile_centre_lon(tile)
+    if lost:
+        state.repaired += rewrite_lost_steps(config.cube, tile, config.bands, lost, read)
     opened: OpenTile | None = None
     if _open_existing(config.cube, f"tiles/{tile.tile_id}") is not None:
         with tile_lock(config.cube, tile.tile_id):
@@ -1250,11 +1389,14 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         )
 
     tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
+    lost_steps = check_tiles(config.cube, tiles, usable)
     local = None if "://" in config.cube else Path(config.cube)
     bytes_before = {tile.tile_id: _tree_bytes(local / "tiles" / tile.tile_id) for tile in tiles} if local else {}
     cube_days: set[date] = set()
     for done, tile in enumerate(tiles, start=1):
-        cube_days |= _ingest_tile(config, tile, _intersecting(usable, tile), read, state, progress)
+        cube_days |= _ingest_tile(
+            config, tile, _intersecting(usable, tile), read, state, progress, lost_steps.get(tile.tile_id, ())
+        )
         log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id, extra={PROGRESS_EXTRA: (done, len(tiles))})
 
     bytes_written = (
@@ -1275,7 +1417,8 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     report = IngestReport(
         cube=config.cube, tiles=[t.tile_id for t in tiles], items_found=len(found), items_filtered=len(filtered),
         items_ingested=len(state.ingested), items_failed=sorted(state.failures), tile_dates_written=state.written,
-        tile_dates_skipped=dict(state.skipped), bytes_written=bytes_written, pixel_bytes=state.pixel_bytes,
+        tile_dates_skipped=dict(state.skipped), tile_dates_repaired=state.repaired, bytes_written=bytes_written,
+        pixel_bytes=state.pixel_bytes,
         seconds=time.perf_counter() - started, dates=len(cube_days), failures=dict(state.failures),
         items=statuses,
     )  # fmt: skip

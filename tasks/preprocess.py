@@ -95,6 +95,8 @@ class PreprocessReport:
     """Write blocks (shards) written by this call; a resumed run writes only the unfinished ones."""
     reused: bool = False
     """True when a complete store with the same fingerprint was found and nothing was computed."""
+    damage: str = ""
+    """What this call found wrong with the store it was resuming or reusing (and repaired); empty if nothing."""
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics for MLflow."""
@@ -425,7 +427,11 @@ def run_preprocess(
     """Cut the cube into patches and write the training store at ``config.out``.
 
     A complete store with the same fingerprint (parameters and cube dates) is reused without starting
-    a cluster; an incomplete one is resumed, writing only the blocks not yet marked done.
+    a cluster, once it matches the manifest it recorded when it was finished (a listing and its metadata
+    files, no chunk read); an incomplete one is resumed, writing only the blocks not yet marked done.
+    Damage found on the way is repaired and logged: image shards lost or changed (or, in an incomplete
+    store, missing from a done block) are written again by resuming; changed metadata or attributes, lost
+    plan chunks or a store without a manifest are rebuilt from the cube (the store is derived data).
 
     Args:
         config: the stage configuration (cube, out, patch grid, quality thresholds, split, Dask).
@@ -439,8 +445,9 @@ def run_preprocess(
         The report: store path, counts, normalization statistics, wall time, dashboard link.
 
     Raises:
-        ValueError: when the cube has no tiles or no land cover (naming the stage to run), or when no
-            patch passes the quality checks.
+        ValueError: when the cube has no tiles or no land cover (naming the stage to run), when no
+            patch passes the quality checks, or when ``config.out`` holds something that is not a
+            training store (which writing the store would delete).
 
     Example:
         >>> report = run_preprocess(PreprocessConfig(cube="cube.zarr", out="store.zarr", patch_size=32))
@@ -455,10 +462,10 @@ def run_preprocess(
     samples_per_block = config.samples_per_block
     index = read_cube_index(config.cube)
     fingerprint = store_fingerprint(config, index, samples_per_block)
-    attrs = training_store.read_store_attrs(config.out)
-    same = attrs is not None and attrs.get("fingerprint") == fingerprint
-    if same and attrs.get("complete"):
-        logger.info("training store %s is complete with the same parameters; reusing it", config.out)
+    attrs, damage = _existing_store(config, fingerprint)
+    if attrs is not None and attrs.get("complete"):
+        logger.info("training store %s is complete with the same parameters and matches its manifest; reusing it",
+                    config.out)  # fmt: skip
         return _report_from_attrs(config.out, attrs, timer.perf_counter() - started, reused=True)
 
     with _dask_client(config, client) as dask_client:
@@ -466,7 +473,7 @@ def run_preprocess(
         logger.info("Dask dashboard: %s", dashboard_link)
         if on_dashboard is not None:
             on_dashboard(dashboard_link)
-        if same:
+        if attrs is not None:
             logger.info("resuming training store %s (%d blocks done)", config.out, len(attrs["blocks_done"]))
             plan, counts, done = training_store.read_plan(config.out), attrs["counts"], set(attrs["blocks_done"])
         else:
@@ -485,7 +492,39 @@ def run_preprocess(
         norm_stats=stats,
         dashboard_link=dashboard_link,
         blocks_written=written,
+        damage=damage.describe(),
     )
+
+
+def _existing_store(
+    config: PreprocessConfig, fingerprint: str
+) -> tuple[dict[str, Any] | None, training_store.StoreDamage]:
+    """The attributes of the store at ``config.out`` to reuse or resume (None: write a new one), once what the
+    listing and metadata show wrong with it is repaired, and that damage.
+
+    Lost or changed image shards are marked not done (resuming writes them again); any other damage means a
+    rebuild. Both are logged.
+
+    Raises:
+        ValueError: when ``config.out`` holds something that is not a training store.
+    """
+    attrs = training_store.read_store_attrs(config.out)
+    if attrs is None or attrs.get("fingerprint") != fingerprint:
+        training_store.check_replaceable(config.out)
+        return None, training_store.StoreDamage()
+    damage = training_store.find_damage(config.out, attrs)
+    if damage.rebuild:
+        logger.warning(
+            "training store %s is damaged (%s); rebuilding it from the cube %s (the store is derived data; the cube "
+            "is only read)", config.out, damage.describe(), config.cube,
+        )  # fmt: skip
+        return None, damage
+    if damage.shards:
+        logger.warning("training store %s: %s; writing blocks %s again", config.out, damage.describe(),
+                       list(damage.lost_blocks))  # fmt: skip
+        training_store.reopen_blocks(config.out, damage.lost_blocks)
+        attrs = training_store.read_store_attrs(config.out)
+    return attrs, damage
 
 
 def _plan_store(

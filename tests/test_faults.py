@@ -1,5 +1,9 @@
 """Fault injection: a flaky network, bad files, kill -9 in every writing stage, concurrent backfills, a full disk.
 
+The kill -9 tests kill ingest and preprocess at each instrumented point of a run (``tests/ingest_child.py``,
+``tests/preprocess_child.py``: the child sends itself SIGKILL there), then run the stage again and compare its
+output with a clean run's (``tasks/digest.py``: per-array digests, time steps keyed by their time) and check it.
+
 Each test injects one fault into a real run and checks the outcome the same way: the run completes (or fails
 with a clear message), and ``check_store`` finds nothing wrong with what is on disk. What
 ``tests/test_ingest_reliability.py`` already proves (retry policy, a corrupt file alone, SIGKILL at the two
@@ -21,7 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ingest_child
 import mlflow
+import preprocess_child
 import pytest
 import torch
 import xarray as xr
@@ -36,13 +42,16 @@ from data_fixtures import (  # noqa: F401  (fixtures)
 from fault_proxy import flaky_proxy
 
 from softcon.config import IngestConfig, PreprocessConfig, TrainConfig
-from tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, check_store
+from tasks import training_store
+from tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, RECREATE_TILE, check_store
+from tasks.digest import array_digests
 from tasks.ingest import IngestReport, StoreFullError, run_ingest
 from tasks.sample_data import SampleData
 from tasks.stac_server import serve_stac
 
 ROOT = Path(__file__).resolve().parents[1]
 INGEST_CHILD = Path(__file__).resolve().parent / "ingest_child.py"
+PREPROCESS_CHILD_FILE = Path(__file__).resolve().parent / "preprocess_child.py"
 
 
 def _tile(cube: Path, tile_id: str) -> xr.Dataset:
@@ -174,6 +183,60 @@ def test_kill_9_during_ingest_then_rerun_completes_and_the_cube_checks(
     _assert_checks(cube)
 
 
+def _run_killed(command: list[str]) -> None:
+    """Run a child that kills itself with SIGKILL at its ``--kill-at`` point; fail if it ends otherwise."""
+    child = subprocess.run(
+        [sys.executable, *command], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == -signal.SIGKILL, f"rc {child.returncode}: {child.stderr[-3000:]}"
+
+
+def _cube_record(cube: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """Per-array digests (time steps keyed by time, so in any order) and each tile's item ids."""
+    tiles = zarr.open_group(str(cube), path="tiles", mode="r")
+    items = {t: {k: tiles[t].attrs[k] for k in ("s2_items", "s1_items")} for t in sorted(tiles.group_keys())}
+    return array_digests(cube), items
+
+
+@pytest.fixture(scope="module")
+def clean_cube_record(data_cube: tuple[Path, IngestReport]) -> tuple[dict[str, str], dict[str, dict]]:
+    return _cube_record(data_cube[0])
+
+
+INGEST_KILLS = [*ingest_child.KILL_POINTS, "output-deleted-first"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", INGEST_KILLS)
+def test_kill_9_at_each_point_of_an_ingest_then_a_rerun_equals_a_clean_run(
+    point: str, clean_cube_record: tuple[dict, dict], data_sample: SampleData, tmp_path: Path
+) -> None:
+    cube = tmp_path / "cube.zarr"
+    config = sample_ingest_config(data_sample, str(data_sample.items_file), cube)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    kill_at, extra = point, []
+    if point == "output-deleted-first":  # a finished cube deleted, then the run again killed mid-append
+        run_ingest(config)
+        shutil.rmtree(cube)
+        kill_at = "before-time-commit"
+    if point == "mid-repair":  # the kill lands in the repair of an earlier killed append
+        _run_killed([str(INGEST_CHILD), str(config_file), "--kill-at", "after-data-grew"])
+    if point == "between-dates":
+        extra = ["--write-batch", "1"]
+    _run_killed([str(INGEST_CHILD), str(config_file), "--kill-at", kill_at, *extra])
+    if (cube / "zarr.json").exists():  # only work the re-run finishes: an interrupted append or tile creation
+        after_kill = check_store(str(cube))
+        assert all(problem.fix in (INGEST_AGAIN, RECREATE_TILE) for problem in after_kill.problems), after_kill
+    else:
+        assert point == "before-first-tile", "no cube after the kill"
+
+    report = run_ingest(config)
+    assert report.tile_dates_written > 0 and report.tile_dates_repaired == 0
+    assert _cube_record(cube) == clean_cube_record
+    _assert_checks(cube)
+
+
 @dataclass(frozen=True)
 class Store:
     config: PreprocessConfig
@@ -247,6 +310,54 @@ def test_kill_9_during_preprocess_then_rerun_completes_and_the_store_checks(
         xr.open_zarr(config.out, chunks=None).drop_attrs(),
         xr.open_zarr(clean_store.config.out, chunks=None).drop_attrs(),
     )
+
+
+def _store_record(store: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Per-array digests and the attributes (but the manifest, and ``params.out``: the store's own path)."""
+    attrs = training_store.read_store_attrs(store)
+    assert attrs is not None, f"no store at {store}"
+    attrs.pop(training_store.MANIFEST_ATTR, None)
+    attrs["params"] = {key: value for key, value in attrs["params"].items() if key != "out"}
+    return array_digests(store), attrs
+
+
+PREPROCESS_KILLS = [*preprocess_child.KILL_POINTS, "output-deleted-first"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", PREPROCESS_KILLS)
+def test_kill_9_at_each_point_of_a_preprocess_then_a_rerun_equals_a_clean_run(
+    point: str, clean_store: Store, preprocess_client: object, tmp_path: Path
+) -> None:
+    from tasks.preprocess import run_preprocess
+
+    config = clean_store.config.model_copy(update={"out": str(tmp_path / "store.zarr")})
+    clean = _store_record(clean_store.config.out)
+    n_blocks = len(clean[1]["blocks_done"])  # type: ignore[arg-type]
+    child_config, kill_at = config, point
+    if point == "clearing-old-store":  # a store of other parameters is replaced
+        shutil.copytree(clean_store.config.out, config.out)
+        child_config = config.model_copy(update={"max_cloud_fraction": 1.0})
+    if point == "repairing":  # a lost shard is being written again
+        shutil.copytree(clean_store.config.out, config.out)
+        (Path(config.out) / "s2" / "c" / "2" / "0" / "0" / "0").unlink()
+    if point == "output-deleted-first":  # a finished store deleted, then the run again killed
+        run_preprocess(config, client=preprocess_client)  # type: ignore[arg-type]
+        shutil.rmtree(config.out)
+        kill_at = "blocks-1"
+    _run_killed([str(PREPROCESS_CHILD_FILE), child_config.model_dump_json(), "--kill-at", kill_at])
+    attrs = training_store.read_store_attrs(config.out)
+    assert attrs is None or attrs.get("complete") is not True, "a killed run left a store marked complete"
+
+    report = run_preprocess(config, client=preprocess_client)  # type: ignore[arg-type]
+    resumed = {"blocks-1": n_blocks - 1, "blocks-3": n_blocks - 3, "statistics": 0, "before-complete": 0,
+               "repairing": 1, "output-deleted-first": n_blocks - 1}  # fmt: skip
+    if point in resumed:
+        assert report.blocks_written == resumed[point]
+    elif point != "mid-block":  # the driver may or may not have marked the first block when the kill came
+        assert report.blocks_written == n_blocks
+    assert _store_record(config.out) == clean
+    _assert_checks(Path(config.out))
 
 
 TRAIN_CHILD = """

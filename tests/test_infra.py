@@ -327,3 +327,17 @@ def test_kubernetes_deployments_use_the_pools_the_workers_serve():
     assert gpu["work_pool"]["job_variables"]["gpu_count"] >= 1
     assert [d for d in deployments if d["work_pool"]["name"] == "softcon-gpu"] == [gpu]
     assert by_name["ingest"]["concurrency_limit"] == 1  # one writer per cube on object storage
+
+
+def test_cached_task_results_go_to_the_object_store_in_compose_and_on_kubernetes():
+    services = _compose()["services"]
+    compose_url = urlsplit(services["prefect-worker"]["environment"]["SOFTCON_RESULTS_URL"])
+    buckets = _option(services["s3"]["command"], "-bucket").split(",")
+    assert compose_url.scheme == "s3" and compose_url.hostname in buckets  # SeaweedFS creates it at start
+    config_url = _manifests()[("ConfigMap", "softcon-env")]["data"]["SOFTCON_RESULTS_URL"]
+    assert urlsplit(config_url).scheme == "s3"
+    # The GPU pool's pods read it from the ConfigMap (envFrom in its job template); the CPU pool's, from the
+    # deployments' job variables (Prefect's default job template has no envFrom).
+    cpu = [d for d in yaml.safe_load((INFRA / "prefect-kubernetes.yaml").read_text())["deployments"]
+           if d["work_pool"]["name"] == "softcon-kubernetes"]  # fmt: skip
+    assert cpu and {d["work_pool"]["job_variables"]["env"]["SOFTCON_RESULTS_URL"] for d in cpu} == {config_url}
