@@ -242,7 +242,8 @@ class ValidOutputs(CachePolicy):
             reason = f"the cached result cannot be read ({type(error).__name__}: {error})"
         if reason:
             _run_logger().warning("%s: running again", reason)
-            store.write(None, key=key, expiration=datetime.now(UTC) - timedelta(seconds=1))
+            expired = datetime.now(UTC) - timedelta(seconds=1)  # an aware datetime is what Prefect's DateTime holds
+            store.write(None, key=key, expiration=expired)  # type: ignore[arg-type]
         return key
 
 
@@ -322,8 +323,3 @@ def stage_task(fn: Callable[..., Any], stage: str, **options: Any) -> Task[..., 
         return spec.produced(fn(*args, **kwargs))
 
     return task(run, **options, **cache_options(stage))
-
-
-def data_fingerprints(config: BaseModel, fields: Iterable[str]) -> dict[str, str]:
-    """The fingerprint of each named path field (for logging what a cache key saw)."""
-    return {name: path_fingerprint(getattr(config, name, None)) for name in fields}

@@ -137,10 +137,10 @@ def output_state(location: str | Path, include: Callable[[str], bool] | None = N
     node_set = set(nodes)
     counts = {node: [0, 0] for node in nodes}
     for name, size in files.items():
-        path = PurePosixPath(name)
-        if path.name == "zarr.json" and _node(path.parent) in node_set:
+        file = PurePosixPath(name)
+        if file.name == "zarr.json" and _node(file.parent) in node_set:
             continue
-        parent = path.parent
+        parent = file.parent
         while _node(parent) not in node_set and _node(parent):
             parent = parent.parent
         if _node(parent) in counts:

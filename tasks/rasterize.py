@@ -16,7 +16,6 @@ Rules (the same for every format: GeoPackage, GeoJSON, Shapefile, FlatGeobuf, Ge
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -237,10 +236,3 @@ def rasterize_tiles(
             all_touched=all_touched, overlap=overlap,
         )  # fmt: skip
     return out
-
-
-def unknown_totals(results: dict[str, RasterizedTile]) -> Counter[str]:
-    total: Counter[str] = Counter()
-    for result in results.values():
-        total.update(result.unknown)
-    return total
