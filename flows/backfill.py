@@ -46,7 +46,7 @@ from tasks.backfill import (
     window_config,
     windows_with_items,
 )
-from tasks.ingest import filter_cloudy_items, search_items
+from tasks.stac_search import filter_cloudy_items, search_items
 
 
 class WindowOutcome(BaseModel):

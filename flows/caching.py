@@ -49,6 +49,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from flows.outputs import Produced, restore_from_mlflow, stale_reason, states
+from tasks.stac_access import is_url
 
 FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed by content; larger ones by size and modification time."""
@@ -56,10 +57,6 @@ OBJECT_STORE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memo
 """fsspec protocols whose URLs are fingerprinted as Zarr stores (zarr.json contents), not by their text."""
 
 logger = logging.getLogger(__name__)
-
-
-def _is_url(location: str) -> bool:
-    return "://" in location
 
 
 def _zarr_url_fingerprint(url: str) -> str | None:
@@ -84,7 +81,7 @@ def path_fingerprint(location: str | Path | None) -> str:
     if location is None:
         return "none"
     text = str(location)
-    if _is_url(text):
+    if is_url(text):
         if text.split("://", 1)[0].lower() in OBJECT_STORE_PROTOCOLS:
             return _zarr_url_fingerprint(text) or f"url:{text}"
         return f"url:{text}"

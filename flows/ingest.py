@@ -14,7 +14,8 @@ from flows.caching import stage_task
 from flows.result import StageResult
 from flows.tracking import stage_run
 from softcon.config import IngestConfig
-from tasks.ingest import CubeDamageError, StoreFullError, run_ingest
+from tasks.cube_store import CubeDamageError, StoreFullError
+from tasks.ingest import run_ingest
 
 
 def _retry_unless_lasting(_task: object, _task_run: object, state: State) -> bool:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar
 
+from tasks.stac_access import is_url
+
 R = TypeVar("R")
 
 FILE_PART = "<file>"
@@ -60,10 +62,6 @@ class Produced(Generic[R]):
     mlflow_run_id: str | None = None
 
 
-def _is_url(location: str) -> bool:
-    return "://" in location
-
-
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -78,7 +76,7 @@ def _file_digest(path: Path) -> str:
 
 def _list_files(location: str) -> dict[str, int] | None:
     """Every file under ``location`` (relative POSIX path → size); None when nothing is there."""
-    if not _is_url(location):
+    if not is_url(location):
         root = Path(location)
         if not root.is_dir():
             return None
@@ -109,7 +107,7 @@ def _metadata_file(node: str) -> str:
 
 
 def _read_metadata(location: str, names: Sequence[str]) -> dict[str, bytes]:
-    if not _is_url(location):
+    if not is_url(location):
         return {name: (Path(location) / name).read_bytes() for name in names}
     import fsspec
 
@@ -125,7 +123,7 @@ def output_state(location: str | Path, include: Callable[[str], bool] | None = N
         OSError: when the location exists but cannot be listed or read (permissions, network).
     """
     text = str(location)
-    if not _is_url(text) and Path(text).is_file():
+    if not is_url(text) and Path(text).is_file():
         path = Path(text)
         return OutputState(text, True, {FILE_PART: PartState(_file_digest(path), 1, path.stat().st_size)})
     files = _list_files(text)
@@ -207,7 +205,7 @@ def restore_from_mlflow(produced: Produced[Any], artifact_path: str) -> list[str
     restored = []
     for recorded in produced.outputs:
         path = Path(recorded.location)
-        if _is_url(recorded.location) or path.exists() or set(recorded.parts) != {FILE_PART}:
+        if is_url(recorded.location) or path.exists() or set(recorded.parts) != {FILE_PART}:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".restore-") as staging:

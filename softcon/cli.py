@@ -59,6 +59,22 @@ RefreshOption = Annotated[
     typer.Option("--refresh", callback=_remember_refresh, help="Ignore cached task results; do the work again."),
 ]
 
+SignOption = Annotated[str | None, typer.Option(help="URL signing: auto, planetary-computer or none (default: auto).")]
+HeaderOption = Annotated[
+    list[str] | None,
+    typer.Option("--header", help="NAME=ENV_VAR: send header NAME with the value of $ENV_VAR (repeatable)."),
+]
+
+
+def _parse_headers(header: list[str] | None) -> dict[str, str] | None:
+    """``--header NAME=ENV_VAR`` options as the config's ``headers`` mapping (names only, never values)."""
+    if not header:
+        return None
+    bad = [h for h in header if "=" not in h]
+    if bad:
+        raise typer.BadParameter(f"{bad} are not NAME=ENV_VAR", param_hint="--header")
+    return dict(h.split("=", 1) for h in header)
+
 
 def _split_list(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
@@ -129,13 +145,8 @@ def ingest(
     max_tile_nodata: Annotated[
         float | None, typer.Option(help="Skip tile-dates with a larger nodata fraction [default: 0.5].")
     ] = None,
-    sign: Annotated[
-        str | None, typer.Option(help="URL signing: auto, planetary-computer or none [default: auto].")
-    ] = None,
-    header: Annotated[
-        list[str] | None,
-        typer.Option("--header", help="NAME=ENV_VAR: send header NAME with the value of $ENV_VAR (repeatable)."),
-    ] = None,
+    sign: SignOption = None,
+    header: HeaderOption = None,
     cube: Annotated[str | None, typer.Option(help="Cube path or URL [default: .softcon/data/cube.zarr].")] = None,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
@@ -147,12 +158,7 @@ def ingest(
 
     from tasks.ingest import PROGRESS_EXTRA
 
-    headers = None
-    if header:
-        bad = [h for h in header if "=" not in h]
-        if bad:
-            raise typer.BadParameter(f"{bad} are not NAME=ENV_VAR", param_hint="--header")
-        headers = dict(h.split("=", 1) for h in header)
+    headers = _parse_headers(header)
     overrides = {
         "stac": stac,
         "collections": collection,
@@ -218,11 +224,15 @@ def labels(
     unknown_codes: Annotated[
         str | None, typer.Option(help="Codes outside the scheme: report (write nodata) or error.")
     ] = None,
+    sign: SignOption = None,
+    header: HeaderOption = None,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Bring a land-cover product onto every tile of the cube (the ``landcover`` array)."""
     overrides = {
+        "sign": sign,
+        "headers": _parse_headers(header),
         "cube": cube,
         "source": source,
         "scheme": scheme,

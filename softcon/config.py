@@ -142,6 +142,20 @@ class LabelsConfig(StageConfig):
     unknown_codes: Literal["report", "error"] = Field(
         default="report", description="Codes outside the scheme: report them and write nodata, or stop with an error."
     )
+    # How a STAC source and its assets are reached: the same fields, defaults and meaning as IngestConfig's
+    # (both stages go through tasks/stac_access.py).
+    sign: Literal["auto", "planetary-computer", "none"] = Field(
+        default="auto",
+        description="Asset URL signing: planetary-computer (SAS tokens), none, or auto (Planetary Computer "
+        "when the STAC URL is on planetarycomputer.microsoft.com).",
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="HTTP header name -> NAME of the environment variable holding its value (never the secret "
+        "itself), sent to the STAC API and on asset reads, e.g. {Authorization: MY_STAC_TOKEN}.",
+    )
+    retries: int = Field(default=3, ge=0, description="Retries of a transient HTTP/read failure.")
+    retry_delay: float = Field(default=1.0, ge=0, description="First retry delay, seconds (doubles each retry).")
 
 
 class PreprocessConfig(StageConfig):

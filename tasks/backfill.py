@@ -28,13 +28,15 @@ import zarr
 
 from softcon.config import IngestConfig
 from tasks.collections import sensor_of
-from tasks.ingest import SENSOR_ARRAYS, existing_days, read_area, tile_lock, tiles_for_area
+from tasks.cube_store import SENSOR_ARRAYS, existing_days, tile_lock
+from tasks.ingest import tiles_for_area
+from tasks.stac_search import read_area
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = ("day", "week", "month")
 LEDGER_ATTR = "ingested_periods"
 LEDGER_LOCK = "ingested-periods"
-"""Name of the lock (beside the tile locks, ``tasks.ingest.tile_lock``) held while the ledger is rewritten."""
+"""Name of the lock (beside the tile locks, ``tasks.cube_store.tile_lock``) held while the ledger is rewritten."""
 
 
 @dataclass(frozen=True, order=True)
@@ -100,7 +102,7 @@ TileDates = dict[str, dict[str, list[str]]]
 """Tile id -> time coordinate (``time`` for Sentinel-2, ``time_s1`` for Sentinel-1) -> ISO dates (UTC) of its steps."""
 
 SENSOR_TIME = {"s2": "time", "s1": "time_s1"}
-"""Sensor -> the time coordinate of its steps in a tile (``tasks.ingest.SENSOR_ARRAYS``)."""
+"""Sensor -> the time coordinate of its steps in a tile (``tasks.cube_store.SENSOR_ARRAYS``)."""
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 """Files that make one shapefile: its geometries and their CRS are spread over them."""
 

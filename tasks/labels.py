@@ -4,7 +4,9 @@ Sources (``LabelsConfig.source``):
 
 - a STAC API URL or a STAC file: the items of ``config.collection`` (Planetary Computer ``esa-worldcover``,
   ``io-lulc-annual-v02``, or the same layout elsewhere) over each tile, one product year (``config.year``,
-  default the latest), mosaicked and loaded with odc-stac;
+  default the latest), mosaicked and loaded with odc-stac. The API and the assets are reached as ingest
+  reaches them (``tasks/stac_access.py``): ``config.headers`` from environment variables, Planetary Computer
+  signing (``config.sign``), and retries of transient failures (``config.retries``, ``config.retry_delay``);
 - a local raster or a URL to one (GeoTIFF/COG/VRT): WorldCover, Dynamic World-style ``label`` exports, IO LULC
   or any class raster. Only the window a tile needs is read (the real WorldCover tile is 36000 x 36000);
 - a vector file (GeoPackage, GeoJSON, Shapefile, FlatGeobuf, GeoParquet) with a class attribute, rasterized
@@ -52,8 +54,9 @@ from shapely.geometry import box, shape
 from softcon.config import LabelsConfig
 from tasks import rasterize
 from tasks.grid import Tile
-from tasks.ingest import read_static_items
 from tasks.schemes import ClassScheme, MappedCodes, get_scheme
+from tasks.stac_access import StacAccess, is_http_url
+from tasks.stac_search import read_static_items
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ SourceKind = Literal["stac", "raster", "vector"]
 STAC_ASSETS: dict[str, str] = {"esa-worldcover": "map", "io-lulc-annual-v02": "data", "io-lulc-9-class": "data",
                                "io-lulc": "data"}  # fmt: skip
 """The class-raster asset of known collections; others use the first asset with the ``data`` role."""
-PLANETARY_COMPUTER_HOST = "planetarycomputer.microsoft.com"
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def source_kind(source: str) -> SourceKind:
         return "raster"
     if lower.endswith(VECTOR_SUFFIXES):
         return "vector"
-    if lower.startswith(("http://", "https://")) or lower.endswith(".json"):
+    if is_http_url(lower) or lower.endswith(".json"):
         return "stac"
     raise ValueError(
         f"source {source!r}: expected a STAC API URL or JSON file, a raster {RASTER_SUFFIXES} or a vector "
@@ -141,7 +143,7 @@ def source_kind(source: str) -> SourceKind:
 
 
 def _rasterio_path(source: str) -> str:
-    return f"/vsicurl/{source}" if source.startswith(("http://", "https://")) else source
+    return f"/vsicurl/{source}" if is_http_url(source) else source
 
 
 def check_raster(source: str) -> tuple[tuple[float, float, float, float], str]:
@@ -248,29 +250,26 @@ def read_raster_tile(source: str, tile: Tile, scheme: ClassScheme) -> WarpedProd
 # --- STAC --------------------------------------------------------------------------------------------------
 
 
-def search_land_cover(source: str, collection: str, tile: Tile) -> list[dict[str, Any]]:
-    """Land-cover items of ``collection`` over the tile's lon/lat bounds."""
+def search_land_cover(access: StacAccess, collection: str, tile: Tile) -> list[dict[str, Any]]:
+    """Land-cover items of ``collection`` over the tile's lon/lat bounds, from the STAC API or file
+    ``access.source`` (an API with the access's headers and retries)."""
     bounds = tile.lonlat_bounds
-    if source.startswith(("http://", "https://")):
-        from pystac_client import Client
-
-        search = Client.open(source).search(collections=[collection], bbox=bounds, limit=100)
-        return list(search.items_as_dicts())
+    if is_http_url(access.source):
+        search = access.open_api().search(collections=[collection], bbox=bounds, limit=100)
+        return access.fetch_items(search, f"searching {access.source} for {collection}")
     footprint = box(*bounds)
     return [
-        item for item in read_static_items(source)
+        item for item in read_static_items(access.source)
         if item.get("collection") == collection and shape(item["geometry"]).intersects(footprint)
     ]  # fmt: skip
 
 
-def stac_product_extent(source: str, collection: str) -> list[float] | None:
+def stac_product_extent(access: StacAccess, collection: str) -> list[float] | None:
     """Lon/lat bbox of a collection (its Collection extent, else the union of its items); for error messages."""
     try:
-        if source.startswith(("http://", "https://")):
-            from pystac_client import Client
-
-            return list(Client.open(source).get_collection(collection).extent.spatial.bboxes[0])
-        boxes = [item["bbox"] for item in read_static_items(source) if item.get("collection") == collection]
+        if is_http_url(access.source):
+            return list(access.open_api().get_collection(collection).extent.spatial.bboxes[0])
+        boxes = [item["bbox"] for item in read_static_items(access.source) if item.get("collection") == collection]
     except Exception:
         return None
     if not boxes:
@@ -323,24 +322,26 @@ def stac_pixel_size(item: dict[str, Any], key: str, tile: Tile) -> float | None:
     return source_pixel_size(crs, Affine(*transform[:6]), tile)
 
 
-def load_stac_tile(items: Sequence[dict[str, Any]], key: str, tile: Tile, source: str) -> WarpedProduct:
-    """The class asset of one product year, mosaicked onto the tile grid (mode if finer, else nearest)."""
+def load_stac_tile(items: Sequence[dict[str, Any]], key: str, tile: Tile, access: StacAccess) -> WarpedProduct:
+    """The class asset of one product year, mosaicked onto the tile grid (mode if finer, else nearest).
+
+    Assets are read with the access's GDAL settings (headers, HTTP retries) and URL signing; the load is
+    retried on transient errors.
+    """
     pixel = stac_pixel_size(items[0], key, tile)
     # Land-cover products are 10 m: without projection metadata assume finer-or-equal, i.e. mode.
     resampling = Resampling.mode if pixel is None else choose_resampling(pixel, tile.resolution)
     stac_items = [pystac.Item.from_dict({**item, "links": []}) for item in items]
-    patch_url = None
-    if PLANETARY_COMPUTER_HOST in source:
-        import planetary_computer
-
-        patch_url = planetary_computer.sign
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), rasterio.Env(**access.gdal_options()):
         warnings.simplefilter("ignore")
-        data = odc.stac.load(
-            stac_items, bands=[key], geobox=tile.geobox, resampling=resampling.name,
-            groupby=lambda *_: 0,  # one product year: all its granules form one mosaic
-            chunks=None, patch_url=patch_url,
-        )[key]  # fmt: skip
+        data = access.retrying(
+            lambda: odc.stac.load(
+                stac_items, bands=[key], geobox=tile.geobox, resampling=resampling.name,
+                groupby=lambda *_: 0,  # one product year: all its granules form one mosaic
+                chunks=None, patch_url=access.patch_url,
+            )[key],
+            what=f"loading {key} of {[item['id'] for item in items]} onto tile {tile.tile_id}",
+        )  # fmt: skip
     codes = data.isel(time=0).values
     nodata_value = data.attrs.get("nodata")
     nodata = codes == nodata_value if nodata_value is not None else np.zeros(codes.shape, dtype=bool)
@@ -410,7 +411,8 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
     Raises:
         ValueError: before any pixel is read: an unknown source form or scheme, a raster or vector without a
             CRS, a vector without the class attribute (listing its columns), a product that does not overlap
-            a tile (naming the tile and the product's extent); after reading: codes outside the scheme when
+            a tile (naming the tile and the product's extent), a header's environment variable unset (STAC
+            sources, before any request); after reading: codes outside the scheme when
             ``config.unknown_codes == "error"``.
     """
     started = time.perf_counter()
@@ -434,11 +436,12 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
             if extent is not None and not _overlaps(extent, tile.lonlat_bounds):
                 raise _no_overlap(config.source, [round(v, 5) for v in extent], tile)
     else:
+        access = StacAccess.from_config(config)  # before any request: an unset header variable stops here
         for tile in tiles:
-            items = search_land_cover(config.source, config.collection, tile)
+            items = search_land_cover(access, config.collection, tile)
             if not items:
                 raise _no_overlap(f"{config.source} collection {config.collection}",
-                                  stac_product_extent(config.source, config.collection), tile)  # fmt: skip
+                                  stac_product_extent(access, config.collection), tile)  # fmt: skip
             selected, year = select_year(items, config.year, tile)
             plan[tile.tile_id] = (selected, asset_key(config.collection, selected[0]))
 
@@ -464,7 +467,7 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
                     raise _no_overlap(config.source, [round(v, 5) for v in extent], tile)
             else:
                 selected, key = plan[tile.tile_id]
-                warped = load_stac_tile(selected, key, tile, config.source)
+                warped = load_stac_tile(selected, key, tile, access)
                 if warped.nodata.all():
                     raise _no_overlap(f"{config.source} collection {config.collection}",
                                       [i.get("bbox") for i in selected], tile)  # fmt: skip

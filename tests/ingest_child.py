@@ -25,6 +25,7 @@ from pathlib import Path
 import zarr
 from zarr.core.group import AsyncGroup
 
+import tasks.cube_store as cube_store
 import tasks.ingest as ingest
 from softcon.config import IngestConfig
 
@@ -55,7 +56,7 @@ def main() -> None:
         if args.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    original_grow = ingest._grow
+    original_grow = cube_store._grow
     grown: list[str] = []
 
     def pausing_grow(array, steps):  # type: ignore[no-untyped-def]
@@ -80,7 +81,7 @@ def main() -> None:
         appends.append(1)
         return original_append(*a, **k)
 
-    original_write_ahead = ingest._write_ahead
+    original_write_ahead = cube_store._write_ahead
 
     def write_ahead(writes):  # type: ignore[no-untyped-def]
         if args.kill_at == "mid-write-ahead":
@@ -95,7 +96,7 @@ def main() -> None:
             kill_here("after-data-grew")
         return original_update_attributes(self, new_attributes)
 
-    original_create_tile = ingest.create_tile
+    original_create_tile = cube_store.create_tile
 
     def create_tile(*a, **k):  # type: ignore[no-untyped-def]
         kill_here("before-first-tile")
@@ -125,10 +126,10 @@ def main() -> None:
         if shrinks:
             kill_here("mid-repair")
 
-    ingest._grow = pausing_grow
+    cube_store._grow = pausing_grow
     ingest.append_steps = slow_append
-    ingest._write_ahead = write_ahead
-    ingest.create_tile = create_tile
+    cube_store._write_ahead = write_ahead
+    cube_store.create_tile = create_tile
     ingest._ingest_tile = ingest_tile
     zarr.Group.update_attributes = update_attributes
     zarr.Array.resize = resize

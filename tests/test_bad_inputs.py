@@ -35,8 +35,9 @@ from models.encoder import build_encoder
 from softcon.config import ConfigError, IngestConfig, load_config
 from tasks import norm_stats, patches
 from tasks.collections import spec_for_item
-from tasks.ingest import IngestReport, _harmonize, run_ingest
+from tasks.ingest import IngestReport, run_ingest
 from tasks.sample_data import SampleData
+from tasks.scene_load import _harmonize
 from tasks.train import read_checkpoint
 
 REAL_ITEMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "stac_items" / "api-responses"

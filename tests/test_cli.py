@@ -69,3 +69,19 @@ def test_pipeline_refuses_a_bad_config_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["pipeline", "--config", str(config_file)])
     assert result.exit_code == 2
     assert "ingest.bbox" in result.output
+
+
+def test_labels_passes_sign_and_header_names_to_its_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import flows.labels
+    import softcon.cli
+
+    seen = []
+    monkeypatch.setattr(flows.labels, "labels_flow", lambda config, **_: seen.append(config))
+    monkeypatch.setattr(softcon.cli, "_print_result", lambda result: None)
+    args = ["labels", "--cube", str(tmp_path / "cube.zarr"), "--source", "https://stac.example/api"]
+    result = runner.invoke(app, [*args, "--sign", "none", "--header", "Authorization=STAC_TOKEN"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].sign == "none" and seen[0].headers == {"Authorization": "STAC_TOKEN"}
+
+    bad = runner.invoke(app, [*args, "--header", "Authorization"])
+    assert bad.exit_code == 2 and "are not NAME=ENV_VAR" in bad.output

@@ -44,8 +44,9 @@ from fault_proxy import flaky_proxy
 from softcon.config import IngestConfig, PreprocessConfig, TrainConfig
 from tasks import training_store
 from tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, RECREATE_TILE, check_store
+from tasks.cube_store import StoreFullError
 from tasks.digest import array_digests
-from tasks.ingest import IngestReport, StoreFullError, run_ingest
+from tasks.ingest import IngestReport, run_ingest
 from tasks.sample_data import SampleData
 from tasks.stac_server import serve_stac
 

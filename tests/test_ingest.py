@@ -191,8 +191,8 @@ def test_tile_created_with_zarr_matches_what_xarray_writes(tmp_path: Path) -> No
     """``create_tile`` writes the same files (metadata and coordinate chunks) as the xarray template's to_zarr."""
     import warnings
 
+    from tasks.cube_store import _tile_template, create_tile
     from tasks.grid import tiles_for_bbox
-    from tasks.ingest import _tile_template, create_tile
 
     tile = tiles_for_bbox((11.0, 46.49, 11.02, 46.51), resolution=10, tile_size=64)[0]
     bands = ["B02", "B8A", "B12"]

@@ -31,10 +31,12 @@ from header_proxy import HeaderProxy, serve_header_proxy
 from shapely.geometry import box, mapping
 
 import tasks.ingest as ingest
+import tasks.scene_load as scene_load
 from softcon.config import IngestConfig
 from tasks.grid import tile_from_id
-from tasks.ingest import IngestReport, run_ingest, url_signer
+from tasks.ingest import IngestReport, run_ingest
 from tasks.sample_data import SampleData
+from tasks.stac_access import url_signer
 
 BLOB = {  # Planetary Computer storage account and container of each collection's assets
     "sentinel-2-l2a": "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2",
@@ -110,7 +112,7 @@ def test_planetary_computer_asset_urls_reach_the_loader_signed(
     path.write_text(json.dumps(items))
 
     seen: list[str] = []
-    real_load = ingest.odc.stac.load
+    real_load = scene_load.odc.stac.load
 
     def loading(stac_items, *args, patch_url=None, **kwargs):  # type: ignore[no-untyped-def]
         """odc-stac as it runs, with reads of the signed blob URLs served from the local copies."""
@@ -124,7 +126,7 @@ def test_planetary_computer_asset_urls_reach_the_loader_signed(
 
         return real_load(stac_items, *args, patch_url=to_local, **kwargs)
 
-    monkeypatch.setattr(ingest.odc.stac, "load", loading)
+    monkeypatch.setattr(scene_load.odc.stac, "load", loading)
     cube = tmp_path / "cube.zarr"
     report = run_ingest(sample_ingest_config(data_sample, str(path), cube, sign="planetary-computer"))
 
@@ -158,13 +160,13 @@ def test_header_from_environment_reaches_the_stac_api_and_asset_reads(
     header_proxy.expected = "Bearer s3cret-token"
     monkeypatch.setenv("SOFTCON_TEST_STAC_TOKEN", "Bearer s3cret-token")
     gdal_headers: list[str | None] = []
-    real_load = ingest.odc.stac.load
+    real_load = scene_load.odc.stac.load
 
     def loading(*args, **kwargs):  # type: ignore[no-untyped-def]
         gdal_headers.append(rasterio.env.getenv().get("GDAL_HTTP_HEADERS"))  # what GDAL sends on HTTP reads
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(ingest.odc.stac, "load", loading)
+    monkeypatch.setattr(scene_load.odc.stac, "load", loading)
     config = sample_ingest_config(
         data_sample, header_proxy.root, tmp_path / "cube.zarr", headers={"Authorization": "SOFTCON_TEST_STAC_TOKEN"}
     )

@@ -22,9 +22,10 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     sample_ingest_config,
 )
 
-import tasks.ingest as ingest
-from tasks.ingest import IngestReport, is_transient, run_ingest, with_retries
+import tasks.scene_load as scene_load
+from tasks.ingest import IngestReport, run_ingest
 from tasks.sample_data import SampleData
+from tasks.stac_access import is_transient, with_retries
 
 CHILD = Path(__file__).resolve().parent / "ingest_child.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_flaky_reads_are_retried_and_the_cube_is_complete(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     reference, first = data_cube
-    real_load = ingest.odc.stac.load
+    real_load = scene_load.odc.stac.load
     failures = {"left": 3}
 
     def flaky_load(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -70,7 +71,7 @@ def test_flaky_reads_are_retried_and_the_cube_is_complete(
             raise rasterio.errors.RasterioIOError("CURL error: Connection reset by peer")
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(ingest.odc.stac, "load", flaky_load)
+    monkeypatch.setattr(scene_load.odc.stac, "load", flaky_load)
     cube = tmp_path / "cube.zarr"
     report = run_ingest(sample_ingest_config(data_sample, data_stac_url, cube, retries=3, retry_delay=0.0))
     assert failures["left"] == 0 and report.items_failed == []

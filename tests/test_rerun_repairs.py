@@ -29,9 +29,10 @@ from test_object_store import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures
 from softcon.config import IngestConfig, PreprocessConfig
 from tasks import training_store
 from tasks.check_store import REPAIR_STORE, check_store
+from tasks.cube_store import CubeDamageError, NewSteps, append_steps, open_tile, tile_lock
 from tasks.digest import array_digests
 from tasks.grid import tiles_for_bbox
-from tasks.ingest import CubeDamageError, NewSteps, append_steps, open_tile, run_ingest, tile_lock
+from tasks.ingest import run_ingest
 from tasks.preprocess import run_preprocess
 from tasks.sample_data import SampleData, write_sample_data
 
