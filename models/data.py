@@ -693,11 +693,6 @@ class GpuAugment:
         return out
 
 
-def batch_transform(batch: dict[str, torch.Tensor], dataset: StoreDataset, device: str | None = None) -> dict:
-    """One-off ``GpuAugment(dataset, device)(batch)``; keep a ``GpuAugment`` in a loop instead."""
-    return GpuAugment(dataset, device)(batch)
-
-
 class BlockShuffleSampler(Sampler[int]):
     """Visit blocks (store shards) in random order, shuffling samples within a buffer of blocks.
 
@@ -737,14 +732,16 @@ class BlockShuffleSampler(Sampler[int]):
 
 def _one_thread_per_worker(worker_id: int) -> None:
     # Each worker decodes its own batches; intra-op threads in every worker would oversubscribe the cores.
+    # torch's worker loop sets one thread too (torch 2.x); said here so the loader does not rely on it.
     torch.set_num_threads(1)
 
 
 def make_loader(
     dataset: StoreDataset,
-    batch_size: int,
+    batch_size: int | None = None,
     *,
     sampler: BlockShuffleSampler | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
     num_workers: int = 0,
     pin_memory: bool | None = None,
     drop_last: bool = True,
@@ -757,24 +754,43 @@ def make_loader(
     with ``StoreDataset.__getitems__`` (each sample decoded once, straight into the batch, allocated in
     shared memory) and ``collate_batch`` hands it on without a copy; the dataset's shard-index cache is
     raised to the sampler's buffer. Peak memory is the batches in flight (``num_workers * prefetch_factor``),
-    whatever the store's size.
+    whatever the store's size. Training (``tasks.train``) loads through this function, with ``batch_sampler``.
 
     Args:
         dataset: the store dataset (``defer_augment=True`` to augment batches on the GPU afterwards).
-        batch_size: samples per batch.
+        batch_size: samples per batch, cut from ``sampler``'s order; not with ``batch_sampler``.
         sampler: the order; default ``BlockShuffleSampler(dataset, seed=dataset.seed)``.
+        batch_sampler: the batches themselves (lists of dataset positions) instead of ``batch_size``,
+            ``sampler`` and ``drop_last``: e.g. ``models.distributed.ShardedBatchSampler``, one rank's share of
+            an epoch's global batches from a resumed position. When its ``sampler`` attribute is a
+            ``BlockShuffleSampler``, the cache is raised to that sampler's buffer.
         num_workers: worker processes reading and decoding (0: in the main process).
         pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; default when CUDA is
             available.
         drop_last: drop the last incomplete batch.
         prefetch_factor: batches each worker loads ahead.
+
+    Raises:
+        ValueError: both or neither of ``batch_size`` and ``batch_sampler``, or ``sampler`` with
+            ``batch_sampler``.
     """
-    sampler = sampler or BlockShuffleSampler(dataset, seed=dataset.seed)
-    dataset.cache_blocks = max(dataset.cache_blocks, sampler.buffer_blocks)
+    if (batch_size is None) == (batch_sampler is None):
+        raise ValueError(
+            f"make_loader needs one of batch_size and batch_sampler, got batch_size={batch_size!r} and "
+            f"batch_sampler={batch_sampler!r}"
+        )
+    if batch_sampler is None:
+        sampler = sampler if sampler is not None else BlockShuffleSampler(dataset, seed=dataset.seed)
+        batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+    elif sampler is not None:
+        raise ValueError("make_loader takes sampler or batch_sampler, not both (batch_sampler holds its own order)")
+    order = getattr(batch_sampler, "sampler", None)  # BatchSampler and ShardedBatchSampler keep the order they cut
+    if isinstance(order, BlockShuffleSampler):
+        dataset.cache_blocks = max(dataset.cache_blocks, order.buffer_blocks)
     workers = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
     return DataLoader(
         dataset,
-        batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_batch,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

@@ -3,7 +3,10 @@
 Read top to bottom, ``run_training`` is the whole method: build the data, the student (encoder +
 projection head), its EMA teacher, the loss, the optimiser and the schedule (``build_trainer``); then for
 every step mask the student's view (Siamese masking), embed both views, take the SoftCon loss, step, and
-move the teacher (``Trainer.step``, shared with the benchmarks in ``bench/``).
+move the teacher (``Trainer.step``, shared with the benchmarks in ``bench/``). The loop (``_train``) is a
+dozen lines over named steps, in the order they run: ``training_dataset``, ``resume_state``, the batches of
+``training_batches`` (``models.data.make_loader``, one per epoch), ``Trainer.step``, ``MetricWindow`` and
+``window_metrics`` (log), ``checkpoint_state`` and ``save_checkpoint`` (save), then the DDP barrier.
 
 On CUDA the forward runs under bf16 autocast (``precision``; fp16 adds a gradient scaler) with
 channels_last inputs and weights; ``compile=True`` wraps the student's forward in ``torch.compile``.
@@ -31,7 +34,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,9 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, collate_batch
+from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader
 from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
 from models.ema import ema_momentum, ema_update, make_teacher
 from models.encoder import build_encoder, load_torch_file
@@ -393,157 +395,236 @@ def _train(
     started: float,
     on_metrics: Callable[[int, dict[str, float]], None] | None,
 ) -> TrainResult:
-    cuda = device.type == "cuda"
+    """``run_training`` on a resolved device: set up, resume, then step, log and save until ``config.steps``."""
     rank_batch_size(config.batch_size, dist_ctx.world_size)  # refuse an uneven split before any work
     seed_everything(config.seed)
+    dataset = training_dataset(config, cuda=device.type == "cuda")
+    meta = checkpoint_meta(config, dataset)
+    trainer = build_trainer(
+        config, dataset.in_chans, bands=dataset.channel_names, img_size=meta["img_size"],
+        n_classes=int(dataset.labels.shape[1]), device=device, dist_ctx=dist_ctx,
+    )  # fmt: skip
+    out = Path(config.out)
+    if dist_ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    step, metrics, final = resume_state(config, trainer, meta)
 
-    # data: two dates (or two augmentations) of each scene, block-shuffled, sharded per rank; on a GPU the
-    # loader only decodes and the views are cut and normalised there (the same values as on the CPU)
+    first_step, window, loop_start = step, MetricWindow(device, config.batch_size), time.perf_counter()
+    for batch in training_batches(dataset, config, device, dist_ctx, first_step=step):
+        terms = trainer.step(batch, step)
+        step += 1
+        window.add(terms)
+        if step % config.log_every == 0 or step == config.steps:
+            metrics = window_metrics(window, terms, trainer, step=step)  # over all ranks; raises on a non-finite loss
+            if on_metrics is not None and dist_ctx.is_main:
+                on_metrics(step, metrics)
+            window.reset()
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            final = out / f"step_{step:06d}.pt"
+            if dist_ctx.is_main:
+                save_checkpoint(final, checkpoint_state(config, meta, trainer, step, metrics))
+            if dist_ctx.enabled:
+                torch.distributed.barrier()  # no rank runs ahead of a checkpoint being written
+
+    if final is None:  # cannot happen: steps > 0 and every run ends on a checkpoint
+        raise RuntimeError("training finished without writing a checkpoint")
+    trained_samples = (step - first_step) * config.batch_size
+    return TrainResult(
+        checkpoint=final,
+        steps=step,
+        metrics={key: metrics[key] for key in MetricWindow.names if key in metrics},
+        seconds=time.perf_counter() - started,
+        samples_per_second=trained_samples / (time.perf_counter() - loop_start) if trained_samples else 0.0,
+        in_chans=dataset.in_chans,
+        backbone=config.backbone,
+        weights_checksum=trainer.weights_checksum(),
+    )
+
+
+def training_dataset(config: TrainConfig, *, cuda: bool) -> StoreDataset:
+    """The train split of ``config.store``, two views of each scene (two dates, or two augmentations of one).
+
+    With ``augment_on_device`` (the default on CUDA) the loader only decodes and ``training_batches`` cuts and
+    normalises the views on the device (``GpuAugment``: the same values as the loader's CPU path).
+
+    Raises:
+        ValueError: the split has fewer samples than one batch.
+    """
     on_device = config.augment_on_device if config.augment_on_device is not None else cuda
     dataset = StoreDataset(
         config.store, "train", config.sensor, two_views=True, crop_size=config.crop_size, seed=config.seed,
         decode_threads=decode_threads(config, cuda), defer_augment=on_device,
     )  # fmt: skip
-    augment = GpuAugment(dataset, device) if on_device else None
     if len(dataset) < config.batch_size:
         raise ValueError(
             f"the train split of {config.store} has {len(dataset)} samples, fewer than batch_size {config.batch_size}"
         )
+    return dataset
+
+
+def training_batches(
+    dataset: StoreDataset,
+    config: TrainConfig,
+    device: torch.device,
+    dist_ctx: DistributedContext,
+    *,
+    first_step: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's batches of steps ``first_step`` to ``config.steps`` on ``device``, epoch after epoch.
+
+    Each epoch is one ``make_loader`` (the loader the data tests check) over the block-shuffled order cut into
+    global batches and sharded per rank (``ShardedBatchSampler``). An epoch's order and augmentations depend
+    only on (seed, epoch): resuming mid-epoch skips the batches already seen and gets exactly the batches a
+    straight run would have. A ``defer_augment`` dataset's batches are made into views by ``GpuAugment``.
+    """
     sampler = BlockShuffleSampler(dataset, seed=config.seed)
+    augment = GpuAugment(dataset, device) if dataset.defer_augment else None
     steps_per_epoch = len(dataset) // config.batch_size  # drop_last: every batch has batch_size scenes
-    img_size = config.crop_size or dataset.image_shape[1]
-    n_classes = int(dataset.labels.shape[1])
+    step = first_step
+    while step < config.steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        batches = ShardedBatchSampler(
+            sampler, config.batch_size, rank=dist_ctx.rank, world_size=dist_ctx.world_size, first_batch=skip,
+            max_batches=config.steps - step,
+        )  # fmt: skip
+        loader = make_loader(
+            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=device.type == "cuda"
+        )
+        for batch in loader:
+            step += 1
+            if augment is not None:
+                yield augment(batch)
+            else:
+                yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
-    trainer = build_trainer(
-        config,
-        dataset.in_chans,
-        bands=dataset.channel_names,
-        img_size=img_size,
-        n_classes=n_classes,
-        device=device,
-        dist_ctx=dist_ctx,
-    )
 
-    out = Path(config.out)
-    if dist_ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    meta = {
+def checkpoint_meta(config: TrainConfig, dataset: StoreDataset) -> dict[str, Any]:
+    """What a checkpoint says about its encoder and data (``load_encoder`` returns it; a resume checks it)."""
+    return {
         "backbone": config.backbone,
         "in_chans": dataset.in_chans,
         "sensor": config.sensor,
         "bands": dataset.channel_names,
         "norm_stats": {"mean": dataset.mean.flatten().tolist(), "std": dataset.std.flatten().tolist()},
         "embed_dim": config.embed_dim,
-        "img_size": img_size,
+        "img_size": config.crop_size or dataset.image_shape[1],
         "class_names": dataset.class_names,
         "objective": config.objective,
     }
 
-    def checkpoint_state(step: int, metrics: dict[str, float]) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "step": step,
-            "config": config.model_dump(mode="json"),
-            "meta": meta,
-            **trainer.state(),
-            "rng": rng_state(),
-            "metrics": metrics,
-        }
 
-    step = 0
-    metrics: dict[str, float] = {}
+def resume_state(
+    config: TrainConfig, trainer: Trainer, meta: dict[str, Any]
+) -> tuple[int, dict[str, float], Path | None]:
+    """Continue from the latest checkpoint in ``config.out`` when ``config.resume`` asks for it.
+
+    Loads the model, EMA teacher, optimiser, schedule and scaler into ``trainer`` and the RNG states into this
+    process, so the run goes on as if it had never stopped.
+
+    Returns:
+        (step, metrics, checkpoint): the step to continue from, the metrics of the checkpoint's last window and
+        the checkpoint read; (0, {}, None) for a fresh run.
+
+    Raises:
+        ValueError: the checkpoint's backbone, in_chans, sensor or embed_dim differ from this run's.
+    """
+    out = Path(config.out)
     last = latest_checkpoint(out) if config.resume and out.is_dir() else None
-    if last is not None:
-        state = read_checkpoint(last)
-        for key in ("backbone", "in_chans", "sensor", "embed_dim"):
-            if state["meta"][key] != meta[key]:
-                raise ValueError(f"cannot resume from {last}: its {key} is {state['meta'][key]!r}, now {meta[key]!r}")
-        trainer.load_state(state)
-        set_rng_state(state["rng"])
-        step, metrics = state["step"], dict(state["metrics"])
-    final = last
+    if last is None:
+        return 0, {}, None
+    state = read_checkpoint(last)
+    for key in ("backbone", "in_chans", "sensor", "embed_dim"):
+        if state["meta"][key] != meta[key]:
+            raise ValueError(f"cannot resume from {last}: its {key} is {state['meta'][key]!r}, now {meta[key]!r}")
+    trainer.load_state(state)
+    set_rng_state(state["rng"])
+    return state["step"], dict(state["metrics"]), last
+
+
+class MetricWindow:
+    """The loss terms of the steps since the last log, summed on the device: one host sync per window."""
 
     names = ("loss", "instance", "soft", "embedding_std")
-    window_sums = torch.zeros(len(names), device=device)  # summed on the device: one sync per window
-    window_steps, window_start = 0, time.perf_counter()
-    trained_samples, loop_start = 0, time.perf_counter()
-    while step < config.steps:
-        # each epoch's order and augmentations depend only on (seed, epoch): resuming mid-epoch skips
-        # the batches already seen and gets exactly the batches a straight run would have
-        epoch, skip = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        batches = ShardedBatchSampler(
-            sampler,
-            config.batch_size,
-            rank=dist_ctx.rank,
-            world_size=dist_ctx.world_size,
-            first_batch=skip,
-            max_batches=config.steps - step,
-        )
-        loader = DataLoader(  # collate_batch: the dataset decodes a whole batch at once, passed through as is
-            dataset, batch_sampler=batches, num_workers=config.num_workers, pin_memory=cuda, collate_fn=collate_batch
-        )
-        for batch in loader:
-            if augment is not None:
-                batch = augment(batch)
-            else:
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            terms = trainer.step(batch, step)
-            step += 1
-            trained_samples += config.batch_size
 
-            window_sums += torch.stack([terms[name] for name in names])
-            window_steps += 1
-            if step % config.log_every == 0 or step == config.steps:
-                if dist_ctx.enabled:  # the mean over ranks, not rank 0's share alone
-                    torch.distributed.all_reduce(window_sums)
-                    window_sums /= dist_ctx.world_size
-                window = dict(zip(names, (window_sums / window_steps).tolist(), strict=True))
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    **window,
-                    "lr": trainer.scheduler.get_last_lr()[0],
-                    "samples_per_second": window_steps * config.batch_size / max(elapsed, 1e-9),
-                    "ema_momentum": float(terms["ema_momentum"]),
-                    "grad_norm": float(terms["grad_norm"]),
-                    "loss_scale": trainer.loss_fn.log_scale.detach().exp().item(),
-                    "loss_bias": trainer.loss_fn.bias.detach().item(),
-                    "collapse_warning": float(collapse_warning(window["embedding_std"], config.embed_dim, step=step)),
-                }
-                if cuda:
-                    metrics["gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
-                    metrics["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if not all(math.isfinite(value) for value in window.values()):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {window}")
-                if on_metrics is not None and dist_ctx.is_main:
-                    on_metrics(step, metrics)
-                window_sums.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+    def __init__(self, device: torch.device, batch_size: int) -> None:
+        self.sums = torch.zeros(len(self.names), device=device)  # (4,) in the order of ``names``
+        self.batch_size = batch_size
+        self.steps, self.start = 0, time.perf_counter()
 
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                final = out / f"step_{step:06d}.pt"
-                if dist_ctx.is_main:
-                    write_checkpoint(final, checkpoint_state(step, metrics))
-                    for old in sorted(out.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
-                        old.unlink()
-                if dist_ctx.enabled:
-                    torch.distributed.barrier()  # no rank runs ahead of a checkpoint being written
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Count one step's terms (no sync: the sum stays on the device)."""
+        self.sums += torch.stack([terms[name] for name in self.names])
+        self.steps += 1
 
-    if final is None:  # cannot happen: steps > 0 and every run ends on a checkpoint
-        raise RuntimeError("training finished without writing a checkpoint")
-    loop_seconds = time.perf_counter() - loop_start
-    return TrainResult(
-        checkpoint=final,
-        steps=step,
-        metrics={key: metrics[key] for key in names if key in metrics},
-        seconds=time.perf_counter() - started,
-        samples_per_second=trained_samples / loop_seconds if trained_samples else 0.0,
-        in_chans=dataset.in_chans,
-        backbone=config.backbone,
-        weights_checksum=trainer.weights_checksum(),
-    )
+    def mean(self, dist_ctx: DistributedContext) -> dict[str, float]:
+        """Each term's mean over the window's steps and, under DDP, over all ranks (not rank 0's share alone)."""
+        if dist_ctx.enabled:
+            torch.distributed.all_reduce(self.sums)
+            self.sums /= dist_ctx.world_size
+        return dict(zip(self.names, (self.sums / self.steps).tolist(), strict=True))
+
+    def samples_per_second(self) -> float:
+        """Scenes (all ranks) per second since the window began."""
+        return self.steps * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
+
+    def reset(self) -> None:
+        """Start the next window (after the log, so logging's own time counts in neither)."""
+        self.sums.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+
+
+def window_metrics(
+    window: MetricWindow, terms: dict[str, torch.Tensor], trainer: Trainer, *, step: int
+) -> dict[str, float]:
+    """The metrics logged at ``step`` (see ``run_training``): the window's mean loss terms over all ranks, its
+    throughput, and the last step's lr, EMA momentum, gradient norm, loss scale and bias; GPU memory on CUDA.
+
+    Raises:
+        FloatingPointError: a mean loss term is not finite (the run diverged; its checkpoints stay as they are).
+    """
+    window_means = window.mean(trainer.dist)
+    metrics = {
+        **window_means,
+        "lr": trainer.scheduler.get_last_lr()[0],
+        "samples_per_second": window.samples_per_second(),
+        "ema_momentum": float(terms["ema_momentum"]),
+        "grad_norm": float(terms["grad_norm"]),
+        "loss_scale": trainer.loss_fn.log_scale.detach().exp().item(),
+        "loss_bias": trainer.loss_fn.bias.detach().item(),
+        "collapse_warning": float(collapse_warning(window_means["embedding_std"], trainer.config.embed_dim, step=step)),
+    }
+    if trainer.cuda:
+        metrics["gpu_memory_allocated_gb"] = torch.cuda.memory_allocated(trainer.device) / 2**30
+        metrics["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+    if not all(math.isfinite(value) for value in window_means.values()):
+        raise FloatingPointError(f"non-finite loss at step {step}: {window_means}")
+    return metrics
+
+
+def checkpoint_state(
+    config: TrainConfig, meta: dict[str, Any], trainer: Trainer, step: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """Everything a checkpoint holds (the format in this module's docstring), taken after ``step`` steps."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "config": config.model_dump(mode="json"),
+        "meta": meta,
+        **trainer.state(),
+        "rng": rng_state(),
+        "metrics": metrics,
+    }
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` (atomically), then keep only the ``KEEP_CHECKPOINTS`` latest ``step_*.pt``
+    beside it: each holds two models and the AdamW moments."""
+    write_checkpoint(path, state)
+    for old in sorted(path.parent.glob("step_*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink()
 
 
 def load_encoder(checkpoint: str | Path, *, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:

@@ -20,8 +20,10 @@ from models.data import (
     SampleReader,
     StoreDataset,
     apply_view_params,
+    collate_batch,
     make_loader,
 )
+from models.distributed import ShardedBatchSampler
 from tasks import training_store
 
 
@@ -201,6 +203,46 @@ def test_two_workers_give_the_same_batches_as_none(sharded: SyntheticStore) -> N
     _assert_batches_equal(in_process, in_workers)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_form_batch_sampler_loads_the_sampler_batches(sharded: SyntheticStore, num_workers: int) -> None:
+    """Training passes ``batch_sampler=ShardedBatchSampler(...)``: the same batches as ``batch_size`` + ``sampler``."""
+    dataset = StoreDataset(sharded.path, crop_size=12, seed=9, channel_dropout=0.1)
+    sampler = BlockShuffleSampler(dataset, seed=9, buffer_blocks=2)
+    expected = _batches(make_loader(dataset, 8, sampler=sampler))
+    loader = make_loader(dataset, batch_sampler=ShardedBatchSampler(sampler, 8), num_workers=num_workers)
+    assert loader.collate_fn is collate_batch
+    _assert_batches_equal(expected, _batches(loader))
+
+
+def test_rank_loaders_make_up_the_global_batches(sharded: SyntheticStore) -> None:
+    dataset = StoreDataset(sharded.path, crop_size=12, seed=9)
+    sampler = BlockShuffleSampler(dataset, seed=9, buffer_blocks=2)
+    expected = _batches(make_loader(dataset, 8, sampler=sampler))
+    ranks = [
+        _batches(make_loader(dataset, batch_sampler=ShardedBatchSampler(sampler, 8, rank=rank, world_size=2)))
+        for rank in (0, 1)
+    ]
+    got = [{key: torch.cat([first[key], second[key]]) for key in first} for first, second in zip(*ranks, strict=True)]
+    _assert_batches_equal(expected, got)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "needs one of batch_size and batch_sampler"),
+        ({"batch_size": 8, "batch_sampler": "sharded"}, "needs one of batch_size and batch_sampler"),
+        ({"sampler": "order", "batch_sampler": "sharded"}, "sampler or batch_sampler, not both"),
+    ],
+    ids=["neither", "batch-size-and-batch-sampler", "sampler-and-batch-sampler"],
+)
+def test_make_loader_refuses_conflicting_batching(sharded: SyntheticStore, options: dict, message: str) -> None:
+    dataset = StoreDataset(sharded.path)
+    sampler = BlockShuffleSampler(dataset)
+    named = {"order": sampler, "sharded": ShardedBatchSampler(sampler, 8)}
+    with pytest.raises(ValueError, match=message):
+        make_loader(dataset, **{key: named.get(value, value) for key, value in options.items()})
+
+
 def test_pin_memory_follows_cuda_by_default(sharded: SyntheticStore) -> None:
     dataset = StoreDataset(sharded.path)
     assert make_loader(dataset, 8).pin_memory == torch.cuda.is_available()
@@ -226,9 +268,14 @@ def _pairs(visited: np.ndarray) -> list[np.ndarray]:
     return [first_seen[i : i + 2] for i in range(0, len(first_seen), 2)]
 
 
-def test_block_cache_is_bounded_by_the_buffer(sharded: SyntheticStore) -> None:
+@pytest.mark.parametrize("training_form", [False, True], ids=["sampler", "batch-sampler"])
+def test_block_cache_is_bounded_by_the_buffer(sharded: SyntheticStore, training_form: bool) -> None:
     dataset = StoreDataset(sharded.path, cache_blocks=1)
-    loader = make_loader(dataset, 4, sampler=BlockShuffleSampler(dataset, buffer_blocks=3))
+    sampler = BlockShuffleSampler(dataset, buffer_blocks=3)
+    if training_form:
+        loader = make_loader(dataset, batch_sampler=ShardedBatchSampler(sampler, 4))
+    else:
+        loader = make_loader(dataset, 4, sampler=sampler)
     assert dataset.cache_blocks == 3
     for _ in loader:
         assert len(dataset._blocks) <= 3

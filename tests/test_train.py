@@ -10,7 +10,8 @@ import pytest
 import torch
 from store_factory import SyntheticStore, write_store
 
-from models.distributed import DistributedContext
+from models.data import StoreDataset, collate_batch, make_loader
+from models.distributed import DistributedContext, ShardedBatchSampler
 from softcon.config import TrainConfig
 from tasks.train import collapse_warning, decode_threads, load_encoder, read_checkpoint, run_training
 
@@ -54,6 +55,31 @@ def test_augmenting_on_the_device_trains_the_same_weights(store: SyntheticStore,
     for part in ("student", "teacher", "projector"):
         for key, value in expected[part].items():
             assert torch.equal(value, got[part][key]), f"{part}.{key}"
+
+
+def test_training_loads_through_make_loader(
+    store: SyntheticStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader the data tests check is the one training uses: one ``make_loader`` per epoch, with this rank's
+    batches of the epoch, the config's workers, unpinned memory on CPU."""
+    calls: list[dict] = []
+
+    def spy(dataset: StoreDataset, batch_size: int | None = None, **options) -> torch.utils.data.DataLoader:
+        batches = options["batch_sampler"]
+        calls.append({"epoch": dataset.epoch, "batch_size": batch_size, "batches": batches.batches(), **options})
+        loader = make_loader(dataset, batch_size, **options)
+        calls[-1]["loader"] = loader
+        return loader
+
+    monkeypatch.setattr("tasks.train.make_loader", spy)
+    steps_per_epoch = len(StoreDataset(store.path)) // 8
+    run_training(tiny_config(store, tmp_path, steps=steps_per_epoch + 1, num_workers=1))
+    assert [call["epoch"] for call in calls] == [0, 1]
+    assert [len(call["batches"]) for call in calls] == [steps_per_epoch, 1]
+    for call in calls:
+        assert call["batch_size"] is None and isinstance(call["batch_sampler"], ShardedBatchSampler)
+        assert call["num_workers"] == 1 and call["pin_memory"] is False
+        assert call["loader"].collate_fn is collate_batch and call["loader"].worker_init_fn is not None
 
 
 def test_decode_threads_default_to_the_cores_only_for_a_gpu_without_workers(
