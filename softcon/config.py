@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +37,25 @@ class StageConfig(BaseModel):
     """Common behaviour: frozen, unknown keys refused (a typo in YAML is an error, not a silent default)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# How ingest and labels reach a STAC source and its assets (tasks/stac_access.py): one definition for both configs.
+StacSigning = Annotated[
+    Literal["auto", "planetary-computer", "none"],
+    Field(
+        description="Asset URL signing: planetary-computer (SAS tokens), none, or auto (Planetary Computer "
+        "when the STAC URL is on planetarycomputer.microsoft.com)."
+    ),
+]
+StacHeaders = Annotated[
+    dict[str, str],
+    Field(
+        description="HTTP header name -> NAME of the environment variable holding its value (never the secret "
+        "itself), sent to the STAC API and on asset reads, e.g. {Authorization: MY_STAC_TOKEN}."
+    ),
+]
+Retries = Annotated[int, Field(ge=0, description="Retries of a transient HTTP/read failure.")]
+RetryDelay = Annotated[float, Field(ge=0, description="First retry delay, seconds (doubles each retry).")]
 
 
 class IngestConfig(StageConfig):
@@ -74,18 +93,10 @@ class IngestConfig(StageConfig):
     max_tile_nodata: float = Field(
         default=0.5, ge=0, le=1, description="Skip a tile-date whose nodata fraction is above this."
     )
-    sign: Literal["auto", "planetary-computer", "none"] = Field(
-        default="auto",
-        description="Asset URL signing: planetary-computer (SAS tokens), none, or auto (Planetary Computer "
-        "when the STAC URL is on planetarycomputer.microsoft.com).",
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        description="HTTP header name -> NAME of the environment variable holding its value (never the secret "
-        "itself), sent to the STAC API and on asset reads, e.g. {Authorization: MY_STAC_TOKEN}.",
-    )
-    retries: int = Field(default=3, ge=0, description="Retries of a transient HTTP/read failure.")
-    retry_delay: float = Field(default=1.0, ge=0, description="First retry delay, seconds (doubles each retry).")
+    sign: StacSigning = "auto"
+    headers: StacHeaders = Field(default_factory=dict)
+    retries: Retries = 3
+    retry_delay: RetryDelay = 1.0
     read_threads: int | None = Field(
         default=None,
         ge=1,
@@ -142,20 +153,11 @@ class LabelsConfig(StageConfig):
     unknown_codes: Literal["report", "error"] = Field(
         default="report", description="Codes outside the scheme: report them and write nodata, or stop with an error."
     )
-    # How a STAC source and its assets are reached: the same fields, defaults and meaning as IngestConfig's
-    # (both stages go through tasks/stac_access.py).
-    sign: Literal["auto", "planetary-computer", "none"] = Field(
-        default="auto",
-        description="Asset URL signing: planetary-computer (SAS tokens), none, or auto (Planetary Computer "
-        "when the STAC URL is on planetarycomputer.microsoft.com).",
-    )
-    headers: dict[str, str] = Field(
-        default_factory=dict,
-        description="HTTP header name -> NAME of the environment variable holding its value (never the secret "
-        "itself), sent to the STAC API and on asset reads, e.g. {Authorization: MY_STAC_TOKEN}.",
-    )
-    retries: int = Field(default=3, ge=0, description="Retries of a transient HTTP/read failure.")
-    retry_delay: float = Field(default=1.0, ge=0, description="First retry delay, seconds (doubles each retry).")
+    # How a STAC source and its assets are reached, as for ingest (both stages go through tasks/stac_access.py).
+    sign: StacSigning = "auto"
+    headers: StacHeaders = Field(default_factory=dict)
+    retries: Retries = 3
+    retry_delay: RetryDelay = 1.0
 
 
 class PreprocessConfig(StageConfig):
