@@ -1,7 +1,7 @@
 """Compressed bytes per pixel of real Sentinel rasters in the cube's and the training store's encodings.
 
 The sample scenes the other benchmarks generate compress unlike real data, so docs/scaling.md takes storage
-per pixel from real samples (``../shared/data/real``, see its README): the Sentinel-2 L1C Virginia crop (12 of
+per pixel from real samples (``tests/data/real``, see its README): the Sentinel-2 L1C Virginia crop (12 of
 13 bands, the 20/60 m bands repeated onto the 10 m grid as the cube holds them) and the 6 BigEarthNet S1
 patches (VV, VH float32 dB). Each is written with the cube's codecs (zarr's default, zstd) in the cube's chunks
 (one date: ``(1, band, y, x)``) and with the training store's (``training_store.IMAGE_COMPRESSOR``, one
@@ -67,7 +67,7 @@ def bytes_per_pixel(values: np.ndarray, chunks: tuple[int, ...], compressors: ob
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--real", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    parser.add_argument("--real", type=Path, default=ROOT / "tests" / "data" / "real")
     args = parser.parse_args(argv)
     s2 = read_s2(args.real / "sentinel2_l1c_virginia")
     s1 = read_s1(args.real / "bigearthnet" / "BigEarthNet-S1-Example")

@@ -27,6 +27,7 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     sample_ingest_config,
 )
 from rasterio.warp import Resampling, calculate_default_transform, reproject
+from real_data import REAL
 from safetensors.torch import save_file
 from store_factory import write_store
 
@@ -40,7 +41,7 @@ from tasks.sample_data import SampleData
 from tasks.scene_load import _harmonize
 from tasks.train import read_checkpoint
 
-REAL_ITEMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "stac_items" / "api-responses"
+REAL_ITEMS = REAL / "stac_items" / "api-responses"
 OTHER_ZONE = 32633
 """The UTM zone east of the sample scenes' 32632."""
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL
 
 from tasks.bigearthnet import (
     S1_POLS,
@@ -22,7 +23,7 @@ from tasks.bigearthnet import (
 )
 from tasks.schemes import CORINE_BIGEARTHNET19
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "bigearthnet"
+REAL = REAL / "bigearthnet"
 L2A_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 
 # the 19-class labels of each example patch (key: the "<row>_<col>" suffix shared by S2 and S1 names),

@@ -1,19 +1,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from real_data import REAL
 
 from tasks.collections import spec_for_item
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "stac_items"
+STAC_ITEMS = REAL / "stac_items"
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12", "SCL")
 
 
 def _real_items() -> list[dict]:
     items = []
-    for path in sorted(REAL.rglob("*.json")) + sorted(REAL.rglob("*.geojson")):
+    for path in sorted(STAC_ITEMS.rglob("*.json")) + sorted(STAC_ITEMS.rglob("*.geojson")):
         data = json.loads(path.read_text())
         features = data if isinstance(data, list) else data.get("features", [data])
         items += [f for f in features if f.get("type") == "Feature"]

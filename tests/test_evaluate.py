@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from real_data import REAL
 from store_factory import SyntheticStore, write_store
 
 import tasks.evaluate as evaluate_module
@@ -19,7 +20,7 @@ from tasks.evaluate import parse_baseline, run_evaluation
 from tasks.train import run_training
 
 torch.set_num_threads(2)
-REAL_BEN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "bigearthnet"
+REAL_BEN = REAL / "bigearthnet"
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     sample_ingest_config,
 )
 from pyproj import Transformer
+from real_data import REAL
 
 from softcon.config import IngestConfig
 from tasks.ingest import IngestReport, run_ingest
 from tasks.sample_data import SampleData
 from tasks.stac_server import serve_stac
 
-VIRGINIA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "sentinel2_l1c_virginia"
+VIRGINIA = REAL / "sentinel2_l1c_virginia"
 
 
 def _open(cube: Path, tile_id: str) -> xr.Dataset:

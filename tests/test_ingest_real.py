@@ -17,13 +17,13 @@ import rasterio
 import xarray as xr
 from pyproj import Transformer
 from rasterio.warp import Resampling, reproject
+from real_data import REAL
 
 from softcon.config import IngestConfig
 from tasks.collections import S2_BAND_TO_EARTHSEARCH
 from tasks.ingest import run_ingest
 from tasks.stac_server import serve_stac
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 FRANCE = REAL / "sentinel1_rtc_france" / "S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"
 BEN_S2 = REAL / "bigearthnet" / "BigEarthNet-S2-Example"
 BEN_S1 = REAL / "bigearthnet" / "BigEarthNet-S1-Example"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
+from real_data import REAL
 
 from softcon.config import LabelsConfig
 from tasks.ingest import IngestReport
@@ -19,7 +20,7 @@ from tasks.labels import read_cube_tiles, run_labels
 from tasks.sample_data import SampleData, read_truth_classes
 
 REAL_WORLDCOVER = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "worldcover"
+    REAL / "worldcover"
     / "ESA_WorldCover_10m_2021_v200_N00E006" / "ESA_WorldCover_10m_2021_v200_N00E006_Map.tif"
 )  # fmt: skip
 

@@ -8,10 +8,10 @@ import numpy as np
 import rasterio
 import zarr
 from affine import Affine
+from real_data import REAL
 
 from tasks.grid import Tile
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 REAL_WORLDCOVER = (
     REAL / "worldcover" / "ESA_WorldCover_10m_2021_v200_N00E006" / "ESA_WorldCover_10m_2021_v200_N00E006_Map.tif"
 )
