@@ -24,7 +24,7 @@ import zarr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.training_store import IMAGE_COMPRESSOR  # noqa: E402
+from softcon.models.training_store import IMAGE_COMPRESSOR  # noqa: E402
 
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 

@@ -34,10 +34,10 @@ from rasterio.enums import Resampling
 from rasterio.windows import from_bounds
 
 from softcon.config import IngestConfig
-from tasks.grid import tiles_for_bbox
-from tasks.ingest import run_ingest
-from tasks.sample_data import write_sample_data
-from tasks.stac_search import read_static_items
+from softcon.tasks.grid import tiles_for_bbox
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.sample_data import write_sample_data
+from softcon.tasks.stac_search import read_static_items
 
 TILE_SIZE, DATES = 256, 3
 SIZES = ((256, 4), (1056, 1))

@@ -19,9 +19,9 @@ from shapely import MultiPoint
 from shapely.geometry import box
 from shapely.ops import voronoi_diagram
 
-from tasks.grid import Tile
-from tasks.rasterize import polygon_class_codes, rasterize_polygons, rasterize_tiles
-from tasks.schemes import WORLDCOVER
+from softcon.tasks.grid import Tile
+from softcon.tasks.rasterize import polygon_class_codes, rasterize_polygons, rasterize_tiles
+from softcon.tasks.schemes import WORLDCOVER
 
 
 def voronoi_map(tile: Tile, polygons: int, seed: int = 0) -> gpd.GeoDataFrame:

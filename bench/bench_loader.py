@@ -58,7 +58,8 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.data import (  # noqa: E402
+from softcon.models import training_store  # noqa: E402
+from softcon.models.data import (  # noqa: E402
     BlockShuffleSampler,
     GpuAugment,
     StoreDataset,
@@ -66,8 +67,7 @@ from models.data import (  # noqa: E402
     draw_view_params,
     make_loader,
 )
-from tasks import training_store  # noqa: E402
-from tasks.training_store import SamplePlan  # noqa: E402
+from softcon.models.training_store import SamplePlan  # noqa: E402
 
 BANDS_13 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 PATCH, CROP, BLOCK = 264, 224, 64

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from softcon.config import IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig  # noqa: E402
-from tasks.ingest import run_ingest  # noqa: E402
-from tasks.labels import run_labels  # noqa: E402
-from tasks.preprocess import run_preprocess  # noqa: E402
-from tasks.sample_data import write_sample_data  # noqa: E402
+from softcon.tasks.ingest import run_ingest  # noqa: E402
+from softcon.tasks.labels import run_labels  # noqa: E402
+from softcon.tasks.preprocess import run_preprocess  # noqa: E402
+from softcon.tasks.sample_data import write_sample_data  # noqa: E402
 
 PATCH = 264
 CROP = 224
@@ -103,7 +103,7 @@ def measure_data_stages(folder: Path, tiles: int, tile_size: int, dates: int, wo
 
 def measure_loader(store: str, batch_size: int, rounds: int = 3) -> dict[str, float]:
     """Two-view 224 px batches from the store, 0 workers, best of ``rounds`` passes: samples/s."""
-    from models.data import StoreDataset, make_loader
+    from softcon.models.data import StoreDataset, make_loader
 
     torch.set_num_threads(1)
     best = 0.0
@@ -122,7 +122,7 @@ def measure_training(folder: Path, backbone: str, batch_size: int, steps: int) -
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_train import load_batches, synthetic_store
 
-    from tasks.train import build_trainer
+    from softcon.tasks.train import build_trainer
 
     store = synthetic_store(folder / f"train-{backbone}", CROP, batch_size * 2)
     batches, _ = load_batches(store, CROP, batch_size, 2, torch.device("cpu"))

@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_train import load_batches, synthetic_store  # noqa: E402
 
-from models.loss import SoftConLoss  # noqa: E402
 from softcon.config import TrainConfig  # noqa: E402
-from tasks.train import build_trainer  # noqa: E402
+from softcon.models.loss import SoftConLoss  # noqa: E402
+from softcon.tasks.train import build_trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -40,10 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader  # noqa: E402
-from models.encoder import is_vit  # noqa: E402
 from softcon.config import TrainConfig  # noqa: E402
-from tasks.train import build_trainer  # noqa: E402
+from softcon.models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader  # noqa: E402
+from softcon.models.encoder import is_vit  # noqa: E402
+from softcon.tasks.train import build_trainer  # noqa: E402
 
 MODELS = ("resnet50", "vit_small_patch14_dinov2")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 from softcon.config import EvaluateConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
-from tasks.evaluate import run_evaluation
-from tasks.ingest import run_ingest
-from tasks.labels import run_labels
-from tasks.preprocess import run_preprocess
-from tasks.sample_data import write_sample_data
-from tasks.stac_server import serve_stac
-from tasks.train import run_training
+from softcon.tasks.evaluate import run_evaluation
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.labels import run_labels
+from softcon.tasks.preprocess import run_preprocess
+from softcon.tasks.sample_data import write_sample_data
+from softcon.tasks.stac_server import serve_stac
+from softcon.tasks.train import run_training
 
 
 def build_store(out: Path, *, tiles: int, tile_size: int, dates: int) -> tuple[str, dict[str, float]]:

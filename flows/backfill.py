@@ -30,11 +30,11 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.ingest import ingest_flow
-from flows.tracking import stage_run
 from softcon.config import CollectionName, IngestConfig
+from softcon.flows.ingest import ingest_flow
+from softcon.flows.tracking import stage_run
 from softcon.settings import get_settings
-from tasks.backfill import (
+from softcon.tasks.backfill import (
     DateWindow,
     Period,
     read_ledger_state,
@@ -46,7 +46,7 @@ from tasks.backfill import (
     window_config,
     windows_with_items,
 )
-from tasks.stac_search import filter_cloudy_items, search_items
+from softcon.tasks.stac_search import filter_cloudy_items, search_items
 
 
 class WindowOutcome(BaseModel):

@@ -48,8 +48,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
-from flows.outputs import Produced, restore_from_mlflow, stale_reason, states
-from tasks.stac_access import is_url
+from softcon.flows.outputs import Produced, restore_from_mlflow, stale_reason, states
+from softcon.tasks.stac_access import is_url
 
 FULL_HASH_LIMIT = 64 * 2**20
 """Files up to this size are hashed by content; larger ones by size and modification time."""
@@ -299,7 +299,7 @@ def stage_cache_policy(stage: str) -> CachePolicy:
 def cache_options(stage: str) -> dict[str, Any]:
     """Keyword arguments for ``task(...)``: the stage's cache policy, with results persisted (to the object store
     named by ``SOFTCON_RESULTS_URL`` when set: flows/result_storage.py)."""
-    from flows.result_storage import task_result_storage
+    from softcon.flows.result_storage import task_result_storage
 
     options: dict[str, Any] = {"cache_policy": stage_cache_policy(stage), "persist_result": True}
     if (storage := task_result_storage()) is not None:

@@ -10,13 +10,13 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger, task
 
-from flows.caching import stage_task
-from flows.result import StageResult
-from flows.tracking import stage_run
 from softcon.config import EvaluateConfig
+from softcon.flows.caching import stage_task
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import stage_run
 from softcon.settings import get_settings
-from tasks.compare import comparison_table, write_report
-from tasks.evaluate import run_evaluation
+from softcon.tasks.compare import comparison_table, write_report
+from softcon.tasks.evaluate import run_evaluation
 
 evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encoder")
 report_task = task(write_report, name="comparison-report")
@@ -28,7 +28,7 @@ def resolve_checkpoint(model: str) -> Path:
     A run's checkpoint is downloaded once into ``<home>/checkpoints/<run id>`` and reused from there: MLflow's
     default is a new temporary folder per call, never removed, which filled /tmp with GBs of checkpoints.
     """
-    from flows.train import CHECKPOINT_ARTIFACT
+    from softcon.flows.train import CHECKPOINT_ARTIFACT
 
     path = Path(model)
     if path.is_file():

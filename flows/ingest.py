@@ -10,12 +10,12 @@ from pathlib import Path
 import mlflow
 from prefect import State, flow, get_run_logger
 
-from flows.caching import stage_task
-from flows.result import StageResult
-from flows.tracking import stage_run
 from softcon.config import IngestConfig
-from tasks.cube_store import CubeDamageError, StoreFullError
-from tasks.ingest import run_ingest
+from softcon.flows.caching import stage_task
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import stage_run
+from softcon.tasks.cube_store import CubeDamageError, StoreFullError
+from softcon.tasks.ingest import run_ingest
 
 
 def _retry_unless_lasting(_task: object, _task_run: object, state: State) -> bool:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import mlflow
 from prefect import flow, get_run_logger
 
-from flows.caching import stage_task
-from flows.result import StageResult
-from flows.tracking import stage_run
 from softcon.config import LabelsConfig
-from tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
-from tasks.labels import run_labels
+from softcon.flows.caching import stage_task
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import stage_run
+from softcon.tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
+from softcon.tasks.labels import run_labels
 
 labels_task = stage_task(run_labels, "labels", name="rasterize-labels", retries=2, retry_delay_seconds=[5, 30])
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Generic, TypeVar
 
-from tasks.stac_access import is_url
+from softcon.tasks.stac_access import is_url
 
 R = TypeVar("R")
 

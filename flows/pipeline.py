@@ -8,14 +8,14 @@ from collections.abc import Callable
 import mlflow
 from prefect import flow, get_run_logger
 
-from flows.evaluate import evaluate_flow
-from flows.ingest import ingest_flow
-from flows.labels import labels_flow
-from flows.preprocess import preprocess_flow
-from flows.result import PipelineResult, StageResult
-from flows.tracking import stage_run
-from flows.train import train_flow
 from softcon.config import PipelineConfig
+from softcon.flows.evaluate import evaluate_flow
+from softcon.flows.ingest import ingest_flow
+from softcon.flows.labels import labels_flow
+from softcon.flows.preprocess import preprocess_flow
+from softcon.flows.result import PipelineResult, StageResult
+from softcon.flows.tracking import stage_run
+from softcon.flows.train import train_flow
 
 
 @flow(name="pipeline")

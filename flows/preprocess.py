@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import mlflow
 from prefect import flow, get_run_logger
 
-from flows.caching import stage_task
-from flows.result import StageResult
-from flows.tracking import stage_run
 from softcon.config import PreprocessConfig
-from tasks.preprocess import DashboardCallback, ProgressCallback, run_preprocess
+from softcon.flows.caching import stage_task
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import stage_run
+from softcon.tasks.preprocess import DashboardCallback, ProgressCallback, run_preprocess
 
 # run_preprocess itself reuses a complete store and resumes an incomplete one; the Prefect cache (keyed on the
 # config, the code and the cube's metadata, callbacks excluded: flows/caching.py) also skips the cluster start.

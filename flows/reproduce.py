@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from softcon.config import EvaluateConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
 from softcon.settings import get_settings
-from tasks.digest import array_digests, compare_digests, state_dict_digests
+from softcon.tasks.digest import array_digests, compare_digests, state_dict_digests
 
 STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "ingest": IngestConfig,
@@ -90,11 +90,11 @@ def config_from_params(stage: str, params: dict[str, str]) -> BaseModel:
 
 
 def _stage_flow(stage: str) -> Any:
-    from flows.evaluate import evaluate_flow
-    from flows.ingest import ingest_flow
-    from flows.labels import labels_flow
-    from flows.preprocess import preprocess_flow
-    from flows.train import train_flow
+    from softcon.flows.evaluate import evaluate_flow
+    from softcon.flows.ingest import ingest_flow
+    from softcon.flows.labels import labels_flow
+    from softcon.flows.preprocess import preprocess_flow
+    from softcon.flows.train import train_flow
 
     return {
         "ingest": ingest_flow,
@@ -106,7 +106,7 @@ def _stage_flow(stage: str) -> Any:
 
 
 def _original_checkpoint(run_id: str) -> Path:
-    from flows.evaluate import resolve_checkpoint
+    from softcon.flows.evaluate import resolve_checkpoint
 
     return resolve_checkpoint(run_id)
 

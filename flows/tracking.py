@@ -18,7 +18,7 @@ import mlflow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.result_storage import check_result_storage
+from softcon.flows.result_storage import check_result_storage
 from softcon.settings import get_settings
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on one param value

@@ -17,11 +17,11 @@ import mlflow
 import torch
 from prefect import flow, get_run_logger
 
-from flows.caching import stage_task
-from flows.result import StageResult
-from flows.tracking import stage_run
 from softcon.config import TrainConfig
-from tasks.train import load_encoder, run_training
+from softcon.flows.caching import stage_task
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import stage_run
+from softcon.tasks.train import load_encoder, run_training
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 """Artifact folder of the final checkpoint in a train run; the evaluate stage reads it from there."""

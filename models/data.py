@@ -51,7 +51,8 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-SCHEMA_VERSION = 1
+from softcon.models.training_store import open_store
+
 Sensor = Literal["s2", "s1"]
 SSL4EO_CROP_SIZE = 224
 """Random crop at training time of SSL4EO-S12 / SoftCon (from 264 px patches)."""
@@ -164,21 +165,6 @@ class SampleReader:
         else:
             out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
         return out
-
-
-def open_store(store: str | Path) -> zarr.Group:
-    """Open a training store read-only, refusing one with an unknown schema version."""
-    try:
-        group = zarr.open_group(str(store), mode="r")
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"training store {store} does not exist") from error
-    version = group.attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"training store {store} has schema_version {version!r}; this code reads schema_version "
-            f"{SCHEMA_VERSION} (re-run `softcon preprocess` to rewrite it)"
-        )
-    return group
 
 
 def split_code(group: zarr.Group, split: str) -> int:
@@ -566,7 +552,7 @@ class StoreDataset(Dataset):
     def _normalise_into(self, raw: np.ndarray, out: torch.Tensor, out_np: np.ndarray) -> None:
         """``normalise(raw)`` written into ``out`` (a float32 (C, H', W') slot of a batch; ``out_np`` its array)."""
         if raw.dtype in (np.uint8, np.uint16):
-            from models.lookup import lookup_into  # here: loaders that only decode never load numba
+            from softcon.models.lookup import lookup_into  # here: loaders that only decode never load numba
 
             lookup_into(raw, self._lookup_table(raw.dtype), out_np)
             return

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from models.data import BlockShuffleSampler
+from softcon.models.data import BlockShuffleSampler
 
 
 @dataclass(frozen=True)

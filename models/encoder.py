@@ -32,7 +32,7 @@ import timm
 import torch
 from torch import nn
 
-from models.masking import add_mask_token
+from softcon.models.masking import add_mask_token
 
 RGB_TO_S2: dict[str, int] = {"B04": 0, "B03": 1, "B02": 2}
 """Which RGB filter (0=R, 1=G, 2=B) initialises each visible Sentinel-2 band."""

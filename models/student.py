@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.encoder import is_vit, patch_size
-from models.heads import MultiLabelHead, ProjectionHead
-from models.masking import apply_mask, random_patch_mask, vit_forward_masked
+from softcon.models.encoder import is_vit, patch_size
+from softcon.models.heads import MultiLabelHead, ProjectionHead
+from softcon.models.masking import apply_mask, random_patch_mask, vit_forward_masked
 
 
 class Student(nn.Module):

@@ -1,3 +1,3 @@
 """softcon: the typed configuration, runtime settings, CLI and demo of the pipeline."""
 
-import models  # noqa: F401  (sets torch's allocator options before anything imports torch)
+from softcon import models  # noqa: F401  (sets torch's allocator options before anything imports torch)

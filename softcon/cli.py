@@ -156,7 +156,7 @@ def ingest(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.ingest import PROGRESS_EXTRA
+    from softcon.tasks.ingest import PROGRESS_EXTRA
 
     headers = _parse_headers(header)
     overrides = {
@@ -179,7 +179,7 @@ def ingest(
     }
     settings_config = _build(IngestConfig, "ingest", config, overrides)
     configure_runtime()
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     # The progress bar follows the ingest task's per-tile log records (flow parameters stay plain data).
     progress = Progress(
@@ -194,7 +194,7 @@ def ingest(
             if done_total is not None:
                 progress.update(bar, completed=done_total[0], total=done_total[1])
 
-    ingest_logger = logging.getLogger("tasks.ingest")
+    ingest_logger = logging.getLogger("softcon.tasks.ingest")
     handler = _TileProgress(level=logging.INFO)
     previous_level = ingest_logger.level
     ingest_logger.addHandler(handler)
@@ -245,7 +245,7 @@ def labels(
     }
     stage_config = _build(LabelsConfig, "labels", config, overrides)
     configure_runtime()
-    from flows.labels import labels_flow
+    from softcon.flows.labels import labels_flow
 
     _print_result(_run(labels_flow, stage_config))
 
@@ -276,7 +276,7 @@ def preprocess(
     configure_runtime()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.preprocess import listen, preprocess_flow
+    from softcon.flows.preprocess import listen, preprocess_flow
 
     # One bar per pass: tiles summarized, blocks (shards) written, statistics reduced.
     with Progress(
@@ -328,14 +328,14 @@ def train(
     if world_size > 1 and rank != 0:
         # Under torchrun only rank 0 runs the Prefect flow and records to MLflow; the other ranks run the same
         # training loop, which joins the process group and leaves logging and checkpoints to rank 0.
-        from tasks.train import run_training
+        from softcon.tasks.train import run_training
 
         run_training(stage_config)
         return
     if world_size > 1:
         global _refresh_requested
         _refresh_requested = True  # a cached result on rank 0 would leave the other ranks waiting for it
-    from flows.train import train_flow
+    from softcon.flows.train import train_flow
 
     _print_result(_run(train_flow, stage_config))
 
@@ -375,7 +375,7 @@ def evaluate(
         err_console.print("[red]error:[/red] --model is required (an MLflow train run id or a checkpoint file)")
         raise typer.Exit(2)
     configure_runtime()
-    from flows.evaluate import evaluate_flow
+    from softcon.flows.evaluate import evaluate_flow
 
     result = _run(evaluate_flow, stage_config)
     _print_result(result)
@@ -427,7 +427,7 @@ def pipeline(
     """Run every stage in order under one MLflow parent run."""
     pipeline_config = _build(PipelineConfig, None, config, {})
     configure_runtime()
-    from flows.pipeline import pipeline_flow
+    from softcon.flows.pipeline import pipeline_flow
 
     results = _run(pipeline_flow, pipeline_config)
     print_summary(results, pipeline_config)
@@ -445,7 +445,7 @@ def sample_data(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write deterministic Sentinel-like sample scenes, a land-cover COG and STAC Items to a folder."""
-    from tasks.sample_data import write_sample_data
+    from softcon.tasks.sample_data import write_sample_data
 
     out = out or get_settings().root / "sample"
     sample = write_sample_data(out, tiles=tiles, tile_size=tile_size, dates=dates, seed=seed)
@@ -465,10 +465,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline on generated sample scenes behind a local STAC API, with no server to start."""
     settings = configure_runtime()
-    from flows.pipeline import pipeline_flow
     from softcon.demo import demo_config
-    from tasks.sample_data import write_sample_data
-    from tasks.stac_server import serve_stac
+    from softcon.flows.pipeline import pipeline_flow
+    from softcon.tasks.sample_data import write_sample_data
+    from softcon.tasks.stac_server import serve_stac
 
     console.rule("softcon demo")
     sample = write_sample_data(settings.root / "sample", tiles=tiles, tile_size=tile_size, dates=dates)
@@ -601,7 +601,7 @@ def reproduce(
 ) -> None:
     """Run one stage again with the parameters and inputs of an MLflow run and check it made the same thing."""
     configure_runtime()
-    from flows.reproduce import reproduce_run
+    from softcon.flows.reproduce import reproduce_run
 
     try:
         result = reproduce_run(run_id)
@@ -636,7 +636,7 @@ def backfill(
     config: ConfigOption = None,
 ) -> None:
     """Ingest a date range over an area as one child flow run per period, skipping periods already ingested."""
-    from tasks.backfill import PERIODS
+    from softcon.tasks.backfill import PERIODS
 
     if period not in PERIODS:
         err_console.print(f"[red]error:[/red] --period {period!r} is not one of {', '.join(PERIODS)}")
@@ -651,7 +651,7 @@ def backfill(
     }
     request = _build(IngestConfig, "ingest", config, overrides)
     configure_runtime()
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     try:
         result = backfill_flow(
@@ -676,7 +676,7 @@ def check_store(
     path: Annotated[str, typer.Argument(help="A cube (softcon ingest --cube) or a training store (preprocess --out).")],
 ) -> None:
     """Check a cube or training store against the data contracts; exit 1 listing each problem and its fix."""
-    from tasks.check_store import check_store as run_check
+    from softcon.tasks.check_store import check_store as run_check
 
     result = run_check(path)
     if result.summary:

@@ -24,13 +24,11 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import zarr
-
 from softcon.config import IngestConfig
-from tasks.collections import sensor_of
-from tasks.cube_store import SENSOR_ARRAYS, existing_days, tile_lock
-from tasks.ingest import tiles_for_area
-from tasks.stac_search import read_area
+from softcon.tasks.collections import sensor_of
+from softcon.tasks.cube_store import SENSOR_ARRAYS, existing_days, open_cube, tile_group, tile_lock
+from softcon.tasks.ingest import tiles_for_area
+from softcon.tasks.stac_search import read_area
 
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[str, ...] = ("day", "week", "month")
@@ -192,14 +190,13 @@ def read_tile_dates(
     window, are left out.
     """
     try:
-        root = zarr.open_group(cube, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        root = open_cube(cube)
+    except FileNotFoundError:
         return {}
     found: TileDates = {}
     for tile_id in tile_ids:
-        try:
-            group = root[f"tiles/{tile_id}"]
-        except KeyError:
+        group = tile_group(root, tile_id)
+        if group is None:
             continue
         steps: dict[str, list[str]] = {}
         for time_dim in time_dims:
@@ -271,8 +268,8 @@ def unfinished_reason(metrics: Mapping[str, float], held: TileDates) -> str | No
 def read_ledger(cube: str) -> list[dict[str, Any]]:
     """The periods recorded as ingested in the cube (empty when the cube does not exist yet)."""
     try:
-        root = zarr.open_group(cube, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        root = open_cube(cube)
+    except FileNotFoundError:
         return []
     return list(root.attrs.get(LEDGER_ATTR, []))
 
@@ -367,7 +364,7 @@ def record_window(
     """
     key = request_key(config)
     with tile_lock(config.cube, LEDGER_LOCK):
-        root = zarr.open_group(config.cube, mode="a", zarr_format=3)
+        root = open_cube(config.cube, mode="a")
         ledger = [
             entry
             for entry in root.attrs.get(LEDGER_ATTR, [])

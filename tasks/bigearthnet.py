@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from tasks.schemes import CORINE_BIGEARTHNET19
+from softcon.tasks.schemes import CORINE_BIGEARTHNET19
 
 Sensor = Literal["s2", "s1"]
 

@@ -35,7 +35,16 @@ from xarray.coding.times import decode_cf_datetime
 from zarr.core.sync import sync as zarr_sync
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
-from tasks.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
+from softcon.models.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
+from softcon.tasks.cube_store import (
+    INGEST_AGAIN,
+    REBUILD_TILE,
+    RECREATE_TILE,
+    TILES,
+    tile_group,
+    tile_ids,
+    tile_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +78,6 @@ STORE_IMAGE_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 STORE_TABLE_DIMS = {"labels": ("sample", "class"), "fractions": ("sample", "class")}
 """Training-store arrays with a class axis; the other plan arrays are (sample,)."""
 
-INGEST_AGAIN = "re-run `softcon ingest` with the same --cube: it truncates an interrupted append and continues"
-RECREATE_TILE = "re-run `softcon ingest` over the tile's dates: it recreates a tile that lacks arrays"
-REBUILD_TILE = "delete the tile group {path} and re-run `softcon ingest` over its dates to write it again"
 REINGEST_STEPS = (
     "re-run `softcon ingest` with the same --cube over the day(s) {days}: it writes the lost steps again from the same "
     "items; or " + REBUILD_TILE
@@ -238,7 +244,7 @@ def _check(path: str) -> StoreCheck:
         fix = "give the path of a cube (`softcon ingest --cube`) or a training store (`softcon preprocess --out`)"
         return StoreCheck(path, "unknown", [Problem("", f"no Zarr group at {path!r}", fix)])
     members = dict(root.members())
-    if isinstance(members.get("tiles"), zarr.Group):
+    if isinstance(members.get(TILES), zarr.Group):
         return check_cube(root, path)
     if "schema_version" in root.attrs or ("labels" in members and "s2" in members):
         return check_training_store(root, path)
@@ -383,13 +389,12 @@ def check_tile(tile: zarr.Group, prefix: str, *, read_chunks: bool = True) -> tu
 
 def check_cube(root: zarr.Group, store: str) -> StoreCheck:
     """Check every tile of a cube (see the module doc); a cube without tiles is empty, not broken."""
-    tiles = root["tiles"]
-    assert isinstance(tiles, zarr.Group)
-    tile_ids = sorted(tiles.group_keys())
     problems: list[Problem] = []
     rows = []
-    for tile_id in tile_ids:
-        found, row = check_tile(tiles[tile_id], f"tiles/{tile_id}")  # type: ignore[arg-type]
+    for tile_id in tile_ids(root):
+        tile = tile_group(root, tile_id)
+        assert tile is not None
+        found, row = check_tile(tile, tile_path(tile_id))
         problems += found
         rows.append(row)
     return StoreCheck(store, "cube", problems, rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.evaluate import EncoderResult, EvaluationResult
+from softcon.tasks.evaluate import EncoderResult, EvaluationResult
 
 TABLE_COLUMNS = (
     ("linear_map_micro", "linear mAP micro"),

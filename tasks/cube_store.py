@@ -54,7 +54,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -63,9 +63,8 @@ import zarr
 from zarr.core.array import AsyncArray
 from zarr.core.sync import sync as zarr_sync
 
-from tasks.check_store import INGEST_AGAIN, REBUILD_TILE, RECREATE_TILE, check_tile
-from tasks.grid import Tile
-from tasks.stac_access import is_url
+from softcon.tasks.grid import Tile
+from softcon.tasks.stac_access import is_url
 
 try:  # POSIX advisory locks; on other systems concurrent writers are not protected
     import fcntl
@@ -97,6 +96,78 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+TILES = "tiles"
+"""The group that holds one group per tile; nothing outside this module spells a path inside the cube."""
+INGEST_AGAIN = "re-run `softcon ingest` with the same --cube: it truncates an interrupted append and continues"
+RECREATE_TILE = "re-run `softcon ingest` over the tile's dates: it recreates a tile that lacks arrays"
+REBUILD_TILE = "delete the tile group {path} and re-run `softcon ingest` over its dates to write it again"
+
+
+def tile_path(tile_id: str) -> str:
+    """The path of a tile's group inside the cube."""
+    return f"{TILES}/{tile_id}"
+
+
+def open_cube(cube: str, mode: Literal["r", "r+", "a"] = "r", *, consolidated: bool | None = None) -> zarr.Group:
+    """The cube's root group (Zarr v3). ``consolidated=False`` reads each node's own ``zarr.json``.
+
+    Raises:
+        FileNotFoundError: when there is no cube at ``cube`` (zarr's ``GroupNotFoundError`` is one).
+    """
+    return zarr.open_group(cube, mode=mode, zarr_format=3, use_consolidated=consolidated)
+
+
+def tile_ids(root: zarr.Group) -> list[str]:
+    """The ids of the cube's tiles, sorted; empty when it has none."""
+    tiles = root.get(TILES)
+    return sorted(tiles.group_keys()) if isinstance(tiles, zarr.Group) else []
+
+
+def tile_group(root: zarr.Group, tile_id: str) -> zarr.Group | None:
+    """A tile's group under the cube's root group; None when the cube has no such tile."""
+    group = root.get(tile_path(tile_id))
+    return group if isinstance(group, zarr.Group) else None
+
+
+def read_cube_tiles(cube: str) -> list[Tile]:
+    """The tiles of a cube, rebuilt from each group's coordinates and CRS.
+
+    Raises:
+        ValueError: when there is no cube at ``cube`` or it holds no tile (both say to run ingest first).
+    """
+    try:
+        root = open_cube(cube)
+    except FileNotFoundError as error:
+        raise ValueError(f"no cube at {cube!r}; run `softcon ingest --cube {cube}` first") from error
+    tiles = []
+    for tile_id in tile_ids(root):
+        group = tile_group(root, tile_id)
+        assert group is not None
+        xs, ys = group["x"][:], group["y"][:]
+        resolution = float(xs[1] - xs[0])
+        epsg = int(tile_id.split("_")[0])
+        tiles.append(Tile(epsg, float(xs[0] - resolution / 2), float(ys[0] + resolution / 2), resolution, len(xs)))
+    if not tiles:
+        raise ValueError(f"{cube} has no {TILES}/ group; run `softcon ingest --cube {cube}` first")
+    return tiles
+
+
+def open_tile_dataset(cube: str, tile_id: str, **open_kwargs: Any) -> xr.Dataset:
+    """A cube tile as a lazy xarray Dataset (``open_kwargs`` go to ``xr.open_zarr``, e.g. ``chunks=None``)."""
+    return xr.open_zarr(cube, group=tile_path(tile_id), consolidated=False, **open_kwargs)
+
+
+def write_land_cover(cube: str, tile_id: str, land_cover: np.ndarray, attrs: dict[str, Any]) -> None:
+    """(Re)write a tile's ``landcover`` array whole (``y``, ``x``; 0 = nodata): same input, same bytes."""
+    group = zarr.open_group(cube, path=tile_path(tile_id), mode="a", zarr_format=3)
+    array = group.create_array(
+        "landcover", shape=land_cover.shape, dtype="uint8", chunks=land_cover.shape, fill_value=0,
+        dimension_names=("y", "x"), overwrite=True,
+        attributes={**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "nodata": 0},
+    )  # fmt: skip
+    array[...] = land_cover
+
 
 TIME_UNITS = "seconds since 1970-01-01"
 S1_POLS = ("VV", "VH")
@@ -185,7 +256,7 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
     """
     template, encoding = _tile_template(tile, bands)
     group = zarr.open_group(cube, mode="a", zarr_format=3).create_group(
-        f"tiles/{tile.tile_id}", attributes=dict(template.attrs), overwrite=True
+        tile_path(tile.tile_id), attributes=dict(template.attrs), overwrite=True
     )
     specs: dict[str, tuple[dict[str, Any], np.ndarray | None]] = {}
     time_attrs = {"units": TIME_UNITS, "calendar": "proleptic_gregorian"}
@@ -278,7 +349,7 @@ def _open_existing(cube: str, path: str) -> zarr.Group | None:
 
 def tile_exists(cube: str, tile: Tile) -> bool:
     """Whether the cube holds a group for the tile (complete or not)."""
-    return _open_existing(cube, f"tiles/{tile.tile_id}") is not None
+    return _open_existing(cube, tile_path(tile.tile_id)) is not None
 
 
 def open_tile(cube: str, tile: Tile, bands: Sequence[str], *, check_bands: bool = True) -> OpenTile:
@@ -289,7 +360,7 @@ def open_tile(cube: str, tile: Tile, bands: Sequence[str], *, check_bands: bool 
     Raises:
         ValueError: when the tile holds other bands than ``bands`` (with ``check_bands``).
     """
-    path = f"tiles/{tile.tile_id}"
+    path = tile_path(tile.tile_id)
     group = _open_existing(cube, path)
     arrays = dict(group.arrays()) if group is not None else {}
     if group is not None and not set(TILE_ARRAYS) <= set(arrays):
@@ -355,7 +426,7 @@ def _roll_back(cube: str, tile: Tile) -> None:
     """Put a tile back as it was before a failed append (a full disk): delete a half-created tile, or the chunks
     written ahead, then truncate grown arrays and drop item ids of unwritten days. Best effort: what is left,
     the next ingest repairs. Call it holding the tile lock."""
-    path = f"tiles/{tile.tile_id}"
+    path = tile_path(tile.tile_id)
     try:
         group = _open_existing(cube, path)
         if group is None:
@@ -513,11 +584,13 @@ def check_tiles(cube: str, tiles: Sequence[Tile], items: Sequence[dict[str, Any]
     Raises:
         CubeDamageError: naming every problem found that this run cannot repair (where, what, and the fix).
     """
+    from softcon.tasks.check_store import check_tile  # the checker reads the layout defined here
+
     lost_steps: dict[str, list[LostStep]] = {}
     errors: list[str] = []
     by_id = {item["id"]: item for item in items}
     for tile in tiles:
-        prefix = f"tiles/{tile.tile_id}"
+        prefix = tile_path(tile.tile_id)
         if _open_existing(cube, prefix) is None:
             continue
         with tile_lock(cube, tile.tile_id):

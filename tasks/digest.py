@@ -97,7 +97,7 @@ def compare_digests(reproduced: Mapping[str, str], original: Mapping[str, str], 
 
 def state_dict_digests(checkpoint: str | Path, keys: tuple[str, ...] = ("student", "teacher")) -> dict[str, str]:
     """``{"student.layer.weight": sha256}`` over the tensors of a training checkpoint's state dicts."""
-    from models.encoder import load_torch_file
+    from softcon.models.encoder import load_torch_file
 
     state: dict[str, Any] = load_torch_file(checkpoint, what="checkpoint")
     digests = {}

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from models.data import StoreDataset
-from models.encoder import build_encoder
-from models.probe import (
+from softcon.config import EvaluateConfig
+from softcon.models.data import StoreDataset
+from softcon.models.encoder import build_encoder
+from softcon.models.probe import (
     BandStatistics,
     Features,
     extract_features,
@@ -58,10 +59,9 @@ from models.probe import (
     save_features,
     train_linear_probe,
 )
-from softcon.config import EvaluateConfig
-from tasks.bigearthnet import BigEarthNetDataset, assign_splits, find_patches, subset_without_replacement
-from tasks.schemes import CORINE_BIGEARTHNET19
-from tasks.train import load_encoder, read_checkpoint
+from softcon.tasks.bigearthnet import BigEarthNetDataset, assign_splits, find_patches, subset_without_replacement
+from softcon.tasks.schemes import CORINE_BIGEARTHNET19
+from softcon.tasks.train import load_encoder, read_checkpoint
 
 EncoderKind = Literal["checkpoint", "random", "weights", "image-stats"]
 METRIC_NAMES = ("linear_map_micro", "linear_map_macro", "knn_map_micro", "knn_map_macro", "linear_f1", "knn_f1")

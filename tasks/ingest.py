@@ -43,8 +43,8 @@ from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
 from softcon.config import IngestConfig
-from tasks.collections import sensor_of, spec_for_item
-from tasks.cube_store import (
+from softcon.tasks.collections import sensor_of, spec_for_item
+from softcon.tasks.cube_store import (
     S1_POLS,
     SENSOR_ARRAYS,
     CubeDamageError,
@@ -61,10 +61,10 @@ from tasks.cube_store import (
     tile_lock,
     write_lost_steps,
 )
-from tasks.grid import Tile, tiles_for_bbox
-from tasks.scene_load import ReadOptions, load_days, s2_day_quality
-from tasks.stac_access import StacAccess, is_url
-from tasks.stac_search import filter_cloudy_items, item_datetime, read_area, search_items
+from softcon.tasks.grid import Tile, tiles_for_bbox
+from softcon.tasks.scene_load import ReadOptions, load_days, s2_day_quality
+from softcon.tasks.stac_access import StacAccess, is_url
+from softcon.tasks.stac_search import filter_cloudy_items, item_datetime, read_area, search_items
 
 __all__ = [
     "PROGRESS_EXTRA",

@@ -20,6 +20,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from softcon.tasks.cube_store import open_tile_dataset
+
 WORLDCOVER_COLOURS: dict[int, str] = {
     10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
     70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0",
@@ -101,19 +103,16 @@ def quicklook_figure(tile: xr.Dataset, class_codes: Mapping[str, int], *, title:
     return figure
 
 
-def open_tile(cube: str, tile_id: str) -> xr.Dataset:
-    """A cube tile as a lazy Dataset."""
-    return xr.open_zarr(cube, group=f"tiles/{tile_id}", consolidated=False)
-
-
 def cube_quicklook(cube: str, tile_ids: list[str]) -> Figure:
     """The quick-look of the tile with the most classes present (ties: the first), from the cube."""
     best, best_count = tile_ids[0], -1
     for tile_id in tile_ids:
-        present = np.count_nonzero(np.bincount(open_tile(cube, tile_id)["landcover"].values.ravel(), minlength=256)[1:])
+        present = np.count_nonzero(
+            np.bincount(open_tile_dataset(cube, tile_id)["landcover"].values.ravel(), minlength=256)[1:]
+        )
         if present > best_count:
             best, best_count = tile_id, present
-    tile = open_tile(cube, best)
+    tile = open_tile_dataset(cube, best)
     attrs = tile["landcover"].attrs
     codes = dict(zip(attrs["class_names"], (int(c) for c in attrs["class_codes"]), strict=True))
     title = f"tile {best} · {attrs.get('product', '')} {attrs.get('year', '')} · scheme {attrs.get('class_scheme', '')}"

@@ -45,18 +45,18 @@ import odc.stac
 import pystac
 import rasterio
 import rasterio.warp
-import zarr
 from pyproj import Transformer
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from shapely.geometry import box, shape
 
 from softcon.config import LabelsConfig
-from tasks import rasterize
-from tasks.grid import Tile
-from tasks.schemes import ClassScheme, MappedCodes, get_scheme
-from tasks.stac_access import StacAccess, is_http_url
-from tasks.stac_search import read_static_items
+from softcon.tasks import rasterize
+from softcon.tasks.cube_store import read_cube_tiles, write_land_cover
+from softcon.tasks.grid import Tile
+from softcon.tasks.schemes import ClassScheme, MappedCodes, get_scheme
+from softcon.tasks.stac_access import StacAccess, is_http_url
+from softcon.tasks.stac_search import read_static_items
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,6 @@ class LabelsReport:
 
 def _metric_name(class_name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in class_name.lower()).strip("_")[:40]
-
-
-def read_cube_tiles(cube: str) -> list[Tile]:
-    """The tiles of a cube, rebuilt from each group's coordinates and CRS."""
-    try:
-        root = zarr.open_group(cube, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
-        raise ValueError(f"no cube at {cube!r}; run `softcon ingest --cube {cube}` first") from error
-    if "tiles" not in root or not list(root["tiles"].group_keys()):
-        raise ValueError(f"{cube} has no tiles/ group; run `softcon ingest --cube {cube}` first")
-    tiles = []
-    for tile_id in sorted(root["tiles"].group_keys()):
-        group = root["tiles"][tile_id]
-        xs, ys = group["x"][:], group["y"][:]
-        resolution = float(xs[1] - xs[0])
-        epsg = int(tile_id.split("_")[0])
-        tiles.append(Tile(epsg, float(xs[0] - resolution / 2), float(ys[0] + resolution / 2), resolution, len(xs)))
-    return tiles
 
 
 def source_kind(source: str) -> SourceKind:
@@ -361,17 +343,6 @@ def map_product(product: WarpedProduct, scheme: ClassScheme) -> MappedCodes:
     return MappedCodes(land_cover=land_cover, nodata_pixels=nodata, excluded=mapped.excluded, unknown=mapped.unknown)
 
 
-def write_land_cover(cube: str, tile: Tile, land_cover: np.ndarray, attrs: dict[str, Any]) -> None:
-    """(Re)write ``tiles/<id>/landcover`` whole: same input, same bytes."""
-    group = zarr.open_group(cube, path=f"tiles/{tile.tile_id}", mode="a", zarr_format=3)
-    array = group.create_array(
-        "landcover", shape=land_cover.shape, dtype="uint8", chunks=land_cover.shape, fill_value=0,
-        dimension_names=("y", "x"), overwrite=True,
-        attributes={**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref", "nodata": 0},
-    )  # fmt: skip
-    array[...] = land_cover
-
-
 def _overlaps(extent: Sequence[float], bounds: Sequence[float]) -> bool:
     return box(*extent).intersects(box(*bounds))
 
@@ -496,7 +467,7 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
             "unknown_codes": {str(k): v for k, v in mapped.unknown.items()},
             "excluded_codes": {str(k): v for k, v in mapped.excluded.items()},
         }  # fmt: skip
-        write_land_cover(config.cube, tile, mapped.land_cover, attrs)
+        write_land_cover(config.cube, tile.tile_id, mapped.land_cover, attrs)
         totals.add(tile, mapped.land_cover, scheme, mapped.unknown, mapped.excluded)
         log.info(
             "%s: land cover %s", tile.tile_id, {k: v for k, v in scheme.class_pixels(mapped.land_cover).items() if v}

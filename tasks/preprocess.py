@@ -10,7 +10,7 @@ Three passes, each a map over small units on the Dask cluster, so no process eve
    samples, tree-reduced into the normalization statistics.
 
 Between 1 and 2 the driver builds the sample plan (order, spatial split, targets) and creates the
-store; see ``tasks/training_store.py`` for the layout and how a killed run resumes.
+store; see ``models/training_store.py`` for the layout and how a killed run resumes.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
-from tasks import norm_stats, patches, split, training_store
-from tasks.training_store import SamplePlan
+from softcon.models import training_store
+from softcon.models.training_store import SamplePlan
+from softcon.tasks import norm_stats, patches, split
+from softcon.tasks.cube_store import open_cube, open_tile_dataset
+from softcon.tasks.cube_store import tile_ids as cube_tile_ids
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -109,7 +111,7 @@ class PreprocessReport:
 def _open_tile(cube: str, tile_id: str) -> xr.Dataset:
     # chunks=None: lazy backend arrays, no Dask graph inside a worker task (which could otherwise try to
     # use the distributed scheduler it is running on).
-    return xr.open_zarr(cube, group=f"tiles/{tile_id}", chunks=None, consolidated=False)
+    return open_tile_dataset(cube, tile_id, chunks=None)
 
 
 def read_cube_index(cube: str) -> CubeIndex:
@@ -121,8 +123,8 @@ def read_cube_index(cube: str) -> CubeIndex:
         PermissionError: when the object store refuses the credentials (named, never shown).
     """
     try:
-        root = zarr.open_group(cube, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
+        root = open_cube(cube)
+    except FileNotFoundError as error:
         raise ValueError(f"no cube at {cube!r}; run `softcon ingest --cube {cube}` first") from error
     except PermissionError as error:
         raise PermissionError(
@@ -130,7 +132,7 @@ def read_cube_index(cube: str) -> CubeIndex:
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for s3://, GOOGLE_APPLICATION_CREDENTIALS "
             "for gs://, AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY for az://) and the bucket's policy"
         ) from error
-    tile_ids = sorted(root["tiles"].group_keys()) if "tiles" in root else []
+    tile_ids = cube_tile_ids(root)
     if not tile_ids:
         raise ValueError(f"cube {cube!r} has no tiles; run `softcon ingest --cube {cube}` first")
     shapes, times, s1_times = [], [], []

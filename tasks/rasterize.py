@@ -27,8 +27,8 @@ import rasterio.features
 from pyproj import CRS
 from shapely.geometry import box
 
-from tasks.grid import Tile
-from tasks.schemes import ClassScheme
+from softcon.tasks.grid import Tile
+from softcon.tasks.schemes import ClassScheme
 
 OverlapRule = Literal["last", "smallest"]
 PARQUET_SUFFIXES = (".parquet", ".geoparquet")

@@ -32,7 +32,7 @@ import rasterio
 from affine import Affine
 from pyproj import Transformer
 
-from tasks.grid import Tile, tiles_for_bbox
+from softcon.tasks.grid import Tile, tiles_for_bbox
 
 log = logging.getLogger(__name__)
 

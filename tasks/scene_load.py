@@ -28,11 +28,11 @@ import pystac
 import rasterio
 import xarray as xr
 
-from tasks.aligned_reads import ALIGNED_DRIVER
-from tasks.collections import CollectionSpec, spec_for_item
-from tasks.cube_store import S1_POLS
-from tasks.grid import Tile
-from tasks.stac_access import StacAccess, describe_error, is_url, with_retries
+from softcon.tasks.aligned_reads import ALIGNED_DRIVER
+from softcon.tasks.collections import CollectionSpec, spec_for_item
+from softcon.tasks.cube_store import S1_POLS
+from softcon.tasks.grid import Tile
+from softcon.tasks.stac_access import StacAccess, describe_error, is_url, with_retries
 
 __all__ = [
     "REMOTE_READ_THREADS",

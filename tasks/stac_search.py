@@ -21,8 +21,8 @@ from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 from softcon.config import IngestConfig
-from tasks.collections import sensor_of
-from tasks.stac_access import StacAccess, is_http_url
+from softcon.tasks.collections import sensor_of
+from softcon.tasks.stac_access import StacAccess, is_http_url
 
 __all__ = ["filter_cloudy_items", "item_datetime", "read_area", "read_static_items", "search_items"]
 

@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader
-from models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
-from models.ema import ema_momentum, ema_update, make_teacher
-from models.encoder import build_encoder, load_torch_file
-from models.loss import SoftConLoss, multilabel_loss
-from models.student import Student
 from softcon.config import TrainConfig
+from softcon.models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader
+from softcon.models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
+from softcon.models.ema import ema_momentum, ema_update, make_teacher
+from softcon.models.encoder import build_encoder, load_torch_file
+from softcon.models.loss import SoftConLoss, multilabel_loss
+from softcon.models.student import Student
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from softcon.config import IngestConfig
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData, write_sample_data
-from tasks.stac_server import serve_stac
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData, write_sample_data
+from softcon.tasks.stac_server import serve_stac
 
 SAMPLE_TILES, SAMPLE_TILE_SIZE, SAMPLE_DATES = 2, 64, 3
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import zarr
 from zarr.core.group import AsyncGroup
 
-import tasks.cube_store as cube_store
-import tasks.ingest as ingest
+import softcon.tasks.cube_store as cube_store
+import softcon.tasks.ingest as ingest
 from softcon.config import IngestConfig
 
 KILL_POINTS = {

@@ -16,9 +16,9 @@ import zarr
 from distributed import Client
 from zarr.storage import LocalStore
 
-import tasks.preprocess as preprocess
+import softcon.tasks.preprocess as preprocess
 from softcon.config import PreprocessConfig
-from tasks import training_store
+from softcon.models import training_store
 
 KILL_POINTS = {
     "planning": "when the first tile of the patch plan (pass 1) is summarized, before the store is created",

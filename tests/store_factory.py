@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
-from tasks.training_store import IMAGE_COMPRESSOR
+from softcon.models.training_store import IMAGE_COMPRESSOR
 
 
 @dataclass(frozen=True)

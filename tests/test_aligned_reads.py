@@ -18,10 +18,10 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from shapely.geometry import mapping
 
-from tasks.aligned_reads import ALIGNED_DRIVER, integer_upscale
-from tasks.sample_data import write_sample_data
-from tasks.scene_load import REMOTE_READ_THREADS, _read_pool
-from tasks.stac_search import read_static_items
+from softcon.tasks.aligned_reads import ALIGNED_DRIVER, integer_upscale
+from softcon.tasks.sample_data import write_sample_data
+from softcon.tasks.scene_load import REMOTE_READ_THREADS, _read_pool
+from softcon.tasks.stac_search import read_static_items
 
 EPSG = 32632
 

@@ -15,7 +15,7 @@ import xarray as xr
 import zarr
 
 from softcon.config import IngestConfig
-from tasks.backfill import (
+from softcon.tasks.backfill import (
     LEDGER_ATTR,
     DateWindow,
     done_windows,
@@ -31,8 +31,8 @@ from tasks.backfill import (
     window_config,
     windows_with_items,
 )
-from tasks.ingest import run_ingest
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 # The generator's 4 S2 dates: 06-01, 06-06 (eo:cloud_cover over 80 %, filtered), 06-11, 06-16.
 INGESTED_DAYS = [date(2024, 6, 1), date(2024, 6, 11), date(2024, 6, 16)]
@@ -106,7 +106,7 @@ def test_ledger_records_windows_per_request_and_survives_reopening(tmp_path: Pat
 def test_scheduled_window_is_the_day_before_the_scheduled_time_in_the_schedule_timezone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import flows.backfill as backfill
+    import softcon.flows.backfill as backfill
 
     # 23:30 UTC on June 10 is already June 11 in Rome: the run scheduled then ingests June 10, not June 9.
     scheduled = datetime(2024, 6, 10, 23, 30, tzinfo=UTC)
@@ -129,7 +129,7 @@ def _cube_days(cube: Path) -> list[date]:
 
 @pytest.mark.slow
 def test_backfill_runs_one_child_per_period_with_items_and_resumes(small_sample: SampleData, tmp_path: Path) -> None:
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     cube = tmp_path / "cube.zarr"
     request = IngestConfig(
@@ -337,7 +337,7 @@ def test_a_period_recorded_by_the_old_ledger_is_not_done(tmp_path: Path) -> None
 def test_backfill_at_a_tile_size_that_misses_the_scenes_records_nothing_and_the_right_one_writes(
     small_sample: SampleData, tmp_path: Path
 ) -> None:
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     # The bug as a user met it: the UI form's default 1056 px tiles over scenes that cover 64 px.
     cube = tmp_path / "cube.zarr"
@@ -358,7 +358,7 @@ def test_backfill_at_a_tile_size_that_misses_the_scenes_records_nothing_and_the_
 def test_backfill_runs_again_a_period_recorded_under_other_parameters(
     small_sample: SampleData, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     cube = tmp_path / "cube.zarr"
     request = _sample_request(small_sample, cube)
@@ -374,7 +374,7 @@ def test_backfill_runs_again_a_period_recorded_under_other_parameters(
 @pytest.fixture(scope="module")
 def backfilled_cube(small_sample: SampleData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cube the June backfill wrote and recorded (tests copy it: the ledger travels with the cube)."""
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     cube = tmp_path_factory.mktemp("backfilled") / "cube.zarr"
     backfill_flow(_sample_request(small_sample, cube), period="month", experiment="backfill-test")
@@ -383,7 +383,7 @@ def backfilled_cube(small_sample: SampleData, tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.slow
 def test_refresh_runs_recorded_periods_again(backfilled_cube: Path, small_sample: SampleData, tmp_path: Path) -> None:
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     request = _sample_request(small_sample, _copy(backfilled_cube, tmp_path))
     assert done_windows(request) == {JUNE}
@@ -395,7 +395,7 @@ def test_refresh_runs_recorded_periods_again(backfilled_cube: Path, small_sample
 def test_backfill_runs_again_a_period_whose_tile_was_deleted(
     backfilled_cube: Path, small_sample: SampleData, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from flows.backfill import backfill_flow
+    from softcon.flows.backfill import backfill_flow
 
     cube = _copy(backfilled_cube, tmp_path)
     request = _sample_request(small_sample, cube)

@@ -31,15 +31,15 @@ from real_data import REAL
 from safetensors.torch import save_file
 from store_factory import write_store
 
-from models.data import StoreDataset
-from models.encoder import build_encoder
 from softcon.config import ConfigError, IngestConfig, load_config
-from tasks import norm_stats, patches
-from tasks.collections import spec_for_item
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.scene_load import _harmonize
-from tasks.train import read_checkpoint
+from softcon.models.data import StoreDataset
+from softcon.models.encoder import build_encoder
+from softcon.tasks import norm_stats, patches
+from softcon.tasks.collections import spec_for_item
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.scene_load import _harmonize
+from softcon.tasks.train import read_checkpoint
 
 REAL_ITEMS = REAL / "stac_items" / "api-responses"
 OTHER_ZONE = 32633

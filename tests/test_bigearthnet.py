@@ -10,7 +10,7 @@ import pytest
 import torch
 from real_data import REAL
 
-from tasks.bigearthnet import (
+from softcon.tasks.bigearthnet import (
     S1_POLS,
     S2_BANDS,
     BigEarthNetDataset,
@@ -21,7 +21,7 @@ from tasks.bigearthnet import (
     read_patch,
     subset_without_replacement,
 )
-from tasks.schemes import CORINE_BIGEARTHNET19
+from softcon.tasks.schemes import CORINE_BIGEARTHNET19
 
 REAL = REAL / "bigearthnet"
 L2A_ORDER = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]

@@ -18,11 +18,11 @@ from cube_factory import write_cube
 from data_fixtures import sample_ingest_config
 from store_factory import write_store
 
-from flows.outputs import output_state
-from flows.result import StageResult
 from softcon.config import EvaluateConfig, LabelsConfig, PreprocessConfig, TrainConfig
-from tasks.digest import array_digests, state_dict_digests
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.flows.outputs import output_state
+from softcon.flows.result import StageResult
+from softcon.tasks.digest import array_digests, state_dict_digests
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
 def test_ingest_deleted_cube_is_ingested_again_and_a_second_untouched_run_is_cached(
     sample: Sample, tmp_path: Path, stale_log: TaskRunLog
 ) -> None:
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     config = sample_ingest_config(sample.data, str(sample.data.items_file), tmp_path / "cube.zarr")
     first = ingest_flow(config)
@@ -105,7 +105,7 @@ def test_ingest_deleted_cube_is_ingested_again_and_a_second_untouched_run_is_cac
 def test_ingest_lost_chunk_is_written_again_and_lost_item_ids_stop_the_run_with_the_fix(
     sample: Sample, tmp_path: Path, stale_log: TaskRunLog
 ) -> None:
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     config = sample_ingest_config(sample.data, str(sample.data.items_file), tmp_path / "cube.zarr")
     ingest_flow(config)
@@ -134,8 +134,8 @@ def test_ingest_lost_chunk_is_written_again_and_lost_item_ids_stop_the_run_with_
 def test_labels_lost_landcover_chunk_or_changed_attribute_is_rewritten(
     sample: Sample, tmp_path: Path, stale_log: TaskRunLog
 ) -> None:
-    from flows.ingest import ingest_flow
-    from flows.labels import labels_flow
+    from softcon.flows.ingest import ingest_flow
+    from softcon.flows.labels import labels_flow
 
     cube = tmp_path / "cube.zarr"
     ingest_flow(sample_ingest_config(sample.data, str(sample.data.items_file), cube))
@@ -172,7 +172,7 @@ def preprocess_config(cube: str, out: Path) -> PreprocessConfig:
 
 
 def test_preprocess_deleted_store_is_written_again_equal(cube: str, tmp_path: Path, stale_log: TaskRunLog) -> None:
-    from flows.preprocess import preprocess_flow
+    from softcon.flows.preprocess import preprocess_flow
 
     config = preprocess_config(cube, tmp_path / "train.zarr")
     preprocess_flow(config)
@@ -190,7 +190,7 @@ def test_preprocess_deleted_store_is_written_again_equal(cube: str, tmp_path: Pa
 def test_preprocess_lost_shard_or_edited_attribute_is_repaired_equal(
     cube: str, tmp_path: Path, stale_log: TaskRunLog
 ) -> None:
-    from flows.preprocess import preprocess_flow
+    from softcon.flows.preprocess import preprocess_flow
 
     config = preprocess_config(cube, tmp_path / "train.zarr")
     preprocess_flow(config)
@@ -213,7 +213,7 @@ def test_two_working_folders_sharing_one_home_each_get_their_own_output(
     cube: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Relative paths name different data in each folder: a result cached for one is not the other's."""
-    from flows.preprocess import preprocess_flow
+    from softcon.flows.preprocess import preprocess_flow
 
     for name in ("a", "b"):
         folder = tmp_path / name
@@ -245,7 +245,7 @@ def train_config(store: Path, out: Path) -> TrainConfig:
 def test_train_deleted_or_changed_checkpoint_or_deleted_run_trains_again(
     store: Path, tmp_path: Path, stale_log: TaskRunLog
 ) -> None:
-    from flows.train import train_flow
+    from softcon.flows.train import train_flow
 
     config = train_config(store, tmp_path / "checkpoints")
     first = train_flow(config)
@@ -286,8 +286,8 @@ def test_train_deleted_or_changed_checkpoint_or_deleted_run_trains_again(
 
 
 def test_evaluate_deleted_features_are_computed_again(store: Path, tmp_path: Path, stale_log: TaskRunLog) -> None:
-    from flows.evaluate import evaluate_flow
-    from flows.train import train_flow
+    from softcon.flows.evaluate import evaluate_flow
+    from softcon.flows.train import train_flow
 
     checkpoint = train_flow(train_config(store, tmp_path / "checkpoints")).output
     config = EvaluateConfig(

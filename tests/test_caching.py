@@ -8,8 +8,8 @@ import pytest
 import zarr
 from store_factory import write_store
 
-from flows.caching import STAGE_POLICIES, path_fingerprint, stage_cache_policy
 from softcon.config import TrainConfig
+from softcon.flows.caching import STAGE_POLICIES, path_fingerprint, stage_cache_policy
 
 
 def _tile(path: Path, steps: int) -> zarr.Array:
@@ -48,7 +48,7 @@ def test_every_stage_has_a_policy_and_unknown_stages_are_refused() -> None:
 
 @pytest.mark.slow
 def test_train_rerun_is_served_from_the_cache_until_the_store_changes_or_refresh(tmp_path: Path) -> None:
-    from flows.train import train_flow
+    from softcon.flows.train import train_flow
 
     store = write_store(tmp_path / "store.zarr")
     config = TrainConfig(

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from softcon.cli import app
 from softcon.config import IngestConfig, PreprocessConfig
-from tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, StoreCheck, check_store
-from tasks.ingest import run_ingest
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, StoreCheck, check_store
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 TILE_SIZE = 64
 
@@ -58,7 +58,7 @@ def cube(clean_cube: Cube, tmp_path: Path) -> Cube:
 def clean_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from distributed import Client
 
-    from tasks.preprocess import run_preprocess
+    from softcon.tasks.preprocess import run_preprocess
 
     folder = tmp_path_factory.mktemp("store")
     synthetic = write_cube(folder / "cube.zarr")

@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.evaluate import resolve_checkpoint
-from flows.train import CHECKPOINT_ARTIFACT
+from softcon.flows.evaluate import resolve_checkpoint
+from softcon.flows.train import CHECKPOINT_ARTIFACT
 from softcon.settings import get_settings
 
 CHECKPOINT = "step_000002.pt"

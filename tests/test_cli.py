@@ -72,11 +72,11 @@ def test_pipeline_refuses_a_bad_config_file(tmp_path: Path) -> None:
 
 
 def test_labels_passes_sign_and_header_names_to_its_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import flows.labels
     import softcon.cli
+    import softcon.flows.labels as labels_flow_module
 
     seen = []
-    monkeypatch.setattr(flows.labels, "labels_flow", lambda config, **_: seen.append(config))
+    monkeypatch.setattr(labels_flow_module, "labels_flow", lambda config, **_: seen.append(config))
     monkeypatch.setattr(softcon.cli, "_print_result", lambda result: None)
     args = ["labels", "--cube", str(tmp_path / "cube.zarr"), "--source", "https://stac.example/api"]
     result = runner.invoke(app, [*args, "--sign", "none", "--header", "Authorization=STAC_TOKEN"])

@@ -5,7 +5,7 @@ import json
 import pytest
 from real_data import REAL
 
-from tasks.collections import spec_for_item
+from softcon.tasks.collections import spec_for_item
 
 STAC_ITEMS = REAL / "stac_items"
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12", "SCL")

@@ -21,8 +21,8 @@ from cube_factory import write_cube
 from distributed import Client
 
 from softcon.config import PreprocessConfig
-from tasks.digest import array_digests
-from tasks.preprocess import run_preprocess
+from softcon.tasks.digest import array_digests
+from softcon.tasks.preprocess import run_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_TASKS = {"summarize_tile", "write_sample_block", "block_train_stats"}

@@ -12,7 +12,8 @@ import zarr
 from store_factory import SyntheticStore, write_store
 from torch.utils.data import BatchSampler, DataLoader, default_collate
 
-from models.data import (
+from softcon.models import training_store
+from softcon.models.data import (
     N_AUG,
     SSL4EO_CROP_SIZE,
     BlockShuffleSampler,
@@ -23,8 +24,7 @@ from models.data import (
     collate_batch,
     make_loader,
 )
-from models.distributed import ShardedBatchSampler
-from tasks import training_store
+from softcon.models.distributed import ShardedBatchSampler
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def _memory(tensor: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_lookup_kernel_equals_numpy_take_on_flipped_and_turned_views(dtype: type) -> None:
-    from models.lookup import lookup_into
+    from softcon.models.lookup import lookup_into
 
     rng = np.random.default_rng(0)
     raw = rng.integers(0, np.iinfo(dtype).max + 1, (3, 12, 12), dtype=dtype)
@@ -314,7 +314,7 @@ def test_ssl4eo_crop_default_fits_the_default_patch() -> None:
 
 
 def _preprocess_layout_store(path: Path, n_samples: int = 20, block: int = 8) -> np.ndarray:
-    """A store written by tasks/training_store.py (Blosc, shards of ``block``); the last shard left unwritten."""
+    """A store written by models/training_store.py (Blosc, shards of ``block``); the last shard left unwritten."""
     plan = training_store.SamplePlan(
         location=np.arange(n_samples, dtype=np.int64),
         tile=np.zeros(n_samples, np.int32),

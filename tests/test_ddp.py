@@ -13,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 from store_factory import SyntheticStore, write_store
 
-from models.data import BlockShuffleSampler, StoreDataset
-from models.distributed import ShardedBatchSampler, rank_batch_size
 from softcon.config import TrainConfig
-from tasks.train import read_checkpoint, run_training
+from softcon.models.data import BlockShuffleSampler, StoreDataset
+from softcon.models.distributed import ShardedBatchSampler, rank_batch_size
+from softcon.tasks.train import read_checkpoint, run_training
 
 
 @pytest.fixture(scope="module")

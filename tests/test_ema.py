@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.ema import ema_momentum, ema_update, make_teacher
+from softcon.models.ema import ema_momentum, ema_update, make_teacher
 
 
 def test_momentum_schedule_goes_from_base_to_one() -> None:

@@ -9,9 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from models.encoder import build_encoder
-from models.heads import ProjectionHead
 from softcon.config import S2_L2A_BANDS
+from softcon.models.encoder import build_encoder
+from softcon.models.heads import ProjectionHead
 
 torch.set_num_threads(2)
 

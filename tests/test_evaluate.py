@@ -12,12 +12,12 @@ import torch
 from real_data import REAL
 from store_factory import SyntheticStore, write_store
 
-import tasks.evaluate as evaluate_module
-from models.encoder import build_encoder
+import softcon.tasks.evaluate as evaluate_module
 from softcon.config import S2_L2A_BANDS, EvaluateConfig, TrainConfig
-from tasks.compare import comparison_table, write_report
-from tasks.evaluate import parse_baseline, run_evaluation
-from tasks.train import run_training
+from softcon.models.encoder import build_encoder
+from softcon.tasks.compare import comparison_table, write_report
+from softcon.tasks.evaluate import parse_baseline, run_evaluation
+from softcon.tasks.train import run_training
 
 torch.set_num_threads(2)
 REAL_BEN = REAL / "bigearthnet"
@@ -188,7 +188,7 @@ def test_flow_logs_metrics_features_and_report(store: SyntheticStore, checkpoint
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.evaluate import evaluate_flow
+    from softcon.flows.evaluate import evaluate_flow
     from softcon.settings import get_settings
 
     config = config_for(store, tmp_path, model=str(checkpoint), baselines=["random"], probe_epochs=5)

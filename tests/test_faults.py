@@ -42,13 +42,13 @@ from data_fixtures import (  # noqa: F401  (fixtures)
 from fault_proxy import flaky_proxy
 
 from softcon.config import IngestConfig, PreprocessConfig, TrainConfig
-from tasks import training_store
-from tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, RECREATE_TILE, check_store
-from tasks.cube_store import StoreFullError
-from tasks.digest import array_digests
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.stac_server import serve_stac
+from softcon.models import training_store
+from softcon.tasks.check_store import INGEST_AGAIN, PREPROCESS_AGAIN, RECREATE_TILE, check_store
+from softcon.tasks.cube_store import StoreFullError
+from softcon.tasks.digest import array_digests
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_server import serve_stac
 
 ROOT = Path(__file__).resolve().parents[1]
 INGEST_CHILD = Path(__file__).resolve().parent / "ingest_child.py"
@@ -116,7 +116,7 @@ def test_ingest_through_a_proxy_failing_30_percent_of_requests_equals_a_clean_ru
 def test_corrupt_cog_and_missing_asset_in_one_run_are_skipped_reported_and_the_rest_ingested(
     data_cube: tuple[Path, IngestReport], data_sample: SampleData, tmp_path: Path
 ) -> None:
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     reference, _ = data_cube
     items = json.loads(data_sample.items_file.read_text())
@@ -254,7 +254,7 @@ def preprocess_client() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def clean_store(tmp_path_factory: pytest.TempPathFactory, preprocess_client: object) -> Store:
-    from tasks.preprocess import run_preprocess
+    from softcon.tasks.preprocess import run_preprocess
 
     folder = tmp_path_factory.mktemp("faults-store")
     cube = write_cube(folder / "cube.zarr", n_tiles=2, size=64, n_dates=3)
@@ -270,7 +270,7 @@ PREPROCESS_CHILD = """
 import sys, time
 from distributed import Client
 from softcon.config import PreprocessConfig
-from tasks.preprocess import run_preprocess
+from softcon.tasks.preprocess import run_preprocess
 
 def on_progress(step, done, total):
     print(step, done, total, flush=True)
@@ -286,7 +286,7 @@ with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_addres
 def test_kill_9_during_preprocess_then_rerun_completes_and_the_store_checks(
     clean_store: Store, preprocess_client: object, tmp_path: Path
 ) -> None:
-    from tasks.preprocess import run_preprocess
+    from softcon.tasks.preprocess import run_preprocess
 
     config = clean_store.config.model_copy(update={"out": str(tmp_path / "store.zarr")})
     child = subprocess.Popen(
@@ -330,7 +330,7 @@ PREPROCESS_KILLS = [*preprocess_child.KILL_POINTS, "output-deleted-first"]
 def test_kill_9_at_each_point_of_a_preprocess_then_a_rerun_equals_a_clean_run(
     point: str, clean_store: Store, preprocess_client: object, tmp_path: Path
 ) -> None:
-    from tasks.preprocess import run_preprocess
+    from softcon.tasks.preprocess import run_preprocess
 
     config = clean_store.config.model_copy(update={"out": str(tmp_path / "store.zarr")})
     clean = _store_record(clean_store.config.out)
@@ -365,7 +365,7 @@ TRAIN_CHILD = """
 import sys
 import torch
 from softcon.config import TrainConfig
-from tasks.train import run_training
+from softcon.tasks.train import run_training
 
 torch.set_num_threads(1)
 run_training(TrainConfig.model_validate_json(sys.argv[1]))
@@ -374,7 +374,7 @@ run_training(TrainConfig.model_validate_json(sys.argv[1]))
 
 @pytest.mark.slow
 def test_kill_9_during_training_then_resume_completes_like_a_straight_run(clean_store: Store, tmp_path: Path) -> None:
-    from tasks.train import read_checkpoint, run_training
+    from softcon.tasks.train import read_checkpoint, run_training
 
     store = clean_store.config.out
     config = TrainConfig(
@@ -411,8 +411,8 @@ def test_kill_9_during_training_then_resume_completes_like_a_straight_run(clean_
 def test_two_concurrent_backfills_over_overlapping_dates_leave_no_duplicate_step(
     data_cube: tuple[Path, IngestReport], data_sample: SampleData, tmp_path: Path
 ) -> None:
-    from flows.backfill import backfill_flow
-    from tasks.backfill import done_windows
+    from softcon.flows.backfill import backfill_flow
+    from softcon.tasks.backfill import done_windows
 
     reference, _ = data_cube
     cube = tmp_path / "cube.zarr"
@@ -447,7 +447,7 @@ def test_two_concurrent_backfills_over_overlapping_dates_leave_no_duplicate_step
 def test_concurrent_ledger_writes_keep_every_period(tmp_path: Path) -> None:
     from datetime import date, timedelta
 
-    from tasks.backfill import DateWindow, read_ledger, record_window
+    from softcon.tasks.backfill import DateWindow, read_ledger, record_window
 
     cube = tmp_path / "cube.zarr"
     zarr.open_group(str(cube), mode="w", zarr_format=3).require_group("tiles")
@@ -512,7 +512,7 @@ def test_full_disk_gives_a_clear_error_and_no_partial_step(
 def test_full_disk_fails_the_ingest_flow_at_once_without_retries(
     small_disk: Path, data_sample: SampleData, tmp_path: Path
 ) -> None:
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     config: IngestConfig = sample_ingest_config(data_sample, str(data_sample.items_file), small_disk / "cube.zarr")
     started = time.monotonic()

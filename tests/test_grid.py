@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.grid import tile_from_id, tiles_for_bbox, utm_epsg
+from softcon.tasks.grid import tile_from_id, tiles_for_bbox, utm_epsg
 
 
 def test_utm_zone_north_and_south() -> None:

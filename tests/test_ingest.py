@@ -21,9 +21,9 @@ from pyproj import Transformer
 from real_data import REAL
 
 from softcon.config import IngestConfig
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.stac_server import serve_stac
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_server import serve_stac
 
 VIRGINIA = REAL / "sentinel2_l1c_virginia"
 
@@ -119,7 +119,7 @@ def test_unreadable_item_is_skipped_and_reported(data_sample: SampleData, tmp_pa
 
 
 def _virginia_items(folder: Path) -> dict:
-    from tasks.collections import S2_BAND_TO_EARTHSEARCH
+    from softcon.tasks.collections import S2_BAND_TO_EARTHSEARCH
 
     assets = {}
     for band, key in S2_BAND_TO_EARTHSEARCH.items():
@@ -192,8 +192,8 @@ def test_tile_created_with_zarr_matches_what_xarray_writes(tmp_path: Path) -> No
     """``create_tile`` writes the same files (metadata and coordinate chunks) as the xarray template's to_zarr."""
     import warnings
 
-    from tasks.cube_store import _tile_template, create_tile
-    from tasks.grid import tiles_for_bbox
+    from softcon.tasks.cube_store import _tile_template, create_tile
+    from softcon.tasks.grid import tiles_for_bbox
 
     tile = tiles_for_bbox((11.0, 46.49, 11.02, 46.51), resolution=10, tile_size=64)[0]
     bands = ["B02", "B8A", "B12"]

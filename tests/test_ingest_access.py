@@ -30,13 +30,13 @@ from data_fixtures import (  # noqa: F401  (fixtures)
 from header_proxy import HeaderProxy, serve_header_proxy
 from shapely.geometry import box, mapping
 
-import tasks.ingest as ingest
-import tasks.scene_load as scene_load
+import softcon.tasks.ingest as ingest
+import softcon.tasks.scene_load as scene_load
 from softcon.config import IngestConfig
-from tasks.grid import tile_from_id
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.stac_access import url_signer
+from softcon.tasks.grid import tile_from_id
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_access import url_signer
 
 BLOB = {  # Planetary Computer storage account and container of each collection's assets
     "sentinel-2-l2a": "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2",

@@ -10,14 +10,14 @@ import mlflow
 import pytest
 
 from softcon.config import IngestConfig
-from tasks.sample_data import write_sample_data
+from softcon.tasks.sample_data import write_sample_data
 
 
 @pytest.mark.slow
 def test_flow_records_params_metrics_and_the_item_list(tmp_path: Path) -> None:
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.ingest import ingest_flow
+    from softcon.flows.ingest import ingest_flow
 
     sample = write_sample_data(tmp_path / "sample", tiles=1, tile_size=64, dates=3)
     items = json.loads(sample.items_file.read_text())["features"]

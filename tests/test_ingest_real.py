@@ -20,9 +20,9 @@ from rasterio.warp import Resampling, reproject
 from real_data import REAL
 
 from softcon.config import IngestConfig
-from tasks.collections import S2_BAND_TO_EARTHSEARCH
-from tasks.ingest import run_ingest
-from tasks.stac_server import serve_stac
+from softcon.tasks.collections import S2_BAND_TO_EARTHSEARCH
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.stac_server import serve_stac
 
 FRANCE = REAL / "sentinel1_rtc_france" / "S1A__IW___A_20150309T173017_VV_grd_mli_geo_norm_db.tif"
 BEN_S2 = REAL / "bigearthnet" / "BigEarthNet-S2-Example"

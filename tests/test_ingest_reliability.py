@@ -22,10 +22,10 @@ from data_fixtures import (  # noqa: F401  (fixtures)
     sample_ingest_config,
 )
 
-import tasks.scene_load as scene_load
-from tasks.ingest import IngestReport, run_ingest
-from tasks.sample_data import SampleData
-from tasks.stac_access import is_transient, with_retries
+import softcon.tasks.scene_load as scene_load
+from softcon.tasks.ingest import IngestReport, run_ingest
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_access import is_transient, with_retries
 
 CHILD = Path(__file__).resolve().parent / "ingest_child.py"
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import xarray as xr
 import zarr
 
 from softcon.serve import deploy, free_port, serve
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 # The generator's S2 days that pass the default cloud limits: 06-06 is filtered (eo:cloud_cover over 80 %).
 BACKFILL_DAYS = [date(2024, 6, 1), date(2024, 6, 11), date(2024, 6, 16)]

@@ -14,10 +14,11 @@ from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (
 from real_data import REAL
 
 from softcon.config import LabelsConfig
-from tasks.ingest import IngestReport
-from tasks.label_figures import cube_quicklook
-from tasks.labels import read_cube_tiles, run_labels
-from tasks.sample_data import SampleData, read_truth_classes
+from softcon.tasks.cube_store import read_cube_tiles
+from softcon.tasks.ingest import IngestReport
+from softcon.tasks.label_figures import cube_quicklook
+from softcon.tasks.labels import run_labels
+from softcon.tasks.sample_data import SampleData, read_truth_classes
 
 REAL_WORLDCOVER = (
     REAL / "worldcover"
@@ -69,7 +70,7 @@ def test_product_not_overlapping_a_tile_is_an_error(labels_cube: Path) -> None:
 def test_flow_logs_histogram_table_bar_chart_and_quicklook(labels_cube: Path, data_stac_url: str) -> None:
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.labels import labels_flow
+    from softcon.flows.labels import labels_flow
 
     # The temporary Prefect API can take a while to start on a busy machine.
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):

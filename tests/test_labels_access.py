@@ -20,11 +20,11 @@ from fault_proxy import flaky_proxy
 from header_proxy import serve_header_proxy
 
 from softcon.config import LabelsConfig
-from tasks.ingest import IngestReport
-from tasks.labels import run_labels
-from tasks.sample_data import SampleData
-from tasks.stac_access import StacAccess
-from tasks.stac_server import serve_stac
+from softcon.tasks.ingest import IngestReport
+from softcon.tasks.labels import run_labels
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_access import StacAccess
+from softcon.tasks.stac_server import serve_stac
 
 TOKEN = "Bearer s3cret-token"
 

@@ -10,7 +10,7 @@ import zarr
 from affine import Affine
 from real_data import REAL
 
-from tasks.grid import Tile
+from softcon.tasks.grid import Tile
 
 REAL_WORLDCOVER = (
     REAL / "worldcover" / "ESA_WorldCover_10m_2021_v200_N00E006" / "ESA_WorldCover_10m_2021_v200_N00E006_Map.tif"

@@ -18,10 +18,10 @@ from rasterio.windows import from_bounds
 from test_labels_helpers import REAL_WORLDCOVER, TILE_A, TILE_B, make_cube, read_land_cover, write_raster
 
 from softcon.config import LabelsConfig
-from tasks import patches
-from tasks.grid import Tile
-from tasks.labels import run_labels, source_window
-from tasks.schemes import WORLDCOVER
+from softcon.tasks import patches
+from softcon.tasks.grid import Tile
+from softcon.tasks.labels import run_labels, source_window
+from softcon.tasks.schemes import WORLDCOVER
 
 RNG_SEED = 4
 

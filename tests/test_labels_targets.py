@@ -16,9 +16,10 @@ from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (
 from shapely.geometry import box
 
 from softcon.config import LabelsConfig, PreprocessConfig
-from tasks import patches, preprocess
-from tasks.ingest import IngestReport
-from tasks.labels import read_cube_tiles, run_labels
+from softcon.tasks import patches, preprocess
+from softcon.tasks.cube_store import read_cube_tiles
+from softcon.tasks.ingest import IngestReport
+from softcon.tasks.labels import run_labels
 
 PATCH = 16
 

@@ -12,9 +12,9 @@ from shapely.geometry import box
 from test_labels_helpers import TILE_A, TILE_B, make_cube, read_land_cover
 
 from softcon.config import LabelsConfig
-from tasks.labels import run_labels
-from tasks.rasterize import polygon_class_codes, rasterize_polygons
-from tasks.schemes import WORLDCOVER
+from softcon.tasks.labels import run_labels
+from softcon.tasks.rasterize import polygon_class_codes, rasterize_polygons
+from softcon.tasks.schemes import WORLDCOVER
 
 X0, Y0 = TILE_A.x0, TILE_A.y0  # upper-left corner of tile A, UTM 32N metres
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import ProjectionHead
-from models.loss import SoftConLoss, label_similarity, multilabel_loss
+from softcon.models.heads import ProjectionHead
+from softcon.models.loss import SoftConLoss, label_similarity, multilabel_loss
 
 torch.set_num_threads(2)
 

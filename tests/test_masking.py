@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.masking import apply_mask, random_patch_mask, vit_forward_masked
+from softcon.models.masking import apply_mask, random_patch_mask, vit_forward_masked
 
 
 @pytest.mark.parametrize(("ratio", "size", "patch"), [(0.3, 32, 8), (0.5, 32, 4), (0.0, 16, 4), (0.75, 30, 8)])
@@ -43,7 +43,7 @@ def test_bad_ratio_is_refused() -> None:
 
 
 def tiny_vit():
-    from models.encoder import build_encoder
+    from softcon.models.encoder import build_encoder
 
     torch.manual_seed(0)
     return build_encoder("vit_tiny_patch16_224", 3, img_size=64).eval()

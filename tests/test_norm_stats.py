@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import norm_stats
+from softcon.tasks import norm_stats
 
 
 @pytest.fixture

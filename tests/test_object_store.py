@@ -28,14 +28,14 @@ import pytest
 import torch
 from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config
 
-from flows.caching import path_fingerprint
 from softcon.config import LabelsConfig, PreprocessConfig
-from tasks.digest import array_digests
-from tasks.ingest import run_ingest
-from tasks.labels import run_labels
-from tasks.preprocess import run_preprocess
-from tasks.sample_data import write_sample_data
-from tasks.stac_server import serve_stac
+from softcon.flows.caching import path_fingerprint
+from softcon.tasks.digest import array_digests
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.labels import run_labels
+from softcon.tasks.preprocess import run_preprocess
+from softcon.tasks.sample_data import write_sample_data
+from softcon.tasks.stac_server import serve_stac
 
 BUCKET = "softcon"
 WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
@@ -131,7 +131,7 @@ def _aws_env(server: S3Server, secret_key: str) -> dict[str, str]:
 
 
 def _batches(store: str) -> list[dict[str, torch.Tensor]]:
-    from models.data import StoreDataset, make_loader
+    from softcon.models.data import StoreDataset, make_loader
 
     return list(make_loader(StoreDataset(store, split="train", seed=3), 8, num_workers=0))
 
@@ -152,9 +152,9 @@ def _logged_text(run_ids: list[str]) -> str:
 
 @pytest.mark.slow
 def test_stages_write_and_read_s3_stores_identical_to_local_ones(s3_env, tmp_path, caplog, capfd):
-    from flows.ingest import ingest_flow
-    from flows.labels import labels_flow
-    from flows.preprocess import preprocess_flow
+    from softcon.flows.ingest import ingest_flow
+    from softcon.flows.labels import labels_flow
+    from softcon.flows.preprocess import preprocess_flow
 
     caplog.set_level(logging.DEBUG, logger="tasks")
     caplog.set_level(logging.DEBUG, logger="flows")

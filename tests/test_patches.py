@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import patches
+from softcon.tasks import patches
 
 
 @pytest.mark.parametrize(

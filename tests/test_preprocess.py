@@ -14,8 +14,9 @@ from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
 from distributed import Client
 
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
-from tasks import split, training_store
-from tasks.preprocess import PreprocessReport, run_preprocess
+from softcon.models import training_store
+from softcon.tasks import split
+from softcon.tasks.preprocess import PreprocessReport, run_preprocess
 
 PATCH = 16
 BLOCK = 32  # 4 split blocks per tile, 8 in all, so val and test both get one
@@ -263,7 +264,7 @@ KILL_SCRIPT = """
 import os, sys, time
 from distributed import Client
 from softcon.config import PreprocessConfig
-from tasks.preprocess import run_preprocess
+from softcon.tasks.preprocess import run_preprocess
 
 config = PreprocessConfig.model_validate_json(sys.argv[1])
 
@@ -387,7 +388,7 @@ def test_default_patch_grid_is_ssl4eo():
 
 
 def test_norm_stats_named_and_flattened_for_mlflow(written):
-    from flows.preprocess import norm_stat_metrics
+    from softcon.flows.preprocess import norm_stat_metrics
 
     stats = written.report.norm_stats
     assert stats["s2"]["names"] == list(S2_L2A_BANDS) and stats["s1"]["names"] == list(S1_POLARIZATIONS)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.probe import (
+from softcon.models.probe import (
     BandStatistics,
     Features,
     f1_samples,

@@ -15,11 +15,11 @@ import xarray as xr
 import zarr
 from store_factory import write_store
 
-from flows.reproduce import config_from_params
-from flows.tracking import flatten_params
 from softcon.config import IngestConfig, TrainConfig
-from tasks.digest import array_digests, compare_digests, state_dict_digests, store_digest
-from tasks.sample_data import write_sample_data
+from softcon.flows.reproduce import config_from_params
+from softcon.flows.tracking import flatten_params
+from softcon.tasks.digest import array_digests, compare_digests, state_dict_digests, store_digest
+from softcon.tasks.sample_data import write_sample_data
 
 
 @pytest.mark.parametrize(
@@ -98,8 +98,8 @@ def test_state_dict_digests_see_one_changed_weight(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_reproduce_ingest_gives_the_same_bytes_and_notices_a_changed_cube(tmp_path: Path) -> None:
-    from flows.ingest import ingest_flow
-    from flows.reproduce import reproduce_run
+    from softcon.flows.ingest import ingest_flow
+    from softcon.flows.reproduce import reproduce_run
 
     sample = write_sample_data(tmp_path / "sample", tiles=1, tile_size=64, dates=4)
     cube = tmp_path / "cube.zarr"
@@ -124,8 +124,8 @@ def test_reproduce_ingest_gives_the_same_bytes_and_notices_a_changed_cube(tmp_pa
 
 @pytest.mark.slow
 def test_reproduce_cpu_training_gives_identical_weights(tmp_path: Path) -> None:
-    from flows.reproduce import reproduce_run
-    from flows.train import train_flow
+    from softcon.flows.reproduce import reproduce_run
+    from softcon.flows.train import train_flow
 
     store = write_store(tmp_path / "store.zarr")
     config = TrainConfig(

@@ -1,6 +1,6 @@
 """A re-run finishes the job and never accepts damaged output: what preprocess and ingest do with what they find.
 
-Preprocess compares a finished store with the manifest it recorded (``tasks/training_store.py: find_damage``):
+Preprocess compares a finished store with the manifest it recorded (``models/training_store.py: find_damage``):
 lost or changed image shards are written again, anything else rebuilds the store. Ingest checks the tiles it
 will write before it writes (``tasks/ingest.py: check_tiles``): a lost chunk of a day it holds is written again,
 any other damage stops it with the problem and the fix. Each repaired output is compared with a clean one
@@ -27,14 +27,14 @@ from distributed import Client
 from test_object_store import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
 
 from softcon.config import IngestConfig, PreprocessConfig
-from tasks import training_store
-from tasks.check_store import REPAIR_STORE, check_store
-from tasks.cube_store import CubeDamageError, NewSteps, append_steps, open_tile, tile_lock
-from tasks.digest import array_digests
-from tasks.grid import tiles_for_bbox
-from tasks.ingest import run_ingest
-from tasks.preprocess import run_preprocess
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.models import training_store
+from softcon.tasks.check_store import REPAIR_STORE, check_store
+from softcon.tasks.cube_store import CubeDamageError, NewSteps, append_steps, open_tile, tile_lock
+from softcon.tasks.digest import array_digests
+from softcon.tasks.grid import tiles_for_bbox
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.preprocess import run_preprocess
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 TILE_SIZE = 64
 
@@ -121,7 +121,7 @@ def test_a_lost_or_changed_image_shard_is_written_again_and_nothing_else(
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     others = {key: value for key, value in _shard_files(out).items() if f"/c/{block}/" not in key}
 
-    with caplog.at_level(logging.WARNING, logger="tasks.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="softcon.tasks.preprocess"):
         report = run_preprocess(store, client=client)
 
     change = "missing" if damage.endswith("deleted") else "changed"
@@ -164,7 +164,7 @@ def test_changed_metadata_attributes_or_tables_rebuild_the_store(
     else:
         del group.attrs[training_store.MANIFEST_ATTR]
 
-    with caplog.at_level(logging.WARNING, logger="tasks.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="softcon.tasks.preprocess"):
         report = run_preprocess(store, client=client)
 
     assert found in report.damage and found in caplog.text and "rebuilding it from the cube" in caplog.text
@@ -307,7 +307,7 @@ def test_a_lost_chunk_file_of_a_recorded_day_is_written_again(
     (problem,) = check_store(cube.cube).problems
     assert problem.path == f"tiles/{clean_cube.tile_id}/{array}" and problem.steps == (step,)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.ingest"):
+    with caplog.at_level(logging.WARNING, logger="softcon.tasks.ingest"):
         report = run_ingest(cube)
 
     assert report.tile_dates_repaired == 1 and report.tile_dates_written == 0

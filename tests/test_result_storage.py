@@ -28,10 +28,10 @@ from prefect.results import ResultStore
 from test_labels_helpers import TILE_A, make_cube, write_raster
 from test_object_store import BUCKET, S3Server, _aws_env, s3_env, s3_server  # noqa: F401  (fixtures, by name)
 
-from flows.result_storage import ResultStorageError, check_result_storage, task_result_storage
 from softcon.config import LabelsConfig
+from softcon.flows.result_storage import ResultStorageError, check_result_storage, task_result_storage
 from softcon.settings import get_settings
-from tasks.labels import run_labels
+from softcon.tasks.labels import run_labels
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_HIT = "Finished in state Cached(type=COMPLETED)"
@@ -41,7 +41,7 @@ from softcon.settings import configure_runtime
 
 configure_runtime()  # as the CLI does: Prefect and MLflow records under this pod's SOFTCON_HOME
 
-from flows.labels import labels_flow
+from softcon.flows.labels import labels_flow
 from softcon.config import LabelsConfig
 
 result = labels_flow(LabelsConfig.model_validate_json(sys.argv[1]), experiment="result-storage")

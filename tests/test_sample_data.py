@@ -8,8 +8,8 @@ import numpy as np
 import rasterio
 from data_fixtures import SAMPLE_TILE_SIZE, data_sample  # noqa: F401
 
-from tasks.grid import tiles_for_bbox
-from tasks.sample_data import SampleData, write_sample_data
+from softcon.tasks.grid import tiles_for_bbox
+from softcon.tasks.sample_data import SampleData, write_sample_data
 
 
 def _read(path: str | Path) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_items_look_like_earth_search_and_planetary_computer(data_sample: Sample
 
 
 def test_spectra_are_plausible(data_sample: SampleData) -> None:
-    from tasks.sample_data import read_truth_classes  # the generator's own class map
+    from softcon.tasks.sample_data import read_truth_classes  # the generator's own class map
 
     tile = tiles_for_bbox(data_sample.bbox, resolution=10, tile_size=SAMPLE_TILE_SIZE)[0]
     item_dir = data_sample.root / "s2" / f"S2B_32TPS_{data_sample.s2_dates[0]:%Y%m%d}_0_L2A"

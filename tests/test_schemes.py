@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_labels_helpers import BIGEARTHNET
 
-from tasks.schemes import (
+from softcon.tasks.schemes import (
     CORINE_BIGEARTHNET19,
     DYNAMIC_WORLD,
     IO_LULC,

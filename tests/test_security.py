@@ -23,13 +23,13 @@ from data_fixtures import data_sample, data_stac_url, sample_ingest_config  # no
 from header_proxy import HeaderProxy, serve_header_proxy
 
 import softcon.serve as serve
-from flows.reproduce import reproduce_run
 from softcon.config import PreprocessConfig
-from tasks.grid import tile_from_id
-from tasks.ingest import run_ingest
-from tasks.preprocess import _dask_client
-from tasks.sample_data import SampleData
-from tasks.stac_server import serve_stac
+from softcon.flows.reproduce import reproduce_run
+from softcon.tasks.grid import tile_from_id
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.preprocess import _dask_client
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_server import serve_stac
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("flows", "tasks", "models", "softcon", "bench", "tests", "docs", "infra")

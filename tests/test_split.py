@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import split
+from softcon.tasks import split
 
 BLOCKS = [(f"tile{t}", r, c) for t in range(3) for r in range(3) for c in range(3)]
 

@@ -6,8 +6,8 @@ import urllib.request
 from data_fixtures import data_sample, data_stac_url  # noqa: F401  (fixtures)
 from pystac_client import Client
 
-from tasks.sample_data import SampleData
-from tasks.stac_server import serve_stac
+from softcon.tasks.sample_data import SampleData
+from softcon.tasks.stac_server import serve_stac
 
 
 def test_search_by_collection_bbox_and_datetime(data_sample: SampleData, data_stac_url: str) -> None:

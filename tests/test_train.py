@@ -10,10 +10,10 @@ import pytest
 import torch
 from store_factory import SyntheticStore, write_store
 
-from models.data import StoreDataset, collate_batch, make_loader
-from models.distributed import DistributedContext, ShardedBatchSampler
 from softcon.config import TrainConfig
-from tasks.train import collapse_warning, decode_threads, load_encoder, read_checkpoint, run_training
+from softcon.models.data import StoreDataset, collate_batch, make_loader
+from softcon.models.distributed import DistributedContext, ShardedBatchSampler
+from softcon.tasks.train import collapse_warning, decode_threads, load_encoder, read_checkpoint, run_training
 
 torch.set_num_threads(2)
 
@@ -71,7 +71,7 @@ def test_training_loads_through_make_loader(
         calls[-1]["loader"] = loader
         return loader
 
-    monkeypatch.setattr("tasks.train.make_loader", spy)
+    monkeypatch.setattr("softcon.tasks.train.make_loader", spy)
     steps_per_epoch = len(StoreDataset(store.path)) // 8
     run_training(tiny_config(store, tmp_path, steps=steps_per_epoch + 1, num_workers=1))
     assert [call["epoch"] for call in calls] == [0, 1]
@@ -160,7 +160,7 @@ def test_vit_student_is_masked_with_its_mask_token(tmp_path: Path) -> None:
 
 
 def test_collapse_guard_warns_when_the_embedding_std_nears_zero(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+    with caplog.at_level(logging.WARNING, logger="softcon.tasks.train"):
         assert not collapse_warning(1 / 16 * 0.9, 256, step=5)  # healthy: ~1/sqrt(256)
         assert not caplog.records
         assert collapse_warning(1e-4, 256, step=7)
@@ -170,7 +170,9 @@ def test_collapse_guard_warns_when_the_embedding_std_nears_zero(caplog: pytest.L
 def test_indivisible_ddp_batch_is_refused_before_any_work(
     store: SyntheticStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tasks.train.init_distributed", lambda device_type: DistributedContext(rank=0, world_size=3))
+    monkeypatch.setattr(
+        "softcon.tasks.train.init_distributed", lambda device_type: DistributedContext(rank=0, world_size=3)
+    )
     with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
         run_training(tiny_config(store, tmp_path))
     assert not any(tmp_path.iterdir())

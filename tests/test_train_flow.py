@@ -17,7 +17,7 @@ def test_train_run_records_params_metrics_system_metrics_and_a_registered_encode
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-    from flows.train import train_flow
+    from softcon.flows.train import train_flow
     from softcon.settings import get_settings
 
     store = write_store(tmp_path / "store.zarr")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -80,6 +81,21 @@ PLAN_DTYPES: dict[str, str] = {
 def block_bounds(n_samples: int, samples_per_block: int) -> list[tuple[int, int]]:
     """[start, stop) sample ranges of the write blocks (each one shard of the image arrays)."""
     return [(start, min(start + samples_per_block, n_samples)) for start in range(0, n_samples, samples_per_block)]
+
+
+def open_store(store: str | Path) -> zarr.Group:
+    """Open a training store read-only, refusing one with an unknown schema version."""
+    try:
+        group = zarr.open_group(str(store), mode="r")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"training store {store} does not exist") from error
+    version = group.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"training store {store} has schema_version {version!r}; this code reads schema_version "
+            f"{SCHEMA_VERSION} (re-run `softcon preprocess` to rewrite it)"
+        )
+    return group
 
 
 def read_store_attrs(out: str) -> dict[str, Any] | None:
