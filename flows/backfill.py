@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import time
 from datetime import date, timedelta
-from typing import Annotated
+from typing import Annotated, cast
+from uuid import UUID
 from zoneinfo import ZoneInfo
 
 import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
@@ -162,20 +164,25 @@ def _run_children_on_deployment(
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
                 window = pending.pop(0)
-                child = run_deployment(
-                    deployment,
-                    parameters=_child_parameters(window_config(request, window), parent_run_id, experiment, refresh),
-                    flow_run_name=f"ingest-{window.label}",
-                    timeout=0,  # return at once; this loop waits
-                    # A parent retried after a crash re-attaches to the child it already started.
-                    idempotency_key=f"backfill:{flow_run.id}:{window.label}",
-                    tags=["backfill"],
+                child = cast(  # run_deployment is sync-compatible: called from a sync flow it returns the run
+                    FlowRun,
+                    run_deployment(
+                        deployment,
+                        parameters=_child_parameters(
+                            window_config(request, window), parent_run_id, experiment, refresh
+                        ),
+                        flow_run_name=f"ingest-{window.label}",
+                        timeout=0,  # return at once; this loop waits
+                        # A parent retried after a crash re-attaches to the child it already started.
+                        idempotency_key=f"backfill:{flow_run.id}:{window.label}",
+                        tags=["backfill"],
+                    ),
                 )
                 in_flight[str(child.id)] = window
                 logger.info("period %s: started child flow run %s", window.label, child.name)
             time.sleep(poll_seconds)
             for child_id, window in list(in_flight.items()):
-                state = client.read_flow_run(child_id).state
+                state = client.read_flow_run(UUID(child_id)).state
                 if state is None or not state.is_final():
                     continue
                 del in_flight[child_id]

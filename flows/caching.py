@@ -43,12 +43,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, task
+from prefect import State, Task, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy, Inputs
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from softcon.flows.outputs import Produced, restore_from_mlflow, stale_reason, states
+from softcon.tasks.cube_store import quiet_lock_folder
 from softcon.tasks.stac_access import is_url
 
 FULL_HASH_LIMIT = 64 * 2**20
@@ -65,7 +66,8 @@ def _zarr_url_fingerprint(url: str) -> str | None:
 
     try:
         root = zarr.open_group(url, mode="r", use_consolidated=False)
-        nodes = [("", root), *sorted(root.members(max_depth=None), key=lambda pair: pair[0])]
+        with quiet_lock_folder():
+            nodes = [("", root), *sorted(root.members(max_depth=None), key=lambda pair: pair[0])]
     except Exception as error:  # an absent store, missing credentials, an unreachable endpoint: key on the URL
         logger.debug("no Zarr fingerprint for %s (%s); keying on the URL", url, type(error).__name__)
         return None
@@ -258,14 +260,12 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
 STAGE_POLICIES: dict[str, _Policy] = {
     # Ingest reads the cube (which days it holds) and writes it: its state is checked as ingest's output, not
     # keyed, so an untouched cube gives a cache hit and a deleted or damaged one runs again.
-    "ingest": _Policy(
-        data_fields=(), outputs=lambda report: [report.cube], exclude_inputs=("on_progress",), parts=_ingested_parts
-    ),
+    "ingest": _Policy(data_fields=(), outputs=lambda report: [report.cube], parts=_ingested_parts),
     "labels": _Policy(data_fields=("source",), outputs=lambda report: [report.cube], parts=_landcover_parts),
     "preprocess": _Policy(
         data_fields=("cube",),
         outputs=lambda report: [report.store],
-        exclude_inputs=("client", "on_progress", "on_dashboard"),
+        exclude_inputs=("client",),
     ),
     "train": _Policy(
         data_fields=("store", "weights"),
@@ -307,11 +307,22 @@ def cache_options(stage: str) -> dict[str, Any]:
     return options
 
 
+LASTING_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotImplementedError)
+"""Errors a stage raises on purpose about its input (bad input, a missing file or store): running the same task
+again gives the same error, so they are not retried, and the CLI prints them as one line."""
+
+
+def retry_unless_lasting(_task: object, _task_run: object, state: State) -> bool:
+    """Retry a failed stage task unless its error is one that waiting does not fix (``LASTING_ERRORS``)."""
+    return not isinstance(state.result(raise_on_failure=False), LASTING_ERRORS)
+
+
 def stage_task(fn: Callable[..., Any], stage: str, **options: Any) -> Task[..., Produced[Any]]:
     """``fn`` as the stage's Prefect task: cached under the stage's policy, returning :class:`Produced`.
 
     The wrapper keeps ``fn``'s signature and source for Prefect (parameters, ``TASK_SOURCE``), so the key
-    changes when ``fn``'s code does; callers take ``.value`` of what it returns.
+    changes when ``fn``'s code does; callers take ``.value`` of what it returns. Retries (``options``) skip
+    ``LASTING_ERRORS`` unless a ``retry_condition_fn`` is given.
     """
     spec = STAGE_POLICIES[stage]
 
@@ -319,4 +330,5 @@ def stage_task(fn: Callable[..., Any], stage: str, **options: Any) -> Task[..., 
     def run(*args: Any, **kwargs: Any) -> Produced[Any]:
         return spec.produced(fn(*args, **kwargs))
 
+    options.setdefault("retry_condition_fn", retry_unless_lasting)
     return task(run, **options, **cache_options(stage))

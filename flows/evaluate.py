@@ -8,18 +8,18 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 
 from softcon.config import EvaluateConfig
 from softcon.flows.caching import stage_task
 from softcon.flows.result import StageResult
-from softcon.flows.tracking import stage_run
+from softcon.flows.tracking import run_stage
 from softcon.settings import get_settings
 from softcon.tasks.compare import comparison_table, write_report
 from softcon.tasks.evaluate import run_evaluation
 
 evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encoder")
-report_task = task(write_report, name="comparison-report")
+report_task = task(name="comparison-report")(write_report)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -82,22 +82,20 @@ def evaluate_flow(
 ) -> StageResult:
     """Probe the frozen encoder of ``config.model`` and the baselines on each dataset; log metrics, the
     cached features, the comparison table and the plots."""
-    logger = get_run_logger()
     if config.model is None:
         raise ValueError("evaluate needs a model: pass --model MLFLOW_RUN_ID_OR_CHECKPOINT")
-    with stage_run("evaluate", config, parent_run_id=parent_run_id, experiment=experiment) as run:
+    with run_stage("evaluate", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
         checkpoint = resolve_checkpoint(config.model)
         baselines = [resolve_baseline(spec) for spec in config.baselines]
-        result = evaluate_task.with_options(refresh_cache=refresh)(config, checkpoint, baselines).value
-        mlflow.log_metrics(result.metrics)
+        result = stage.call(evaluate_task, config, checkpoint, baselines)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")
         for path in sorted({path for r in result.results for path in r.feature_files}):
             mlflow.log_artifact(str(path), artifact_path="features")
-        report = report_task(result, Path(config.out) / "reports" / run.info.run_id, plots=config.plots)
+        report = report_task(result, Path(config.out) / "reports" / stage.run_id, plots=config.plots)
         for path in report:
             mlflow.log_artifact(str(path), artifact_path="report")
         for r in result.results:
-            logger.info(
+            stage.logger.info(
                 "%s on %s: linear-probe mAP micro %.3f macro %.3f, kNN mAP micro %.3f%s",
                 r.encoder,
                 r.dataset,
@@ -106,6 +104,8 @@ def evaluate_flow(
                 r.metrics["knn_map_micro"],
                 " — COLLAPSED features" if r.collapsed else "",
             )
-        logger.info("comparison table (MLflow artifact report/comparison.md):\n%s", comparison_table(result.results))
+        stage.logger.info(
+            "comparison table (MLflow artifact report/comparison.md):\n%s", comparison_table(result.results)
+        )
         dataset = config.store or config.bigearthnet or ""
-        return StageResult(stage="evaluate", run_id=run.info.run_id, output=dataset, metrics=result.metrics)
+        return stage.result(dataset, result.metrics)

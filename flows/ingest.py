@@ -8,19 +8,20 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from prefect import State, flow, get_run_logger
+from prefect import State, flow
 
 from softcon.config import IngestConfig
-from softcon.flows.caching import stage_task
+from softcon.flows.caching import retry_unless_lasting, stage_task
 from softcon.flows.result import StageResult
-from softcon.flows.tracking import stage_run
+from softcon.flows.tracking import run_stage
 from softcon.tasks.cube_store import CubeDamageError, StoreFullError
 from softcon.tasks.ingest import run_ingest
 
 
-def _retry_unless_lasting(_task: object, _task_run: object, state: State) -> bool:
-    """Retry the ingest task on failure, except on a full disk or a damaged cube: waiting fixes neither."""
-    return not isinstance(state.result(raise_on_failure=False), StoreFullError | CubeDamageError)
+def _retry_unless_lasting(task: object, task_run: object, state: State) -> bool:
+    """Retry the ingest task on failure, except on a full disk, a damaged cube or bad input: waiting fixes none."""
+    lasting = isinstance(state.result(raise_on_failure=False), StoreFullError | CubeDamageError)
+    return not lasting and retry_unless_lasting(task, task_run, state)
 
 
 ingest_task = stage_task(
@@ -34,11 +35,8 @@ def ingest_flow(
     config: IngestConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Ingest every item matching the request onto the tile grid; re-running adds only new dates."""
-    logger = get_run_logger()
-    with stage_run("ingest", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = ingest_task.with_options(refresh_cache=refresh)(config).value
-        metrics = report.metrics()
-        mlflow.log_metrics(metrics)
+    with run_stage("ingest", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
+        report = stage.call(ingest_task, config)
         with tempfile.TemporaryDirectory() as folder:
             # The run's record: every item and what happened to it, the failed ones with their reason.
             files = {
@@ -51,8 +49,8 @@ def ingest_flow(
                 path.write_text(json.dumps(content, indent=2, default=str, sort_keys=True))
                 mlflow.log_artifact(str(path))
         if report.items_failed:
-            logger.warning("%d items failed and were skipped: %s", len(report.items_failed), report.failures)
-        logger.info(
+            stage.logger.warning("%d items failed and were skipped: %s", len(report.items_failed), report.failures)
+        stage.logger.info(
             "ingested %d items into %d tiles of %s (%d tile-dates written, %.1f MB/s)",
             report.items_ingested,
             len(report.tiles),
@@ -60,4 +58,4 @@ def ingest_flow(
             report.tile_dates_written,
             report.mb_per_s,
         )
-        return StageResult(stage="ingest", run_id=run.info.run_id, output=config.cube, metrics=metrics)
+        return stage.result(config.cube, report.metrics(), warning=report.warning(config))

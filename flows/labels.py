@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from softcon.config import LabelsConfig
 from softcon.flows.caching import stage_task
 from softcon.flows.result import StageResult
-from softcon.flows.tracking import stage_run
+from softcon.flows.tracking import run_stage
 from softcon.tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
 from softcon.tasks.labels import run_labels
 
@@ -20,11 +20,8 @@ def labels_flow(
     config: LabelsConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Write each tile's ``landcover`` array; log the class histogram (table + bar chart) and a quick-look."""
-    logger = get_run_logger()
-    with stage_run("labels", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        report = labels_task.with_options(refresh_cache=refresh)(config).value
-        metrics = report.metrics()
-        mlflow.log_metrics(metrics)
+    with run_stage("labels", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
+        report = stage.call(labels_task, config)
         mlflow.log_dict(
             {"scheme": report.scheme, "class_pixels": report.class_pixels, "unknown_codes": report.unknown_codes,
              "excluded_codes": report.excluded_codes, "resampling": report.resampling},
@@ -36,6 +33,6 @@ def labels_flow(
                           "class_histogram.png")  # fmt: skip
         mlflow.log_figure(cube_quicklook(config.cube, report.tiles), "quicklook.png")
         if report.unknown_codes:
-            logger.warning("codes outside scheme %s (written as nodata): %s", report.scheme, report.unknown_codes)
-        logger.info("labelled %d tiles of %s", len(report.tiles), config.cube)
-        return StageResult(stage="labels", run_id=run.info.run_id, output=config.cube, metrics=metrics)
+            stage.logger.warning("codes outside scheme %s (written as nodata): %s", report.scheme, report.unknown_codes)
+        stage.logger.info("labelled %d tiles of %s", len(report.tiles), config.cube)
+        return stage.result(config.cube, report.metrics())

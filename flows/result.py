@@ -18,6 +18,8 @@ class StageResult(BaseModel):
     metrics: dict[str, float] = {}
     seconds: float = 0.0
     """Wall-clock time of the stage, including Prefect and MLflow overhead."""
+    warning: str | None = None
+    """What went wrong without failing the stage (it wrote nothing, a split is empty) and what to change."""
 
 
 class PipelineResult(BaseModel):

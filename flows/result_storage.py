@@ -20,6 +20,7 @@ from functools import lru_cache
 
 from prefect.filesystems import RemoteFileSystem
 
+from softcon.compat.prefect_storage import read_path_sync, set_block_id, write_path_sync
 from softcon.settings import get_settings
 
 __all__ = ["RESULTS_URL_PROTOCOLS", "ResultStorageError", "check_result_storage", "task_result_storage"]
@@ -75,7 +76,7 @@ def _remote_storage(url: str) -> RemoteFileSystem:
     # client could fetch the block back from the API. These results are found through the task's own storage
     # (every process builds the same one from the setting), never through the API, so the id names no document:
     # a fixed one per URL, not saved in any Prefect database.
-    storage._block_document_id = uuid.uuid5(uuid.NAMESPACE_URL, f"softcon-results:{storage.basepath}")
+    set_block_id(storage, uuid.uuid5(uuid.NAMESPACE_URL, f"softcon-results:{storage.basepath}"))
     return storage
 
 
@@ -101,8 +102,8 @@ def _check_access(url: str) -> None:
     storage = _remote_storage(url)
     probe = f"softcon result storage access check for {url}\n".encode()
     try:
-        storage.write_path(ACCESS_CHECK_KEY, content=probe, _sync=True)
-        readable = storage.read_path(ACCESS_CHECK_KEY, _sync=True) == probe
+        write_path_sync(storage, ACCESS_CHECK_KEY, probe)
+        readable = read_path_sync(storage, ACCESS_CHECK_KEY) == probe
     except Exception as error:  # any failure means the cache cannot work; the cause is chained below
         protocol = urllib.parse.urlsplit(url).scheme.lower()
         raise ResultStorageError(

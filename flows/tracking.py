@@ -1,27 +1,37 @@
-"""MLflow bookkeeping shared by the stage flows: one run per stage, nested under the pipeline's run.
+"""What every stage flow does around its work: one MLflow run per stage, nested under the pipeline's run.
 
 Each stage run carries the stage's full configuration as params, the Prefect flow-run id and the code
 version as tags, so any record in MLflow leads back to the Prefect run and the commit that made it.
+``run_stage`` is the one skeleton of a stage flow: it opens that run, writes the work's progress
+(``softcon.progress``) to the flow-run log, runs the stage's cached task and hands on a ``StageResult``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed
 from pydantic import BaseModel
 
+from softcon import progress
+from softcon.flows.result import StageResult
 from softcon.flows.result_storage import check_result_storage
 from softcon.settings import get_settings
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on one param value
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview (traces, evaluations)."""
 
 
 def code_version() -> str:
@@ -73,9 +83,13 @@ def use_experiment(name: str | None = None) -> str:
     name = name or settings.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=f"{settings.artifact_root}/{name}")
+        experiment_id = mlflow.create_experiment(
+            name, artifact_location=f"{settings.artifact_root}/{name}", tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+        )
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -115,3 +129,90 @@ def stage_run(
     ) as run:
         mlflow.log_params(flatten_params(config))
         yield run
+
+
+WARNING_TAG = "softcon.warning"
+"""MLflow run tag holding a stage's warning (it wrote nothing, a split is empty)."""
+
+
+def completed_with_warning(result: Any) -> Any:
+    """A flow's return value: ``result`` itself, or a Completed state whose message is ``result.warning``.
+
+    Prefect shows a returned state's message on the flow run, and a caller of the flow still gets ``result``.
+    The warning is also logged and tagged on the active MLflow run.
+    """
+    if not result.warning:
+        return result
+    get_run_logger().warning(result.warning)
+    mlflow.set_tag(WARNING_TAG, result.warning[:5000])
+    return Completed(message=result.warning, data=result)
+
+
+@dataclass
+class ProgressLog:
+    """The work's progress into the flow-run log, about every tenth of each step; links as MLflow run tags."""
+
+    run_id: str
+    logger: logging.Logger | logging.LoggerAdapter
+    last_logged: dict[str, int] = field(default_factory=dict)
+
+    def on_progress(self, step: str, done: int, total: int) -> None:
+        every = max(total // 10, 1)
+        if done == total or done - self.last_logged.get(step, -every) >= every:
+            self.last_logged[step] = done
+            self.logger.info("%s %d/%d", step, done, total)
+
+    def on_link(self, name: str, url: str) -> None:
+        # Tagged as soon as it is announced, so the link is in MLflow while the work runs; by run id, because
+        # the task may run in another thread than the flow's active run.
+        mlflow.MlflowClient().set_tag(self.run_id, name, url)
+        self.logger.info("%s: %s", name, url)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An open stage run: its MLflow run, the flow-run logger, and whether the cache is bypassed."""
+
+    name: str
+    run_id: str
+    logger: logging.Logger | logging.LoggerAdapter
+    refresh: bool
+
+    def call(self, task: Task, *args: Any, **kwargs: Any) -> Any:
+        """Run one of the stage's tasks (``flows/caching.py`` ``stage_task``) through the Prefect cache; its value."""
+        return task.with_options(refresh_cache=self.refresh)(*args, **kwargs).value
+
+    def result(self, output: str, metrics: dict[str, float], *, warning: str | None = None) -> Any:
+        """Log the stage's metrics on its run and hand its outcome on, as the flow returns it.
+
+        A ``warning`` (the stage wrote nothing, a split is empty: why, and what to change) goes to the flow-run
+        log, onto the MLflow run as the tag ``softcon.warning``, and into the flow run's final state as its
+        message, which the Prefect UI shows on the run; callers of the flow still receive the ``StageResult``.
+        """
+        mlflow.log_metrics(metrics)
+        result = StageResult(stage=self.name, run_id=self.run_id, output=output, metrics=metrics, warning=warning)
+        return completed_with_warning(result)
+
+
+@contextmanager
+def run_stage(
+    name: str,
+    config: BaseModel,
+    *,
+    parent_run_id: str | None = None,
+    experiment: str | None = None,
+    refresh: bool = False,
+) -> Iterator[Stage]:
+    """The skeleton of a stage flow: its MLflow run (``stage_run``) with the work's progress in the flow-run log.
+
+    Example (a stage flow)::
+
+        with run_stage("labels", config, parent_run_id=..., experiment=..., refresh=refresh) as stage:
+            report = stage.call(labels_task, config)
+            return stage.result(config.cube, report.metrics())
+    """
+    logger = get_run_logger()
+    with stage_run(name, config, parent_run_id=parent_run_id, experiment=experiment) as run:
+        log = ProgressLog(run.info.run_id, logger)
+        with progress.listen(log.on_progress, log.on_link):
+            yield Stage(name=name, run_id=run.info.run_id, logger=logger, refresh=refresh)

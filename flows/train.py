@@ -10,17 +10,18 @@ an MLflow model with an input/output signature, registered under ``config.regist
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import mlflow
 import torch
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from softcon.config import TrainConfig
 from softcon.flows.caching import stage_task
 from softcon.flows.result import StageResult
-from softcon.flows.tracking import stage_run
+from softcon.flows.tracking import run_stage
 from softcon.tasks.train import load_encoder, run_training
 
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -71,17 +72,13 @@ def system_metrics(run_id: str, *, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from softcon.compat.mlflow_monitor import finish_system_metrics, start_system_metrics
 
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
-    monitor.start()
+    monitor = start_system_metrics(run_id, SYSTEM_METRICS_INTERVAL_S)
     try:
         yield
     finally:
-        monitor.finish()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
+        finish_system_metrics(monitor)
 
 
 def log_encoder(checkpoint: str, registered_model_name: str | None = None) -> str:
@@ -113,17 +110,28 @@ def train_flow(
     config: TrainConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
-    logger = get_run_logger()
-    with stage_run("train", config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        with system_metrics(run.info.run_id, enabled=config.log_system_metrics):
-            result = train_task.with_options(refresh_cache=refresh)(
-                config, on_metrics=StepLogger(run.info.run_id, config.steps, logger)
-            ).value
+    with run_stage("train", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
+        with system_metrics(stage.run_id, enabled=config.log_system_metrics):
+            result = stage.call(train_task, config, on_metrics=StepLogger(stage.run_id, config.steps, stage.logger))
         mlflow.log_metrics(
             {f"final_{name}": value for name, value in result.metrics.items()}
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}
         )
         mlflow.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
         log_encoder(str(result.checkpoint), config.registered_model_name)
-        logger.info("trained %s for %d steps: loss %.4f", config.backbone, result.steps, result.metrics["loss"])
-        return StageResult(stage="train", run_id=run.info.run_id, output=str(result.checkpoint), metrics=result.metrics)
+        stage.logger.info("trained %s for %d steps: loss %.4f", config.backbone, result.steps, result.metrics["loss"])
+        return StageResult(stage="train", run_id=stage.run_id, output=str(result.checkpoint), metrics=result.metrics)
+
+
+def train_on_this_rank(config: TrainConfig, *, refresh: bool = False) -> StageResult | None:
+    """The train stage as each process of a ``torchrun`` job runs it (one process alone is rank 0).
+
+    Rank 0 runs ``train_flow``, which records to MLflow; the other ranks run the same training loop, which joins
+    the process group and leaves logging and checkpoints to rank 0, and return None. Under torchrun the cache is
+    bypassed: a cached result on rank 0 would leave the other ranks waiting for it.
+    """
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1 and rank != 0:
+        run_training(config)
+        return None
+    return train_flow(config, refresh=refresh or world_size > 1)

@@ -47,10 +47,10 @@ import numpy as np
 import torch
 import zarr
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate, get_worker_info
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
+from softcon.compat.torch_internals import storage_use_count
+from softcon.compat.zarr_internals import chunk_key, sharding_layout
 from softcon.models.training_store import open_store
 
 Sensor = Literal["s2", "s1"]
@@ -84,30 +84,20 @@ class SampleReader:
         self._lock = threading.Lock()  # the index cache is shared by a dataset's decode threads
         self.root: Path | None = None
         self.blosc = False
-        codecs = array.metadata.codecs
-        if not (
-            isinstance(array.store, LocalStore)
-            and sys.byteorder == "little"
-            and len(codecs) == 1
-            and isinstance(codecs[0], ShardingCodec)
-        ):
+        layout = sharding_layout(array)
+        shards = array.shards
+        if not (isinstance(array.store, LocalStore) and sys.byteorder == "little" and layout is not None and shards):
             return
-        sharding = codecs[0]
-        inner = list(sharding.codecs)
-        index_codecs = [type(codec) for codec in sharding.index_codecs]
         if (
-            tuple(sharding.chunk_shape) != (1, *self.sample_shape)
-            or sharding.index_location != ShardingCodecIndexLocation.end
-            or index_codecs != [BytesCodec, Crc32cCodec]
-            or not inner
-            or not isinstance(inner[0], BytesCodec)
-            or (inner[0].endian is not None and inner[0].endian.value != "little")
-            or len(inner) > 2
-            or (len(inner) == 2 and not isinstance(inner[1], BloscCodec))
+            layout.chunk_shape != (1, *self.sample_shape)
+            or not layout.index_at_end
+            or layout.index_codecs != ("bytes", "crc32c")
+            or layout.codecs not in (("bytes",), ("bytes", "blosc"))
+            or layout.endian not in (None, "little")
         ):
             return
-        self.blosc = len(inner) == 2
-        self.per_shard = int(array.shards[0])
+        self.blosc = layout.codecs == ("bytes", "blosc")
+        self.per_shard = int(shards[0])
         self.root = Path(array.store.root)
 
     def _index(self, shard: int) -> np.ndarray | None:
@@ -117,7 +107,7 @@ class SampleReader:
                 self.indexes.move_to_end(shard)
                 return self.indexes[shard]
         assert self.root is not None
-        key = self.array.metadata.encode_chunk_key((shard,) + (0,) * len(self.sample_shape))
+        key = chunk_key(self.array, (shard,) + (0,) * len(self.sample_shape))
         path = self.root / self.array.path / key
         try:
             with open(path, "rb") as file:
@@ -139,7 +129,7 @@ class SampleReader:
     def read(self, sample: int) -> np.ndarray:
         """Raw (C, H, W) values of store sample ``sample`` in a new array."""
         if self.root is None:
-            return self.array[sample]
+            return np.asarray(self.array[sample])
         return self.read_into(sample, np.empty(self.sample_shape, self.dtype))
 
     def read_into(self, sample: int, out: np.ndarray) -> np.ndarray:
@@ -156,7 +146,7 @@ class SampleReader:
             out.fill(self.array.fill_value)
             return out
         offset, size = (int(v) for v in index[position])
-        key = self.array.metadata.encode_chunk_key((shard,) + (0,) * len(self.sample_shape))
+        key = chunk_key(self.array, (shard,) + (0,) * len(self.sample_shape))
         with open(self.root / self.array.path / key, "rb") as file:
             file.seek(offset)
             data = file.read(size)
@@ -167,9 +157,23 @@ class SampleReader:
         return out
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a training store's group."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{node.path} in the training store is a group, not an array")
+    return node
+
+
+def _read(group: zarr.Group, name: str) -> np.ndarray:
+    """All the values of a training store's array (a table: split, labels...) as a numpy array."""
+    return np.asarray(_array(group, name)[:])
+
+
 def split_code(group: zarr.Group, split: str) -> int:
     """The integer code of a split name ("train", "val", "test") in this store."""
-    names = list(group.attrs.get("split_names", ["train", "val", "test"]))
+    attrs: dict[str, Any] = dict(group.attrs)
+    names = list(attrs.get("split_names", ["train", "val", "test"]))
     if split not in names:
         raise ValueError(f"split {split!r} is not one of the store's splits {names}")
     return names.index(split)
@@ -190,9 +194,7 @@ def draw_view_params(
     Always draws the same numbers from ``rng`` whatever the options, so that switching an augmentation
     on or off does not shift the choices of the other ones. At least one channel is always kept.
     """
-    size_h = size_w = crop_size
-    if crop_size is None:
-        size_h, size_w = height, width
+    size_h, size_w = (height, width) if crop_size is None else (crop_size, crop_size)
     top, left = int(rng.integers(0, height - size_h + 1)), int(rng.integers(0, width - size_w + 1))
     flip_w, flip_h = rng.random() < 0.5, rng.random() < 0.5
     turns = int(rng.integers(0, 4))
@@ -298,12 +300,13 @@ class StoreDataset(Dataset):
         self.decode_threads = decode_threads
         self.epoch = 0
         self.cache_blocks = cache_blocks
-        self.attrs = dict(group.attrs)
+        self.attrs: dict[str, Any] = dict(group.attrs)
         self.channel_names: list[str] = list(self.attrs.get("bands" if sensor == "s2" else "pols", []))
         self.class_names: list[str] = list(self.attrs.get("class_names", []))
 
-        image = group[sensor]
-        self.image_shape: tuple[int, int, int] = tuple(image.shape[1:])  # (C, H, W)
+        image = _array(group, sensor)
+        channels, height, width = image.shape[1:]
+        self.image_shape: tuple[int, int, int] = (channels, height, width)  # (C, H, W)
         # A block is what one read decodes: a shard when the array is sharded, else a chunk.
         self.block_size = int((image.shards or image.chunks)[0])
         if crop_size is not None and crop_size > min(self.image_shape[1:]):
@@ -320,11 +323,11 @@ class StoreDataset(Dataset):
             )
 
         code = split_code(group, split)
-        self.indices = np.flatnonzero(group["split"][:] == code)  # (N,) store sample indices, sorted
-        self.labels = torch.from_numpy(group["labels"][:].astype(np.float32))  # (S, K)
-        self.fractions = torch.from_numpy(group["fractions"][:].astype(np.float32))  # (S, K)
-        self.labelled = torch.from_numpy(group["labelled"][:].astype(bool))  # (S,)
-        locations = group["location"][:][self.indices]  # (N,)
+        self.indices = np.flatnonzero(_read(group, "split") == code)  # (N,) store sample indices, sorted
+        self.labels = torch.from_numpy(_read(group, "labels").astype(np.float32))  # (S, K)
+        self.fractions = torch.from_numpy(_read(group, "fractions").astype(np.float32))  # (S, K)
+        self.labelled = torch.from_numpy(_read(group, "labelled").astype(bool))  # (S,)
+        locations = _read(group, "location")[self.indices]  # (N,)
         # Samples of one location in this split (its dates) as a run of ``_by_location``: numpy arrays,
         # a few bytes per sample, instead of Python dicts.
         self._by_location = self.indices[np.argsort(locations, kind="stable")]  # (N,) store indices
@@ -360,7 +363,7 @@ class StoreDataset(Dataset):
     def reader(self) -> SampleReader:
         """This process's reader of the image array (opened on first use, so again in each worker)."""
         if self._reader is None:
-            array = zarr.open_group(self.store, mode="r")[self.sensor]
+            array = _array(zarr.open_group(self.store, mode="r"), self.sensor)
             self._reader = SampleReader(array, index_cache=self.cache_blocks)
         self._reader.index_cache = self.cache_blocks  # make_loader may have raised it
         return self._reader
@@ -613,10 +616,7 @@ class BatchPool:
 
 def _storage_users(tensor: torch.Tensor) -> int:
     """Tensors sharing ``tensor``'s storage (itself included); 0 where torch does not tell, so never reused."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
-        return 0
-    return use_count(tensor.untyped_storage()._cdata) - 1  # less the temporary storage object of this call
+    return storage_use_count(tensor) or 0
 
 
 class GpuAugment:
@@ -767,13 +767,16 @@ def make_loader(
         )
     if batch_sampler is None:
         sampler = sampler if sampler is not None else BlockShuffleSampler(dataset, seed=dataset.seed)
+        assert batch_size is not None  # one of the two, checked above
         batch_sampler = BatchSampler(sampler, batch_size, drop_last)
     elif sampler is not None:
         raise ValueError("make_loader takes sampler or batch_sampler, not both (batch_sampler holds its own order)")
     order = getattr(batch_sampler, "sampler", None)  # BatchSampler and ShardedBatchSampler keep the order they cut
     if isinstance(order, BlockShuffleSampler):
         dataset.cache_blocks = max(dataset.cache_blocks, order.buffer_blocks)
-    workers = {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
+    workers: dict[str, Any] = (
+        {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
+    )
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -32,6 +32,7 @@ import timm
 import torch
 from torch import nn
 
+from softcon.compat.timm_dinov2 import convert_dinov2_state_dict
 from softcon.models.masking import add_mask_token
 
 RGB_TO_S2: dict[str, int] = {"B04": 0, "B03": 1, "B02": 2}
@@ -47,7 +48,8 @@ def is_vit(model_or_name: nn.Module | str) -> bool:
 
 def patch_size(model: nn.Module) -> int:
     """A ViT's patch side in pixels (images must be multiples of it)."""
-    size = model.patch_embed.patch_size
+    embed: Any = model.patch_embed  # a timm PatchEmbed (nn.Module types attributes as Tensor | Module)
+    size = embed.patch_size
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
@@ -75,7 +77,7 @@ def build_encoder(
     """
     if in_chans <= 0:
         raise ValueError(f"in_chans must be > 0, got {in_chans}")
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if is_vit(backbone):
         kwargs = {"img_size": img_size or 224, "dynamic_img_size": True}
     try:
@@ -173,9 +175,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, bands: Sequence[str] 
         # original DINOv2 format: (1, D) mask token; the rest (register tokens, SwiGLU names) via timm
         mask_token = state.pop("mask_token").reshape(own["mask_token"].shape)
         if "register_tokens" in state or any(".mlp.w12." in k for k in state):
-            from timm.models.vision_transformer import _convert_dinov2
-
-            state = _convert_dinov2(state, model)
+            state = convert_dinov2_state_dict(state, model)
         state["mask_token"] = mask_token
     elif "mask_token" in own and "mask_token" not in state:
         state["mask_token"] = own["mask_token"]  # no mask token in the file (timm format): keep the init
@@ -194,8 +194,9 @@ def load_pretrained(model: nn.Module, path: str | Path, *, bands: Sequence[str] 
         from timm.layers import resample_abs_pos_embed
 
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        embed: Any = model.patch_embed  # a timm PatchEmbed
         state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+            state["pos_embed"], new_size=list(embed.grid_size), num_prefix_tokens=prefix
         )
 
     missing = sorted(set(own) - set(state))

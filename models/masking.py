@@ -13,9 +13,12 @@ the embedding of every masked patch is replaced by a learnable mask token right 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from softcon.compat.timm_vit import add_position_embedding
 
 
 def random_patch_mask(
@@ -58,7 +61,10 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def add_mask_token(vit: nn.Module) -> None:
     """Give a timm VisionTransformer a learnable ``mask_token`` (1, 1, D) (DINOv2's init: N(0, 0.02))."""
-    token = torch.zeros(1, 1, vit.embed_dim)
+    embed_dim = vit.embed_dim
+    if not isinstance(embed_dim, int):
+        raise TypeError(f"{type(vit).__name__} has no integer embed_dim; is it a timm ViT?")
+    token = torch.zeros(1, 1, embed_dim)
     nn.init.trunc_normal_(token, std=0.02)
     vit.mask_token = nn.Parameter(token)
 
@@ -72,16 +78,18 @@ def vit_forward_masked(vit: nn.Module, x: torch.Tensor, token_mask: torch.Tensor
         token_mask: (B, 1, H/p, W/p) bool, True where the patch is hidden (``random_patch_mask`` with
             ``patch=1`` on the token grid).
     """
-    tokens = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+    # timm ViTs are used by their attributes (VisionTransformer, Eva, ...), which nn.Module's typing cannot see.
+    model: Any = vit
+    tokens = model.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
     B, h, w, D = tokens.shape
     if token_mask.shape != (B, 1, h, w):
         raise ValueError(f"token mask of shape {tuple(token_mask.shape)} does not fit the patch grid {(B, 1, h, w)}")
     hidden = token_mask.reshape(B, h, w, 1)  # (B, h, w, 1)
     # torch.where keeps the mask token in the graph even with nothing masked (DDP wants every parameter used)
-    tokens = torch.where(hidden, vit.mask_token.to(tokens.dtype).view(1, 1, 1, D), tokens)  # (B, h, w, D)
-    tokens = vit._pos_embed(tokens)  # (B, prefix + h*w, D)
-    tokens = vit.patch_drop(tokens)
-    tokens = vit.norm_pre(tokens)
-    tokens = vit.blocks(tokens)
-    tokens = vit.norm(tokens)
-    return vit.forward_head(tokens, pre_logits=True)  # (B, D)
+    tokens = torch.where(hidden, model.mask_token.to(tokens.dtype).view(1, 1, 1, D), tokens)  # (B, h, w, D)
+    tokens = add_position_embedding(model, tokens)  # (B, prefix + h*w, D)
+    tokens = model.patch_drop(tokens)
+    tokens = model.norm_pre(tokens)
+    tokens = model.blocks(tokens)
+    tokens = model.norm(tokens)
+    return model.forward_head(tokens, pre_logits=True)  # (B, D)

@@ -35,7 +35,7 @@ def save_features(path: str | Path, features: Features) -> Path:
     if features.fractions is not None:
         arrays["fractions"] = features.fractions.numpy()
     temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, **arrays)
+    np.savez(temporary, allow_pickle=True, **arrays)  # numpy's default, named so that mypy matches **arrays to **kwds
     temporary.replace(path)  # a killed write never leaves a truncated cache entry
     return path
 
@@ -162,6 +162,9 @@ def train_linear_probe(
 
 class StandardisedLinear(nn.Module):
     """Linear probe with the training-feature standardisation folded in."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()

@@ -7,6 +7,8 @@ masked patch tokens for ViTs (``models.masking``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,8 +29,11 @@ class Student(nn.Module):
     def __init__(self, encoder: nn.Module, embed_dim: int, *, n_classes: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.projector = ProjectionHead(encoder.num_features, embed_dim)
-        self.classifier = MultiLabelHead(encoder.num_features, n_classes) if n_classes else None
+        num_features = encoder.num_features
+        if not isinstance(num_features, int):
+            raise TypeError(f"{type(encoder).__name__} has no integer num_features; is it a timm backbone?")
+        self.projector = ProjectionHead(num_features, embed_dim)
+        self.classifier = MultiLabelHead(num_features, n_classes) if n_classes else None
         self.vit = is_vit(encoder)
 
     def mask_cell(self, requested: int) -> int:
@@ -52,7 +57,8 @@ class Student(nn.Module):
         """Encoder features (B, F) of the masked input."""
         if self.vit:
             if mask is None:
-                mask = torch.zeros(x.shape[0], 1, *self.encoder.patch_embed.dynamic_feat_size(x.shape[-2:]),
+                vit: Any = self.encoder  # a timm ViT, used by its attributes (see models.masking)
+                mask = torch.zeros(x.shape[0], 1, *vit.patch_embed.dynamic_feat_size(x.shape[-2:]),
                                    dtype=torch.bool, device=x.device)  # fmt: skip
             return vit_forward_masked(self.encoder, x, mask)
         return self.encoder(apply_mask(x, mask) if mask is not None else x)

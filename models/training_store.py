@@ -78,6 +78,19 @@ PLAN_DTYPES: dict[str, str] = {
 }
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a store's group; a clear error when the store holds a group there instead."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"training store {group.store}: {name!r} is a group, not an array")
+    return node
+
+
+def _attrs(group: zarr.Group) -> dict[str, Any]:
+    """A group's attributes as a plain dict (zarr types the values as JSON, which narrows nothing here)."""
+    return dict(group.attrs)
+
+
 def block_bounds(n_samples: int, samples_per_block: int) -> list[tuple[int, int]]:
     """[start, stop) sample ranges of the write blocks (each one shard of the image arrays)."""
     return [(start, min(start + samples_per_block, n_samples)) for start in range(0, n_samples, samples_per_block)]
@@ -158,27 +171,31 @@ def create_store(
 def read_plan(out: str) -> SamplePlan:
     """Read the per-sample plan back from a store (to resume writing)."""
     group = zarr.open_group(out, mode="r")
-    return SamplePlan(**{name: np.asarray(group[name][...]) for name in PLAN_DTYPES})
+    return SamplePlan(**{name: np.asarray(_array(group, name)[...]) for name in PLAN_DTYPES})
 
 
 def write_images(out: str, start: int, s2: np.ndarray, s1: np.ndarray) -> None:
     """Write one block of (sample, band, h, w) S2 and S1 patches at sample offset ``start``."""
     group = zarr.open_group(out, mode="r+")
     stop = start + len(s2)
-    group["s2"][start:stop] = s2
-    group["s1"][start:stop] = s1
+    _array(group, "s2")[start:stop] = s2
+    _array(group, "s1")[start:stop] = s1
 
 
 def read_images(out: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """S2, S1 and split of samples [start, stop)."""
     group = zarr.open_group(out, mode="r")
-    return group["s2"][start:stop], group["s1"][start:stop], group["split"][start:stop]
+    return (
+        np.asarray(_array(group, "s2")[start:stop]),
+        np.asarray(_array(group, "s1")[start:stop]),
+        np.asarray(_array(group, "split")[start:stop]),
+    )
 
 
 def mark_blocks_done(out: str, blocks: list[int]) -> None:
     """Record finished blocks (call from one process only: attributes are rewritten whole)."""
     group = zarr.open_group(out, mode="r+")
-    done = sorted(set(group.attrs.get("blocks_done", [])) | set(blocks))
+    done = sorted(set(_attrs(group).get("blocks_done", [])) | set(blocks))
     group.attrs["blocks_done"] = done
 
 
@@ -378,7 +395,7 @@ def reopen_blocks(out: str, blocks: tuple[int, ...]) -> None:
     """Mark ``blocks`` not done (the store incomplete, its manifest dropped: one attribute write), then delete
     their image shards, so that resuming writes them afresh."""
     group = zarr.open_group(out, mode="r+")
-    attrs = dict(group.attrs)
+    attrs = _attrs(group)
     attrs["blocks_done"] = sorted(set(attrs.get("blocks_done", [])) - set(blocks))
     attrs["complete"] = False
     attrs.pop(MANIFEST_ATTR, None)

@@ -8,15 +8,22 @@ run id it logged to.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from softcon import progress
 from softcon.config import (
     ConfigError,
     EvaluateConfig,
@@ -43,27 +50,36 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML file with one section per stage.", show_default=False),
 ]
+RefreshOption = Annotated[bool, typer.Option("--refresh", help="Ignore cached task results; do the work again.")]
 
 
-_refresh_requested = False
+def _shown_default(value: Any) -> str | bool:
+    """A config default as ``--help`` shows it; False (nothing shown) for a default the description explains."""
+    if value is None or value == {} or value == []:
+        return False
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
-def _remember_refresh(value: bool) -> bool:
-    global _refresh_requested
-    _refresh_requested = value
-    return value
+def field_option(model: type[BaseModel], name: str, *param_decls: str, form: str | None = None, **kwargs: Any) -> Any:
+    """The option of one config field: help from the field's description, the shown default from its default.
+
+    The option's own value defaults to None, so that a ``--config`` file or a ``SOFTCON_<STAGE>__<FIELD>``
+    variable applies when the option is not given; ``--help`` still shows the field's default, read from the
+    config model, so the two cannot drift. ``form`` says how the command line spells a value of that field.
+    """
+    field = model.model_fields[name]
+    text = escape(field.description or name.replace("_", " "))
+    if form:
+        text = f"{text} ({escape(form)})"
+    shown = False if field.is_required() else _shown_default(field.get_default(call_default_factory=True))
+    return typer.Option(*param_decls, help=text, show_default=shown, **kwargs)
 
 
-RefreshOption = Annotated[
-    bool,
-    typer.Option("--refresh", callback=_remember_refresh, help="Ignore cached task results; do the work again."),
-]
-
-SignOption = Annotated[str | None, typer.Option(help="URL signing: auto, planetary-computer or none (default: auto).")]
-HeaderOption = Annotated[
-    list[str] | None,
-    typer.Option("--header", help="NAME=ENV_VAR: send header NAME with the value of $ENV_VAR (repeatable)."),
-]
+HEADER_FORM = "NAME=ENV_VAR: send header NAME with the value of $ENV_VAR; repeatable"
 
 
 def _parse_headers(header: list[str] | None) -> dict[str, str] | None:
@@ -100,65 +116,147 @@ def _build(model: type, section: str | None, config_file: Path | None, overrides
         raise typer.Exit(2) from None
 
 
-def _run(stage_flow: Any, config: Any) -> Any:
-    """Run a stage flow, turning the errors users can fix into a message instead of a traceback."""
+DEBUG_ENV = "SOFTCON_DEBUG"
+"""Set (to anything but empty or 0) by ``--verbose``: errors the project raises on purpose show their traceback."""
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class _WithoutKnownErrors(logging.Filter):
+    """Keeps the console free of the tracebacks Prefect logs for errors the CLI prints as one ``error:`` line.
+
+    Only the console handler drops them: the flow-run log in the Prefect UI and API keeps every record.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from softcon.flows.caching import LASTING_ERRORS
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, LASTING_ERRORS)
+
+
+def _quiet_known_errors() -> None:
+    """Attach ``_WithoutKnownErrors`` to the console handlers (once), unless ``--verbose``."""
+    if _debug():
+        return
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # Prefect's console handler is the root's
+        for handler in logging.getLogger(name).handlers:
+            is_console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if is_console and not any(isinstance(f, _WithoutKnownErrors) for f in handler.filters):
+                handler.addFilter(_WithoutKnownErrors())
+
+
+def run_stage_flow(stage_flow: Any, config: Any, **options: Any) -> Any:
+    """Run a stage flow, turning the errors users can fix into a message instead of a traceback.
+
+    Exit codes: 1 for an error the project raises on purpose (bad input, a missing file, a full disk), printed as
+    one ``error:`` line (``--verbose`` or ``SOFTCON_DEBUG=1`` adds the traceback); anything else is a bug and
+    propagates with its traceback.
+    """
+    from softcon.flows.caching import LASTING_ERRORS
+
+    _quiet_known_errors()
     try:
-        result = stage_flow(config, **({"refresh": True} if _refresh_requested else {}))
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
-        err_console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
-    except OSError as error:  # a full disk: the stage's message says where and what to do
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        result = stage_flow(config, **options)
+    except Exception as error:
+        full_disk = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not isinstance(error, LASTING_ERRORS) and not full_disk:  # a full disk's message says what to do
             raise
-        err_console.print(f"[red]error:[/red] {error}")
+        if _debug():
+            err_console.print_exception()
+        err_console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     return result
 
 
-def _print_result(result: Any) -> None:
+@contextmanager
+def progress_bars(stage: str) -> Iterator[None]:
+    """One bar per step the stage reports (``softcon.progress``), and its links, on stderr while the block runs."""
+    with Progress(
+        TextColumn(f"{stage} {{task.description:>6}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    ) as bars:  # fmt: skip
+        bar_ids: dict[str, TaskID] = {}
+
+        def on_progress(step: str, done: int, total: int) -> None:
+            if step not in bar_ids:
+                bar_ids[step] = bars.add_task(step, total=total)
+            bars.update(bar_ids[step], completed=done, total=total)
+
+        def on_link(name: str, url: str) -> None:
+            bars.console.print(f"{name}: [link={url}]{url}[/link]")
+
+        with progress.listen(on_progress, on_link):
+            yield
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"softcon {version('softcon-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help=f"Show the traceback of every error (or set {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    """Sentinel-1/2 + land cover → SoftCon pretraining, each stage a Prefect flow and an MLflow run."""
+    if verbose:
+        os.environ[DEBUG_ENV] = "1"
+
+
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print the outcome (MLflow run id, output, metrics, warning) as one JSON object."),
+]
+
+
+def _print_result(result: Any, *, as_json: bool = False) -> None:
+    """The stage's outcome on stdout: readable lines, or one JSON object for scripts (logs stay on stderr)."""
+    if as_json:
+        print(result.model_dump_json())
+        return
     console.print(f"MLflow run id: [bold]{result.run_id}[/bold]   output: {result.output}")
     for name, value in sorted(result.metrics.items()):
         console.print(f"  {name} = {value:g}")
+    if getattr(result, "warning", None):
+        err_console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
 
 
 @app.command()
 def ingest(
-    stac: Annotated[str | None, typer.Option(help="STAC API URL, static catalog or ItemCollection file.")] = None,
+    stac: Annotated[str | None, field_option(IngestConfig, "stac")] = None,
     collection: Annotated[
-        list[str] | None, typer.Option("--collection", help="Collection to search (repeat for several).")
+        list[str] | None, field_option(IngestConfig, "collections", "--collection", form="repeat for several")
     ] = None,
-    bbox: Annotated[str | None, typer.Option(help="Area as lon/lat W,S,E,N, e.g. 11.0,46.4,11.1,46.5.")] = None,
-    area: Annotated[str | None, typer.Option(help="Area as a GeoJSON/GeoPackage file (instead of --bbox).")] = None,
-    start: Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD.")] = None,
-    end: Annotated[str | None, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")] = None,
-    bands: Annotated[str | None, typer.Option(help="Sentinel-2 bands, e.g. B02,B03,B04,B08.")] = None,
-    resolution: Annotated[float | None, typer.Option(help="Pixel size in metres [default: 10].")] = None,
-    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels [default: 1056, 4 x 264 px].")] = None,
-    epsg: Annotated[
-        int | None,
-        typer.Option(help="UTM EPSG code of the grid, e.g. 32632 [default: the zone of the area's centre]."),
-    ] = None,
-    max_cloud: Annotated[float | None, typer.Option(help="Max item cloud cover, percent [default: 80].")] = None,
-    max_tile_cloud: Annotated[
-        float | None, typer.Option(help="Skip tile-dates with a larger SCL cloud fraction [default: 0.8].")
-    ] = None,
-    max_tile_nodata: Annotated[
-        float | None, typer.Option(help="Skip tile-dates with a larger nodata fraction [default: 0.5].")
-    ] = None,
-    sign: SignOption = None,
-    header: HeaderOption = None,
-    cube: Annotated[str | None, typer.Option(help="Cube path or URL [default: .softcon/data/cube.zarr].")] = None,
+    bbox: Annotated[str | None, field_option(IngestConfig, "bbox", form="W,S,E,N, e.g. 11.0,46.4,11.1,46.5")] = None,
+    area: Annotated[str | None, field_option(IngestConfig, "area")] = None,
+    start: Annotated[str | None, field_option(IngestConfig, "start", form="YYYY-MM-DD")] = None,
+    end: Annotated[str | None, field_option(IngestConfig, "end", form="YYYY-MM-DD")] = None,
+    bands: Annotated[str | None, field_option(IngestConfig, "bands", form="comma-separated")] = None,
+    resolution: Annotated[float | None, field_option(IngestConfig, "resolution")] = None,
+    tile_size: Annotated[int | None, field_option(IngestConfig, "tile_size")] = None,
+    epsg: Annotated[int | None, field_option(IngestConfig, "epsg")] = None,
+    max_cloud: Annotated[float | None, field_option(IngestConfig, "max_cloud")] = None,
+    max_tile_cloud: Annotated[float | None, field_option(IngestConfig, "max_tile_cloud")] = None,
+    max_tile_nodata: Annotated[float | None, field_option(IngestConfig, "max_tile_nodata")] = None,
+    sign: Annotated[str | None, field_option(IngestConfig, "sign")] = None,
+    header: Annotated[list[str] | None, field_option(IngestConfig, "headers", "--header", form=HEADER_FORM)] = None,
+    cube: Annotated[str | None, field_option(IngestConfig, "cube")] = None,
+    as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Search a STAC source and load Sentinel-2 L2A / Sentinel-1 onto a UTM tile grid in a Zarr cube."""
-    import logging
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from softcon.tasks.ingest import PROGRESS_EXTRA
-
-    headers = _parse_headers(header)
     overrides = {
         "stac": stac,
         "collections": collection,
@@ -174,58 +272,37 @@ def ingest(
         "max_tile_cloud": max_tile_cloud,
         "max_tile_nodata": max_tile_nodata,
         "sign": sign,
-        "headers": headers,
+        "headers": _parse_headers(header),
         "cube": cube,
     }
-    settings_config = _build(IngestConfig, "ingest", config, overrides)
+    stage_config = _build(IngestConfig, "ingest", config, overrides)
     configure_runtime()
     from softcon.flows.ingest import ingest_flow
 
-    # The progress bar follows the ingest task's per-tile log records (flow parameters stay plain data).
-    progress = Progress(
-        TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    )  # fmt: skip
-    bar = progress.add_task("tiles", total=None)
-
-    class _TileProgress(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            done_total = getattr(record, PROGRESS_EXTRA, None)
-            if done_total is not None:
-                progress.update(bar, completed=done_total[0], total=done_total[1])
-
-    ingest_logger = logging.getLogger("softcon.tasks.ingest")
-    handler = _TileProgress(level=logging.INFO)
-    previous_level = ingest_logger.level
-    ingest_logger.addHandler(handler)
-    if ingest_logger.getEffectiveLevel() > logging.INFO:
-        ingest_logger.setLevel(logging.INFO)
-    try:
-        with progress:
-            result = _run(ingest_flow, settings_config)
-    finally:
-        ingest_logger.removeHandler(handler)
-        ingest_logger.setLevel(previous_level)
-    _print_result(result)
+    with progress_bars("ingest"):
+        result = run_stage_flow(ingest_flow, stage_config, refresh=refresh)
+    _print_result(result, as_json=as_json)
 
 
 @app.command()
 def labels(
-    cube: Annotated[str | None, typer.Option(help="Cube written by `softcon ingest`.")] = None,
-    source: Annotated[str | None, typer.Option(help="STAC API URL or file, a local raster, or a vector file.")] = None,
-    scheme: Annotated[str | None, typer.Option(help="worldcover, dynamic-world, io-lulc, … or a YAML file.")] = None,
-    class_field: Annotated[str | None, typer.Option(help="Class attribute of a vector source.")] = None,
-    collection: Annotated[str | None, typer.Option(help="Collection when source is STAC.")] = None,
-    year: Annotated[int | None, typer.Option(help="Product year of a STAC collection (default: the latest).")] = None,
+    cube: Annotated[str | None, field_option(LabelsConfig, "cube")] = None,
+    source: Annotated[str | None, field_option(LabelsConfig, "source")] = None,
+    scheme: Annotated[str | None, field_option(LabelsConfig, "scheme")] = None,
+    class_field: Annotated[str | None, field_option(LabelsConfig, "class_field")] = None,
+    name_field: Annotated[str | None, field_option(LabelsConfig, "name_field")] = None,
+    collection: Annotated[str | None, field_option(LabelsConfig, "collection")] = None,
+    year: Annotated[int | None, field_option(LabelsConfig, "year")] = None,
     all_touched: Annotated[
-        bool | None, typer.Option("--all-touched/--pixel-centre", help="Vector pixel coverage (default: pixel centre).")
+        bool | None, field_option(LabelsConfig, "all_touched", "--all-touched/--pixel-centre")
     ] = None,
-    overlap: Annotated[str | None, typer.Option(help="Overlapping polygons: last or smallest wins.")] = None,
+    overlap: Annotated[str | None, field_option(LabelsConfig, "overlap", form="last or smallest")] = None,
     unknown_codes: Annotated[
-        str | None, typer.Option(help="Codes outside the scheme: report (write nodata) or error.")
+        str | None, field_option(LabelsConfig, "unknown_codes", form="auto, report or error")
     ] = None,
-    sign: SignOption = None,
-    header: HeaderOption = None,
+    sign: Annotated[str | None, field_option(LabelsConfig, "sign")] = None,
+    header: Annotated[list[str] | None, field_option(LabelsConfig, "headers", "--header", form=HEADER_FORM)] = None,
+    as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -237,6 +314,7 @@ def labels(
         "source": source,
         "scheme": scheme,
         "class_field": class_field,
+        "name_field": name_field,
         "collection": collection,
         "year": year,
         "all_touched": all_touched,
@@ -247,18 +325,20 @@ def labels(
     configure_runtime()
     from softcon.flows.labels import labels_flow
 
-    _print_result(_run(labels_flow, stage_config))
+    _print_result(run_stage_flow(labels_flow, stage_config, refresh=refresh), as_json=as_json)
 
 
 @app.command()
 def preprocess(
-    cube: Annotated[str | None, typer.Option(help="Cube with s2, scl, s1 and landcover.")] = None,
-    out: Annotated[str | None, typer.Option(help="Training store to write.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels [default: 264].")] = None,
-    stride: Annotated[int | None, typer.Option(help="Patch stride in pixels [default: patch size].")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="Existing Dask scheduler address.")] = None,
-    samples_per_block: Annotated[int | None, typer.Option(help="Samples per Zarr shard [default: 64].")] = None,
-    s1_max_gap_days: Annotated[float | None, typer.Option(help="S1-S2 date matching window [default: 3].")] = None,
+    cube: Annotated[str | None, field_option(PreprocessConfig, "cube")] = None,
+    out: Annotated[str | None, field_option(PreprocessConfig, "out")] = None,
+    patch_size: Annotated[int | None, field_option(PreprocessConfig, "patch_size")] = None,
+    stride: Annotated[int | None, field_option(PreprocessConfig, "stride")] = None,
+    split_block: Annotated[int | None, field_option(PreprocessConfig, "split_block")] = None,
+    dask_address: Annotated[str | None, field_option(PreprocessConfig, "dask_address")] = None,
+    samples_per_block: Annotated[int | None, field_option(PreprocessConfig, "samples_per_block")] = None,
+    s1_max_gap_days: Annotated[float | None, field_option(PreprocessConfig, "s1_max_gap_days")] = None,
+    as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -268,51 +348,34 @@ def preprocess(
         "out": out,
         "patch_size": patch_size,
         "stride": stride,
+        "split_block": split_block,
         "dask_address": dask_address,
         "samples_per_block": samples_per_block,
         "s1_max_gap_days": s1_max_gap_days,
     }
     stage_config = _build(PreprocessConfig, "preprocess", config, overrides)
     configure_runtime()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from softcon.flows.preprocess import preprocess_flow
 
-    from softcon.flows.preprocess import listen, preprocess_flow
-
-    # One bar per pass: tiles summarized, blocks (shards) written, statistics reduced.
-    with Progress(
-        TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=False,
-    ) as bars:  # fmt: skip
-        bar_ids: dict[str, Any] = {}
-
-        def on_progress(step: str, done: int, total: int) -> None:
-            if step not in bar_ids:
-                bar_ids[step] = bars.add_task(step, total=total)
-            bars.update(bar_ids[step], completed=done, total=total)
-
-        def on_dashboard(link: str) -> None:
-            bars.console.print(f"Dask dashboard: [link={link}]{link}[/link]")
-
-        with listen(on_progress, on_dashboard):
-            result = _run(preprocess_flow, stage_config)
-    _print_result(result)
+    with progress_bars("preprocess"):
+        result = run_stage_flow(preprocess_flow, stage_config, refresh=refresh)
+    _print_result(result, as_json=as_json)
 
 
 @app.command()
 def train(
-    store: Annotated[str | None, typer.Option(help="Training store written by `softcon preprocess`.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="timm model name [default: resnet18].")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local pretrained weights file.")] = None,
-    lambda_soft: Annotated[
-        float | None, typer.Option(help="Weight of the soft term; 0 = hard contrastive [default: 1].")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: 300].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    store: Annotated[str | None, field_option(TrainConfig, "store")] = None,
+    backbone: Annotated[str | None, field_option(TrainConfig, "backbone")] = None,
+    weights: Annotated[str | None, field_option(TrainConfig, "weights")] = None,
+    lambda_soft: Annotated[float | None, field_option(TrainConfig, "lambda_soft")] = None,
+    steps: Annotated[int | None, field_option(TrainConfig, "steps")] = None,
+    batch_size: Annotated[int | None, field_option(TrainConfig, "batch_size")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help=TrainConfig.model_fields["resume"].description)] = False,
+    as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """SoftCon pretraining of an encoder on the training store (GPU when there is one)."""
+    """SoftCon pretraining of an encoder on the training store (GPU when there is one; torchrun for several)."""
     overrides = {
         "store": store,
         "backbone": backbone,
@@ -324,39 +387,26 @@ def train(
     }
     stage_config = _build(TrainConfig, "train", config, overrides)
     configure_runtime()
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world_size > 1 and rank != 0:
-        # Under torchrun only rank 0 runs the Prefect flow and records to MLflow; the other ranks run the same
-        # training loop, which joins the process group and leaves logging and checkpoints to rank 0.
-        from softcon.tasks.train import run_training
+    from softcon.flows.train import train_on_this_rank
 
-        run_training(stage_config)
-        return
-    if world_size > 1:
-        global _refresh_requested
-        _refresh_requested = True  # a cached result on rank 0 would leave the other ranks waiting for it
-    from softcon.flows.train import train_flow
-
-    _print_result(_run(train_flow, stage_config))
+    with progress_bars("train"):
+        result = run_stage_flow(train_on_this_rank, stage_config, refresh=refresh)
+    if result is not None:
+        _print_result(result, as_json=as_json)
 
 
 @app.command()
 def evaluate(
-    model: Annotated[str | None, typer.Option(help="MLflow run id of a train stage, or a checkpoint.")] = None,
-    store: Annotated[str | None, typer.Option(help="Training store; its held-out split is evaluated.")] = None,
-    bigearthnet: Annotated[str | None, typer.Option(help="BigEarthNet-format folder.")] = None,
+    model: Annotated[str | None, field_option(EvaluateConfig, "model")] = None,
+    store: Annotated[str | None, field_option(EvaluateConfig, "store")] = None,
+    bigearthnet: Annotated[str | None, field_option(EvaluateConfig, "bigearthnet")] = None,
     baseline: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Also evaluate: random, image-stats, a checkpoint / MLflow train run id, weights:FILE "
-            "(NAME=SPEC names the row); repeatable."
-        ),
+        list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
-    train_fraction: Annotated[
-        float | None, typer.Option(help="Fraction of the train split, drawn without replacement (0.1 = 10%).")
-    ] = None,
-    knn_k: Annotated[int | None, typer.Option(help="kNN neighbours.")] = None,
-    out: Annotated[str | None, typer.Option(help="Feature cache and report folder.")] = None,
+    train_fraction: Annotated[float | None, field_option(EvaluateConfig, "train_fraction")] = None,
+    knn_k: Annotated[int | None, field_option(EvaluateConfig, "knn_k")] = None,
+    out: Annotated[str | None, field_option(EvaluateConfig, "out")] = None,
+    as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
@@ -377,10 +427,10 @@ def evaluate(
     configure_runtime()
     from softcon.flows.evaluate import evaluate_flow
 
-    result = _run(evaluate_flow, stage_config)
-    _print_result(result)
+    result = run_stage_flow(evaluate_flow, stage_config, refresh=refresh)
+    _print_result(result, as_json=as_json)
     table = Path(stage_config.out) / "reports" / result.run_id / "comparison.md"
-    if table.is_file():
+    if table.is_file() and not as_json:
         console.print(table.read_text())
 
 
@@ -414,6 +464,7 @@ def compare(
         train_fraction=train_fraction,
         knn_k=None,
         out=None,
+        as_json=False,
         refresh=refresh,
         config=config,
     )
@@ -429,7 +480,7 @@ def pipeline(
     configure_runtime()
     from softcon.flows.pipeline import pipeline_flow
 
-    results = _run(pipeline_flow, pipeline_config)
+    results = run_stage_flow(pipeline_flow, pipeline_config, refresh=refresh)
     print_summary(results, pipeline_config)
 
 
@@ -437,7 +488,7 @@ def pipeline(
 def sample_data(
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for the sample COGs and STAC items [default: .softcon/sample]."),
+        typer.Option(help="Folder for the sample COGs and STAC items.", show_default="$SOFTCON_HOME/sample"),
     ] = None,
     tiles: Annotated[int, typer.Option(min=1, help="Number of tiles.")] = 4,
     tile_size: Annotated[int, typer.Option(min=16, help="Tile side in pixels.")] = 256,
@@ -484,7 +535,7 @@ def demo(
             steps=steps,
             tile_size=tile_size,
         )
-        results = _run(pipeline_flow, config)
+        results = run_stage_flow(pipeline_flow, config, refresh=refresh)
     print_summary(results, config)
 
 
@@ -530,12 +581,22 @@ def serve(
     prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="MLflow server port.")] = 5000,
     prefect_database: Annotated[
-        str | None, typer.Option(help="Prefect database URL, e.g. postgresql+asyncpg://user@host/db [default: SQLite].")
+        str | None,
+        typer.Option(help="Prefect database URL, e.g. postgresql+asyncpg://user@host/db.", show_default="SQLite"),
     ] = None,
     mlflow_backend: Annotated[
-        str | None, typer.Option(help="MLflow store, e.g. postgresql+psycopg2://user@host/db [default: SQLite].")
+        str | None,
+        typer.Option(help="MLflow store, e.g. postgresql+psycopg2://user@host/db.", show_default="SQLite"),
     ] = None,
     deploy_flows: Annotated[bool, typer.Option("--deploy/--no-deploy", help="Register infra/prefect.yaml.")] = True,
+    daily: Annotated[
+        bool,
+        typer.Option(
+            "--daily/--no-daily",
+            help="Turn on the daily ingest schedule (06:00 Europe/Rome, Earth Search): it needs internet access, "
+            "so it is registered paused unless asked for.",
+        ),
+    ] = False,
 ) -> None:
     """Start a Prefect server, a process worker and an MLflow server on 127.0.0.1; Ctrl-C stops all three."""
     import time
@@ -543,6 +604,10 @@ def serve(
     from softcon import serve as servers
 
     settings = get_settings()
+    console.print(
+        f"starting the Prefect server (port {prefect_port}), the MLflow server (port {mlflow_port}) and a process "
+        f"worker on 127.0.0.1, logs in {settings.root / 'logs'}; this takes about a minute"
+    )
     try:
         with servers.serve(
             settings.root,
@@ -552,7 +617,11 @@ def serve(
             mlflow_backend_uri=mlflow_backend,
         ) as services:
             if deploy_flows:
+                console.print(f"registering the deployments of {servers.PREFECT_YAML}")
                 servers.deploy(services.prefect_api_url, env=services.env)
+                servers.set_schedule_active(services.prefect_api_url, servers.DAILY_DEPLOYMENT, active=daily)
+                state = "on" if daily else "paused (turn it on with --daily, or in the UI: Deployments → daily)"
+                console.print(f"daily ingest schedule: {state}")
             console.print(f"Prefect UI:  {services.prefect_ui_url}   (API {services.prefect_api_url})")
             console.print(f"MLflow UI:   {services.mlflow_url}")
             console.print(f"worker on pool '{services.work_pool}'; logs in {settings.root / 'logs'}")
@@ -576,7 +645,7 @@ def serve(
 @app.command()
 def deploy(
     api_url: Annotated[
-        str | None, typer.Option(help="Prefect API [default: $PREFECT_API_URL or http://127.0.0.1:4200/api].")
+        str | None, typer.Option(help="Prefect API.", show_default="$PREFECT_API_URL or http://127.0.0.1:4200/api")
     ] = None,
     name: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeatable), e.g. backfill.")] = None,
 ) -> None:
@@ -636,7 +705,7 @@ def backfill(
     config: ConfigOption = None,
 ) -> None:
     """Ingest a date range over an area as one child flow run per period, skipping periods already ingested."""
-    from softcon.tasks.backfill import PERIODS
+    from softcon.tasks.backfill import PERIODS, Period
 
     if period not in PERIODS:
         err_console.print(f"[red]error:[/red] --period {period!r} is not one of {', '.join(PERIODS)}")
@@ -655,7 +724,7 @@ def backfill(
 
     try:
         result = backfill_flow(
-            request, period=period, max_in_flight=max_in_flight, deployment=deployment, refresh=refresh
+            request, period=cast(Period, period), max_in_flight=max_in_flight, deployment=deployment, refresh=refresh
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         err_console.print(f"[red]error:[/red] {error}")
@@ -704,4 +773,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -18,12 +18,12 @@ from pydantic_settings import EnvSettingsSource
 
 from softcon.settings import get_settings
 
-S2_L2A_BANDS: tuple[str, ...] = (
+S2Band = Literal["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+S2_L2A_BANDS: tuple[S2Band, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
 )  # fmt: skip
 """Sentinel-2 L2A bands in the order the cube and the training store keep them (no B10 in L2A)."""
 S1_POLARIZATIONS: tuple[str, ...] = ("VV", "VH")
-S2Band = Literal["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 CollectionName = Literal["sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-rtc", "sentinel-1-grd"]
 """STAC collections the ingest stage knows how to read (see ``tasks/collections.py``)."""
 LabelScheme = Literal["worldcover", "dynamic-world", "io-lulc", "corine-bigearthnet19"]
@@ -136,12 +136,16 @@ class LabelsConfig(StageConfig):
         default="esa-worldcover", description="Collection to search when source is STAC (or io-lulc-annual-v02)."
     )
     year: int | None = Field(default=None, description="Product year of a STAC collection; default the latest.")
-    scheme: LabelScheme | str | None = Field(
+    scheme: LabelScheme | Literal["field"] | str | None = Field(
         default=None,
-        description="Class scheme name, or a path to a YAML code-to-class mapping; default from the collection "
+        description="Class scheme name, or a path to a YAML code-to-class mapping, or `field` (vector sources: "
+        "one class per value of the class attribute, named from `name_field`); default from the collection "
         "(esa-worldcover: worldcover, io-lulc-*: io-lulc), worldcover for files.",
     )
     class_field: str | None = Field(default=None, description="Class attribute of vector sources.")
+    name_field: str | None = Field(
+        default=None, description="With scheme `field`: the attribute holding each class's name (default the value)."
+    )
     all_touched: bool = Field(
         default=False,
         description="Vector pixel coverage: False = a pixel takes the polygon holding its centre (unbiased "
@@ -150,8 +154,11 @@ class LabelsConfig(StageConfig):
     overlap: Literal["last", "smallest"] = Field(
         default="last", description="Overlapping polygons: the last in file order wins, or the smallest."
     )
-    unknown_codes: Literal["report", "error"] = Field(
-        default="report", description="Codes outside the scheme: report them and write nodata, or stop with an error."
+    unknown_codes: Literal["auto", "report", "error"] = Field(
+        default="auto",
+        description="Codes outside the scheme: auto stops when they cover most labelled pixels (the scheme does "
+        "not fit the product) and otherwise writes them as nodata; report always writes them as nodata; error "
+        "stops on any.",
     )
     # How a STAC source and its assets are reached, as for ingest (both stages go through tasks/stac_access.py).
     sign: StacSigning = "auto"
@@ -184,9 +191,11 @@ class PreprocessConfig(StageConfig):
     split_block: int | None = Field(
         default=None, gt=0, description="Side in pixels of the spatial split blocks; default one tile."
     )
-    val_fraction: float = Field(default=0.1, ge=0, lt=1)
-    test_fraction: float = Field(default=0.2, ge=0, lt=1)
-    seed: int = 0
+    val_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of split blocks held out for validation."
+    )
+    test_fraction: float = Field(default=0.2, ge=0, lt=1, description="Fraction of split blocks held out for testing.")
+    seed: int = Field(default=0, description="Seed of the split.")
     s1_max_gap_days: float = Field(
         default=3, ge=0, description="An S1 date pairs with an S2 date at most this many days away (nearest wins)."
     )
@@ -218,20 +227,23 @@ class TrainConfig(StageConfig):
     backbone: str = Field(default="resnet18", description="timm model name (resnet18, resnet50, vit_small…).")
     weights: str | None = Field(default=None, description="Local pretrained weights file.")
     lambda_soft: float = Field(default=1.0, ge=0, description="Weight of the soft term; 0 = hard contrastive.")
-    label_similarity: Literal["cosine", "jaccard", "fractions"] = "cosine"
+    label_similarity: Literal["cosine", "jaccard", "fractions"] = Field(
+        default="cosine",
+        description="Label similarity of the soft term: cosine or jaccard of multi-hot labels, or cosine of fractions.",
+    )
     temperature: float = Field(default=0.1, gt=0, description="InfoNCE temperature.")
     mask_ratio: float = Field(default=0.3, ge=0, lt=1, description="Siamese masking ratio of the student view.")
     mask_patch: int = Field(default=8, gt=0, description="Side in pixels of the masked squares.")
     ema_momentum: float = Field(default=0.99, gt=0, le=1, description="Teacher EMA momentum at step 0.")
     embed_dim: int = Field(default=128, gt=0, description="Projection head output size.")
     crop_size: int | None = Field(default=None, gt=0, description="Random crop at training time.")
-    batch_size: int = Field(default=64, gt=1)
-    steps: int = Field(default=300, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.05, ge=0)
-    warmup_steps: int = Field(default=20, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    checkpoint_every: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=64, gt=1, description="Samples per optimizer step, over all ranks.")
+    steps: int = Field(default=300, gt=0, description="Optimizer steps.")
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate (AdamW, cosine decay after warm-up).")
+    weight_decay: float = Field(default=0.05, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(default=20, ge=0, description="Linear learning-rate warm-up steps.")
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient norm clip.")
+    checkpoint_every: int = Field(default=100, gt=0, description="Steps between checkpoints.")
     resume: bool = Field(default=False, description="Continue from the last checkpoint in out.")
     out: str = Field(default_factory=lambda: _default_path("checkpoints"), description="Checkpoint folder.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
@@ -247,7 +259,7 @@ class TrainConfig(StageConfig):
         description="Crop, flip, turn and normalise batches on the training device (GpuAugment) instead of in the "
         "loader; the loader then only decodes. Default: on for CUDA, off for CPU. Same values either way.",
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of initialisation, augmentation and sampling.")
     objective: Literal["softcon", "supervised"] = Field(
         default="softcon", description="softcon, or the supervised multi-label head reference."
     )
@@ -268,14 +280,14 @@ class EvaluateConfig(StageConfig):
     model: str | None = Field(default=None, description="MLflow run id of a train stage, or a checkpoint file.")
     store: str | None = Field(default=None, description="Training store whose held-out split is evaluated.")
     bigearthnet: str | None = Field(default=None, description="BigEarthNet-format folder.")
-    split: Literal["val", "test"] = "test"
+    split: Literal["val", "test"] = Field(default="test", description="Held-out split of the store that is evaluated.")
     knn_k: int = Field(default=10, gt=0, description="kNN neighbours (cosine similarity, weighted label votes).")
-    probe_epochs: int = Field(default=100, gt=0)
+    probe_epochs: int = Field(default=100, gt=0, description="Linear probe training epochs.")
     probe_lrs: list[float] = Field(
         default=[1e-3, 1e-2, 1e-1], min_length=1, description="Probe learning rates; the best on val is used."
     )
     probe_weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of the linear probe.")
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=256, gt=0, description="Batch size of feature extraction.")
     baselines: list[str] = Field(
         default=[],
         description="Encoders evaluated under the same protocol: random, image-stats, a checkpoint file or "
@@ -297,7 +309,7 @@ class EvaluateConfig(StageConfig):
     out: str = Field(
         default_factory=lambda: _default_path("evaluation"), description="Feature cache and report folder."
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of the train subset and the probes.")
 
     @model_validator(mode="after")
     def _check_dataset(self) -> Self:

@@ -104,7 +104,7 @@ def services_env(
     return env
 
 
-def _start(name: str, command: list[str], env: dict[str, str], logs: Path) -> tuple[subprocess.Popen, Path]:
+def start_service(name: str, command: list[str], env: dict[str, str], logs: Path) -> tuple[subprocess.Popen, Path]:
     log = logs / f"{name}.log"
     handle = log.open("ab")
     # Own process group, so stopping it also stops the server's children (uvicorn workers, flow runs).
@@ -188,7 +188,7 @@ def serve(
                 ],
             ),
         ]:
-            services.processes[name], services.logs[name] = _start(name, command, env, logs)
+            services.processes[name], services.logs[name] = start_service(name, command, env, logs)
         wait_for_http(
             f"{api_url}/health",
             timeout=start_timeout,
@@ -202,7 +202,7 @@ def serve(
             capture_output=True,
             timeout=start_timeout,
         )
-        services.processes["worker"], services.logs["worker"] = _start(
+        services.processes["worker"], services.logs["worker"] = start_service(
             "worker", [_bin("prefect"), "worker", "start", "--pool", work_pool, "--type", "process"], env, logs
         )
         wait_for_http(
@@ -215,6 +215,22 @@ def serve(
     finally:
         for process in reversed(list(services.processes.values())):  # worker first, then the servers
             stop_process(process)
+
+
+DAILY_DEPLOYMENT = "daily-ingest/daily"
+"""The scheduled deployment of infra/prefect.yaml (registered paused: it reaches Earth Search)."""
+
+
+def set_schedule_active(api_url: str, deployment: str, *, active: bool) -> int:
+    """Pause or resume every schedule of a deployment on the Prefect server at ``api_url``; how many there are."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(deployment)
+        for schedule in found.schedules:
+            client.update_deployment_schedule(found.id, schedule.id, active=active)
+        return len(found.schedules)
 
 
 def deploy(

@@ -25,19 +25,22 @@ from odc.geo.converters import rio_geobox
 from odc.geo.geobox import GeoBox
 from odc.geo.overlap import compute_reproject_roi
 from odc.geo.roi import roi_is_empty, roi_shape
-from odc.loader._reader import (
+from odc.loader.types import RasterLoadParams, RasterSource
+from rasterio.enums import Resampling
+from rasterio.windows import Window, from_bounds
+
+from softcon.compat.odc_readers import (
+    RioDriver,
+    RioReader,
+    StacAuxReader,
     nodata_mask,
+    reader_source,
     resolve_band_query,
     resolve_dst_dtype,
     resolve_dst_nodata,
     resolve_src_nodata,
     same_nodata,
 )
-from odc.loader._rio import RioDriver, RioReader
-from odc.loader.types import RasterLoadParams, RasterSource
-from odc.stac._mdtools import StacAuxReader
-from rasterio.enums import Resampling
-from rasterio.windows import Window, from_bounds
 
 RESAMPLED_READS = {"bilinear": Resampling.bilinear, "nearest": Resampling.nearest}
 """Resampling methods for which a resampled read gives the warp's values on an aligned integer upscale."""
@@ -99,7 +102,10 @@ def upsampled_read(
         dtype = resolve_dst_dtype(rdr.dtypes[bidx - 1], cfg)
         if dtype != np.dtype(rdr.dtypes[bidx - 1]) or not same_nodata(src_nodata, file_nodata):
             return None  # GDAL resamples in the file's dtype, honouring only the file's own nodata
-        roi = compute_reproject_roi(src_geobox, dst_geobox, ttol=0.05).roi_dst
+        rows, cols = compute_reproject_roi(src_geobox, dst_geobox, ttol=0.05).roi_dst
+        if not (isinstance(rows, slice) and isinstance(cols, slice)):  # odc-geo types them as slice-like
+            return None
+        roi = (rows, cols)
         if roi_is_empty(roi):
             return None
         window = from_bounds(*dst_geobox[roi].boundingbox, transform=rdr.transform)
@@ -123,7 +129,7 @@ class AlignedRioReader(RioReader):
     ) -> tuple[tuple[slice, slice], np.ndarray]:
         if dst is None and selection is None:
             try:
-                result = upsampled_read(self._src, cfg, dst_geobox)
+                result = upsampled_read(reader_source(self), cfg, dst_geobox)
             except rasterio.errors.RasterioError:
                 if cfg.fail_on_error:
                     raise

@@ -24,6 +24,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import zarr
+
 from softcon.config import IngestConfig
 from softcon.tasks.collections import sensor_of
 from softcon.tasks.cube_store import SENSOR_ARRAYS, existing_days, open_cube, tile_group, tile_lock
@@ -265,13 +267,18 @@ def unfinished_reason(metrics: Mapping[str, float], held: TileDates) -> str | No
     return None
 
 
+def _root_attrs(root: zarr.Group) -> dict[str, Any]:
+    """The cube's root attributes as a plain dict (zarr types the values as JSON, which narrows nothing here)."""
+    return dict(root.attrs)
+
+
 def read_ledger(cube: str) -> list[dict[str, Any]]:
     """The periods recorded as ingested in the cube (empty when the cube does not exist yet)."""
     try:
         root = open_cube(cube)
     except FileNotFoundError:
         return []
-    return list(root.attrs.get(LEDGER_ATTR, []))
+    return list(_root_attrs(root).get(LEDGER_ATTR, []))
 
 
 def _window_of(entry: Mapping[str, Any]) -> DateWindow:
@@ -367,7 +374,7 @@ def record_window(
         root = open_cube(config.cube, mode="a")
         ledger = [
             entry
-            for entry in root.attrs.get(LEDGER_ATTR, [])
+            for entry in _root_attrs(root).get(LEDGER_ATTR, [])
             if not (
                 entry.get("request") == key
                 and entry.get("start") == window.start.isoformat()

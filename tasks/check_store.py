@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import zarr
 from xarray.coding.times import decode_cf_datetime
-from zarr.core.sync import sync as zarr_sync
 
+from softcon.compat.zarr_internals import chunk_key, dimension_names, has_consolidated_metadata
+from softcon.compat.zarr_internals import sync as zarr_sync
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
 from softcon.models.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
 from softcon.tasks.cube_store import (
@@ -133,7 +134,7 @@ def _stored_keys(array: zarr.Array) -> set[str]:
 
 
 def _chunk_key(array: zarr.Array, index: tuple[int, ...]) -> str:
-    return array.metadata.encode_chunk_key(index)
+    return chunk_key(array, index)
 
 
 def missing_chunks(array: zarr.Array) -> list[str]:
@@ -151,7 +152,8 @@ def missing_steps(array: zarr.Array, steps: int) -> tuple[list[str], list[int]]:
     grid = array.shards or array.chunks
     counts = [math.ceil(size / step) for size, step in zip(array.shape, grid, strict=True)]
     stored = _stored_keys(array)
-    keys, lost = [], set()
+    keys: list[str] = []
+    lost: set[int] = set()
     for index in itertools.product(*(range(n) for n in counts)):
         if index[0] * grid[0] < steps and _chunk_key(array, index) not in stored:
             keys.append(_chunk_key(array, index))
@@ -193,7 +195,7 @@ def _check_layout(
     array: zarr.Array, path: str, dims: tuple[str, ...], dtypes: tuple[str, ...], fix: str
 ) -> list[Problem]:
     problems = []
-    names = tuple(array.metadata.dimension_names or ())
+    names = dimension_names(array)
     if names != dims:
         problems.append(Problem(path, f"dimension names {names or None}, the contract has {dims}", fix))
     if dtypes and _dtype_name(array) not in dtypes:
@@ -215,7 +217,7 @@ def check_consolidated(path: str, root: zarr.Group) -> list[Problem]:
         consolidated = zarr.open_group(path, mode="r", use_consolidated=True)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return []
-    if consolidated.metadata.consolidated_metadata is None:
+    if not has_consolidated_metadata(consolidated):
         return []
     problems = []
     actual = dict(root.arrays())
@@ -406,7 +408,7 @@ def check_cube(root: zarr.Group, store: str) -> StoreCheck:
 def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
     """Check a training store (see the module doc)."""
     problems: list[Problem] = []
-    attrs = dict(root.attrs)
+    attrs: dict[str, Any] = dict(root.attrs)
     arrays = dict(root.arrays())
     version = attrs.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -508,8 +510,8 @@ def _check_store_values(
             problems.append(Problem("fractions", "values outside [0, 1] or not finite", REBUILD_STORE))
     split_names = attrs.get("split_names", ["train", "val", "test"])
     if "split" in values and values["split"].size and int(values["split"].max()) >= len(split_names):
-        bad = sorted({int(v) for v in values["split"] if v >= len(split_names)})
-        problems.append(Problem("split", f"values {bad} name no split of {split_names}", REBUILD_STORE))
+        codes = sorted({int(v) for v in values["split"] if v >= len(split_names)})
+        problems.append(Problem("split", f"values {codes} name no split of {split_names}", REBUILD_STORE))
     tiles = attrs.get("tiles")
     tile_index = values.get("tile", np.zeros(0, np.int32))
     if tiles is not None and tile_index.size and (int(tile_index.min()) < 0 or int(tile_index.max()) >= len(tiles)):

@@ -45,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import errno
 import logging
+import re
 import shutil
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,9 +61,9 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
-from zarr.core.array import AsyncArray
-from zarr.core.sync import sync as zarr_sync
 
+from softcon.compat.zarr_internals import AsyncArray, array_from_async, create_array_async, shape_view
+from softcon.compat.zarr_internals import sync as zarr_sync
 from softcon.tasks.grid import Tile
 from softcon.tasks.stac_access import is_url
 
@@ -97,11 +98,25 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+LOCKS = ".ingest-locks"
+"""Folder of the per-tile lock files inside a local cube; not a Zarr node (see ``quiet_lock_folder``)."""
 TILES = "tiles"
 """The group that holds one group per tile; nothing outside this module spells a path inside the cube."""
 INGEST_AGAIN = "re-run `softcon ingest` with the same --cube: it truncates an interrupted append and continues"
 RECREATE_TILE = "re-run `softcon ingest` over the tile's dates: it recreates a tile that lacks arrays"
 REBUILD_TILE = "delete the tile group {path} and re-run `softcon ingest` over its dates to write it again"
+
+
+@contextlib.contextmanager
+def quiet_lock_folder() -> Iterator[None]:
+    """Listing a local cube meets its lock folder, which is no Zarr node: keep zarr from warning about it.
+
+    Without it every reader that lists the cube (``softcon reproduce``, check-store, the cache's fingerprints)
+    printed "Object at .ingest-locks is not recognized as a component of a Zarr hierarchy".
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=rf"Object at {re.escape(LOCKS)} is not recognized")
+        yield
 
 
 def tile_path(tile_id: str) -> str:
@@ -124,6 +139,18 @@ def tile_ids(root: zarr.Group) -> list[str]:
     return sorted(tiles.group_keys()) if isinstance(tiles, zarr.Group) else []
 
 
+def _read(node: zarr.Array | zarr.Group) -> np.ndarray:
+    """All the values of an array (a coordinate, a time axis) as a numpy array."""
+    if not isinstance(node, zarr.Array):
+        raise TypeError(f"{node.path} is a group, not an array")
+    return np.asarray(node[:])
+
+
+def _attr(node: zarr.Array | zarr.Group, name: str, default: Any) -> Any:
+    """The attribute ``name`` of a group or array (a JSON value), or ``default``."""
+    return node.attrs.get(name, default)
+
+
 def tile_group(root: zarr.Group, tile_id: str) -> zarr.Group | None:
     """A tile's group under the cube's root group; None when the cube has no such tile."""
     group = root.get(tile_path(tile_id))
@@ -144,7 +171,7 @@ def read_cube_tiles(cube: str) -> list[Tile]:
     for tile_id in tile_ids(root):
         group = tile_group(root, tile_id)
         assert group is not None
-        xs, ys = group["x"][:], group["y"][:]
+        xs, ys = _read(group["x"]), _read(group["y"])
         resolution = float(xs[1] - xs[0])
         epsg = int(tile_id.split("_")[0])
         tiles.append(Tile(epsg, float(xs[0] - resolution / 2), float(ys[0] + resolution / 2), resolution, len(xs)))
@@ -206,7 +233,7 @@ def tile_centre_lon(tile: Tile) -> float:
     return (west + east) / 2
 
 
-def _tile_template(tile: Tile, bands: Sequence[str]) -> tuple[xr.Dataset, dict[str, Any]]:
+def tile_template(tile: Tile, bands: Sequence[str]) -> tuple[xr.Dataset, dict[str, Any]]:
     """Empty (zero time steps) tile dataset with coords and CRS, and its Zarr encoding."""
     size = tile.size
     xs = tile.x0 + tile.resolution * (0.5 + np.arange(size))
@@ -248,13 +275,13 @@ _NAN_FILL = base64.standard_b64encode(np.array(np.nan, "<f8").tobytes()).decode(
 
 def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group, dict[str, zarr.Array]]:
     """Create the empty tile group directly with zarr: the same arrays, dtypes, chunks, codecs, attributes and
-    ``dimension_names`` that ``_tile_template(...).to_zarr`` writes (a test compares the two), in ~1/10 the time.
+    ``dimension_names`` that ``tile_template(...).to_zarr`` writes (a test compares the two), in ~1/10 the time.
 
     The coordinates and ``spatial_ref`` are written before the two time coordinates are created, so a tile that
     lists every array of ``TILE_ARRAYS`` has all its coordinate values (``open_tile`` recreates it otherwise).
     Call it holding the tile lock.
     """
-    template, encoding = _tile_template(tile, bands)
+    template, encoding = tile_template(tile, bands)
     group = zarr.open_group(cube, mode="a", zarr_format=3).create_group(
         tile_path(tile.tile_id), attributes=dict(template.attrs), overwrite=True
     )
@@ -286,21 +313,21 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
             values,
         )  # fmt: skip
 
-    async def create(name: str) -> AsyncArray:
+    async def create(name: str) -> AsyncArray[Any]:
         kwargs, values = specs[name]
-        array = await group._async_group.create_array(name, **kwargs)
+        array = await create_array_async(group, name, **kwargs)
         if values is not None:
             await array.setitem(Ellipsis, values)
         return array
 
-    async def create_all() -> dict[str, AsyncArray]:
+    async def create_all() -> dict[str, AsyncArray[Any]]:
         # Concurrently (few event-loop round trips); the time coordinates only once the rest is written.
         first = [name for name in specs if name not in SENSOR_ARRAYS]
         created = dict(zip(first, await asyncio.gather(*(create(name) for name in first)), strict=True))
         created.update(zip(SENSOR_ARRAYS, await asyncio.gather(*(create(name) for name in SENSOR_ARRAYS)), strict=True))
         return created
 
-    arrays = {name: zarr.Array(array) for name, array in zarr_sync(create_all()).items()}
+    arrays = {name: array_from_async(array) for name, array in zarr_sync(create_all()).items()}
     return group, arrays
 
 
@@ -310,7 +337,7 @@ def tile_lock(cube: str, tile_id: str) -> Iterator[None]:
     if is_url(cube) or fcntl is None:
         yield
         return
-    folder = Path(cube) / ".ingest-locks"
+    folder = Path(cube) / LOCKS
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{tile_id}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -371,12 +398,12 @@ def open_tile(cube: str, tile: Tile, bands: Sequence[str], *, check_bands: bool 
     if group is None:
         group, arrays = create_tile(cube, tile, bands)
     if check_bands:
-        stored_bands = [str(b) for b in arrays["band"][:]]
+        stored_bands = [str(b) for b in _read(arrays["band"])]
         if stored_bands != list(bands):
             raise ValueError(
                 f"tile {tile.tile_id} in {cube} holds bands {stored_bands}, not the requested {list(bands)}"
             )
-    opened = OpenTile(group, arrays, {time_dim: arrays[time_dim][:] for time_dim in SENSOR_ARRAYS})
+    opened = OpenTile(group, arrays, {time_dim: _read(arrays[time_dim]) for time_dim in SENSOR_ARRAYS})
     _repair(opened)
     return opened
 
@@ -395,7 +422,7 @@ def _repair(tile: OpenTile) -> None:
                 )  # fmt: skip
                 array.resize((steps, *array.shape[1:]))
         attr = ITEM_ATTRS[time_dim]
-        recorded = dict(tile.group.attrs.get(attr, {}))
+        recorded = dict(_attr(tile.group, attr, {}))
         days = {_decode_time(int(s)).date().isoformat() for s in tile.seconds[time_dim]}
         # Item ids are keyed by solar day, time by acquisition time: a day's id key may differ from its
         # UTC date by one, so keep keys within a day of a stored time.
@@ -435,7 +462,7 @@ def _roll_back(cube: str, tile: Tile) -> None:
         if not set(TILE_ARRAYS) <= set(arrays):  # creation interrupted: nothing committed, remove it all
             del zarr.open_group(cube, mode="a", zarr_format=3)[path]
             return
-        seconds = {time_dim: arrays[time_dim][:] for time_dim in SENSOR_ARRAYS}
+        seconds = {time_dim: _read(arrays[time_dim]) for time_dim in SENSOR_ARRAYS}
         for time_dim, names in SENSOR_ARRAYS.items():
             for name in names:
                 _drop_chunks_from(arrays[name], len(seconds[time_dim]))
@@ -475,25 +502,23 @@ def _decode_time(seconds: int) -> datetime:
 
 def existing_days(group: zarr.Group, time_dim: str, lon: float) -> set[date]:
     """Solar days already in a tile along ``time`` or ``time_s1``."""
-    return {solar_day(_decode_time(int(s)), lon) for s in group[time_dim][:]}
+    return {solar_day(_decode_time(int(s)), lon) for s in _read(group[time_dim])}
 
 
-def _future_view(array: zarr.Array, length: int) -> AsyncArray:
+def _future_view(array: zarr.Array, length: int) -> AsyncArray[Any]:
     """The array at a longer length along axis 0, without writing that length to the store.
 
     It writes a chunk of fill values too (zarr skips those by default), so that every committed step has its
     chunk files and a lost one shows in a listing (``check_tiles``).
     """
-    current = array._async_array
-    future = current.metadata.update_shape((length, *array.shape[1:]))
-    return AsyncArray(future, current.store_path, dataclasses.replace(current.config, write_empty_chunks=True))
+    return shape_view(array, (length, *array.shape[1:]), write_empty_chunks=True)
 
 
-def _write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
+def write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
     """Write each ``values`` at ``start:`` along axis 0 of its array *without* changing the stored shapes.
 
     Views of the arrays at their future shapes write the new chunks, all concurrently; the shapes (what
-    readers see) only grow when ``_grow`` writes the metadata, so a crash before that leaves no visible trace.
+    readers see) only grow when ``grow_arrays`` writes the metadata, so a crash before that leaves no visible trace.
     """
 
     async def write_all() -> None:
@@ -506,7 +531,7 @@ def _write_ahead(writes: Sequence[tuple[zarr.Array, int, np.ndarray]]) -> None:
     zarr_sync(write_all())
 
 
-def _grow(array: zarr.Array, steps: int) -> None:
+def grow_arrays(array: zarr.Array, steps: int) -> None:
     """Make ``steps`` the array's length along axis 0 (one metadata write)."""
     array.resize((steps, *array.shape[1:]))
 
@@ -547,13 +572,13 @@ def append_steps(tile: OpenTile, appends: Sequence[NewSteps]) -> int:
         commits.append((tile.arrays[append.time_dim], new))
         tile.seconds[append.time_dim] = np.concatenate([tile.seconds[append.time_dim], seconds])
         attr = ITEM_ATTRS[append.time_dim]
-        attrs[attr] = {**tile.group.attrs.get(attr, {}), **append.item_ids}
-    _write_ahead(writes)
+        attrs[attr] = {**_attr(tile.group, attr, {}), **append.item_ids}
+    write_ahead(writes)
     for array, steps in grows:
-        _grow(array, steps)
+        grow_arrays(array, steps)
     tile.group.update_attributes(attrs)
     for array, steps in commits:
-        _grow(array, steps)
+        grow_arrays(array, steps)
     return int(pixel_bytes)
 
 
@@ -605,8 +630,8 @@ def check_tiles(cube: str, tiles: Sequence[Tile], items: Sequence[dict[str, Any]
                                   f"{REBUILD_TILE.format(path=prefix)}")  # fmt: skip
                 continue
             problems, _ = check_tile(group, prefix, read_chunks=False)
-            seconds = {dim: arrays[dim][:] for dim in SENSOR_ARRAYS}
-            recorded = {dim: dict(group.attrs.get(ITEM_ATTRS[dim], {})) for dim in SENSOR_ARRAYS}
+            seconds = {dim: _read(arrays[dim]) for dim in SENSOR_ARRAYS}
+            recorded = {dim: dict(_attr(group, ITEM_ATTRS[dim], {})) for dim in SENSOR_ARRAYS}
         lon = tile_centre_lon(tile)
         lost: dict[tuple[str, int], list[str]] = defaultdict(list)
         for problem in problems:
@@ -654,6 +679,6 @@ def write_lost_steps(
     """
     with tile_lock(cube, tile.tile_id):
         opened = open_tile(cube, tile, bands, check_bands=False)
-        _write_ahead([
+        write_ahead([
             (opened.arrays[name], step.step, values[name][None]) for step, values in steps for name in step.arrays
         ])  # fmt: skip

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from softcon.tasks.cube_store import quiet_lock_folder
+
 TIME_DIMS = ("time", "time_s1")
 
 
@@ -31,12 +33,15 @@ def _hash_array(values: np.ndarray) -> str:
 
 def _decoded_times(coord: zarr.Array) -> np.ndarray:
     """CF-decoded time values (``days since <first date>`` differs between stores with other first dates)."""
-    values = coord[:]
+    values = np.asarray(coord[:])
     units = coord.attrs.get("units")
     if units and " since " in str(units):
         from xarray.coding.times import decode_cf_datetime
 
-        return decode_cf_datetime(values, str(units), coord.attrs.get("calendar"))
+        calendar = coord.attrs.get("calendar")
+        if calendar is not None and not isinstance(calendar, str):
+            raise ValueError(f"time coordinate {coord.path!r} has a calendar that is not a string: {calendar!r}")
+        return decode_cf_datetime(values, str(units), calendar)
     return values
 
 
@@ -62,13 +67,18 @@ def array_digests(store: str | Path) -> dict[str, str]:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise FileNotFoundError(f"no Zarr store at {store}") from error
     digests: dict[str, str] = {}
-    for path, array, group in _walk(root):
+    with quiet_lock_folder():
+        walked = _walk(root)
+    for path, array, group in walked:
         dims = tuple(getattr(array.metadata, "dimension_names", None) or ())
         name = path.rsplit("/", 1)[-1]
         if name in TIME_DIMS:
             continue  # the time coordinates are the keys of the per-step digests below
         if dims and dims[0] in TIME_DIMS and dims[0] in group:
-            times = _decoded_times(group[dims[0]])
+            coord = group[dims[0]]
+            if not isinstance(coord, zarr.Array):
+                raise ValueError(f"{path}'s time dimension {dims[0]!r} is a group, not a coordinate array")
+            times = _decoded_times(coord)
             for index, when in enumerate(times):
                 digests[f"{path}@{when}"] = _hash_array(np.asarray(array[index]))
         else:

@@ -59,7 +59,13 @@ from softcon.models.probe import (
     save_features,
     train_linear_probe,
 )
-from softcon.tasks.bigearthnet import BigEarthNetDataset, assign_splits, find_patches, subset_without_replacement
+from softcon.tasks.bigearthnet import (
+    BigEarthNetDataset,
+    Sensor,
+    assign_splits,
+    find_patches,
+    subset_without_replacement,
+)
 from softcon.tasks.schemes import CORINE_BIGEARTHNET19
 from softcon.tasks.train import load_encoder, read_checkpoint
 
@@ -135,7 +141,8 @@ def parse_baseline(text: str) -> EncoderSpec:
     name, _, spec = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
     spec = spec.strip()
     if spec in ("random", "image-stats"):
-        return EncoderSpec(name or ("random init" if spec == "random" else "image statistics"), spec)
+        plain: EncoderKind = "random" if spec == "random" else "image-stats"
+        return EncoderSpec(name or ("random init" if spec == "random" else "image statistics"), plain)
     kind: EncoderKind = "checkpoint"
     if spec.startswith("weights:"):
         kind, spec = "weights", spec.removeprefix("weights:")
@@ -160,6 +167,22 @@ def _file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _spec_path(spec: EncoderSpec) -> str:
+    """The file of a checkpoint or weights spec."""
+    if spec.path is None:
+        raise ValueError(f"encoder {spec.name!r} ({spec.kind}) has no file")
+    return spec.path
+
+
+def _sensor(name: str) -> Sensor:
+    """``name`` as a sensor of the datasets ("s2" or "s1")."""
+    if name == "s2":
+        return "s2"
+    if name == "s1":
+        return "s1"
+    raise ValueError(f"sensor {name!r} is not one of ('s2', 's1')")
+
+
 def build_spec(
     spec: EncoderSpec, reference: dict[str, Any], config: EvaluateConfig
 ) -> tuple[nn.Module, dict[str, Any], str]:
@@ -168,8 +191,9 @@ def build_spec(
     ``reference`` is the model checkpoint's meta: backbone, in_chans, sensor, bands, norm_stats, img_size.
     """
     if spec.kind == "checkpoint":
-        encoder, meta = load_encoder(spec.path)
-        return encoder, meta, f"checkpoint:{_file_digest(spec.path)}"
+        path = _spec_path(spec)
+        encoder, meta = load_encoder(path)
+        return encoder, meta, f"checkpoint:{_file_digest(path)}"
     meta = dict(reference)
     if spec.kind == "image-stats":
         return BandStatistics(reference["in_chans"]).eval(), meta, "image-stats:v1"
@@ -184,7 +208,7 @@ def build_spec(
     )
     meta["backbone"] = backbone
     if spec.kind == "weights":
-        return encoder.eval(), meta, f"weights:{backbone}:{_file_digest(spec.path)}"
+        return encoder.eval(), meta, f"weights:{backbone}:{_file_digest(_spec_path(spec))}"
     return encoder.eval(), meta, f"random:{backbone}:{reference['in_chans']}:{config.seed}:torch{torch.__version__}"
 
 
@@ -200,7 +224,7 @@ class EvaluationData:
         self._patches: list | None = None
         self._splits: np.ndarray | None = None
         if config.bigearthnet is not None:
-            self._patches = find_patches(config.bigearthnet, sensor)
+            self._patches = find_patches(config.bigearthnet, _sensor(sensor))
             self._splits = assign_splits(config.bigearthnet, [patch.name for patch in self._patches])
             self.names.append("bigearthnet")
 
@@ -214,9 +238,16 @@ class EvaluationData:
 
     def split(self, dataset: str, split: str, meta: dict[str, Any]) -> Dataset:
         """One split as a single-view dataset normalised for the encoder of ``meta``."""
+        data: StoreDataset | BigEarthNetDataset
         if dataset == "store":
-            data: Dataset = StoreDataset(
-                self.config.store, split, self.sensor, two_views=False, augment=False, norm_stats=meta["norm_stats"]
+            assert self.config.store is not None  # "store" is a dataset when config.store is set
+            data = StoreDataset(
+                self.config.store,
+                split,
+                _sensor(self.sensor),
+                two_views=False,
+                augment=False,
+                norm_stats=meta["norm_stats"],
             )
             if data.channel_names and meta["bands"] and data.channel_names != list(meta["bands"]):
                 raise ValueError(
@@ -234,7 +265,7 @@ class EvaluationData:
             positions = subset_without_replacement(
                 np.arange(len(data)), self.config.train_fraction, seed=self.config.seed
             )
-            data = Subset(data, positions.tolist())
+            return Subset(data, positions.tolist())
         return data
 
 
@@ -318,7 +349,10 @@ def evaluate_encoder(
     if len(train.x) == 0:
         raise ValueError(f"the train split of {where} has no labelled samples to fit a probe on")
     if len(evaluated.x) == 0:
-        raise ValueError(f"the {config.split} split of {where} has no labelled samples to evaluate")
+        raise ValueError(
+            f"the {config.split} split of {where} has no labelled samples to evaluate: re-run preprocess with a "
+            "smaller split block (split_block, in pixels) or over a larger area, or evaluate --split val"
+        )
     sanity = feature_sanity(evaluated.x, collapse_threshold=config.collapse_threshold)
     train, evaluated = _finite(train), _finite(evaluated)
     files = [train_file, eval_file]
@@ -358,7 +392,7 @@ def evaluate_encoder(
     arrays: dict[str, np.ndarray] = {"y": y, "linear": linear, "knn": knn, "x": evaluated.x.numpy()}
     if evaluated.fractions is not None:
         arrays["fractions"] = evaluated.fractions.numpy()
-    np.savez(scores_file, **arrays)
+    np.savez(scores_file, allow_pickle=True, **arrays)  # numpy's default, named so that mypy matches **arrays to **kwds
     return EncoderResult(
         encoder=spec.name,
         kind=spec.kind,

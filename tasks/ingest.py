@@ -42,6 +42,7 @@ import numpy as np
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
+from softcon import progress as stage_progress
 from softcon.config import IngestConfig
 from softcon.tasks.collections import sensor_of, spec_for_item
 from softcon.tasks.cube_store import (
@@ -59,6 +60,7 @@ from softcon.tasks.cube_store import (
     tile_centre_lon,
     tile_exists,
     tile_lock,
+    tile_path,
     write_lost_steps,
 )
 from softcon.tasks.grid import Tile, tiles_for_bbox
@@ -67,7 +69,6 @@ from softcon.tasks.stac_access import StacAccess, is_url
 from softcon.tasks.stac_search import filter_cloudy_items, item_datetime, read_area, search_items
 
 __all__ = [
-    "PROGRESS_EXTRA",
     "WRITE_BATCH",
     "IngestReport",
     "group_by_solar_day",
@@ -78,8 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EXTRA = "ingest_progress"
-"""Key of the ``extra`` dict on this module's progress log records: ``(tiles done, tiles total)``."""
 WRITE_BATCH = 8
 """Tile-dates held in memory before they are appended (bounds memory on long date ranges)."""
 
@@ -119,6 +118,44 @@ class IngestReport:
     def mb_per_s(self) -> float:
         """Pixel megabytes (1e6 bytes) written per second of the whole run."""
         return self.pixel_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wrote_nothing(self) -> bool:
+        """No tile-date was written or repaired."""
+        return self.tile_dates_written == 0 and self.tile_dates_repaired == 0
+
+    def warning(self, config: IngestConfig) -> str | None:
+        """Why a run that wrote nothing wrote nothing, and what to change; None when it wrote, or had nothing new.
+
+        "Nothing new since the last run" (the cube holds tile-dates of the request already; the others were
+        skipped before too) is not a warning: it is what a repeated scheduled run does. Everything skipped for
+        nodata, cloud or failed items, with nothing of the request in the cube, is.
+        """
+        if not self.wrote_nothing:
+            return None
+        skipped = {reason: count for reason, count in self.tile_dates_skipped.items() if count}
+        if skipped.get("exists") or not (skipped or self.items_failed):
+            return None
+        what = ", ".join(f"{count} for {reason}" for reason, count in sorted(skipped.items())) or "none"
+        advice = []
+        if skipped.get("nodata"):
+            side_km = config.tile_size * config.resolution / 1000
+            advice.append(
+                f"nodata: a tile-date is skipped when more than {config.max_tile_nodata:g} of its pixels have no data; "
+                f"the tiles are {config.tile_size} px ({side_km:g} km) a side, so an area or scenes smaller than that "
+                "leave most of each tile empty: lower --tile-size, raise --max-tile-nodata, or give a larger area"
+            )
+        if skipped.get("cloud"):
+            advice.append(
+                f"cloud: a tile-date is skipped when its SCL cloud/shadow fraction is above {config.max_tile_cloud:g}: "
+                "raise --max-tile-cloud or choose other dates"
+            )
+        if self.items_failed:
+            advice.append(f"{len(self.items_failed)} items failed to load: see failed_items.json of the run")
+        return (
+            f"nothing written to {self.cube}: {sum(skipped.values())} tile-dates skipped ({what}) over "
+            f"{len(self.tiles)} tiles. " + "; ".join(advice)
+        )
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics for MLflow."""
@@ -255,7 +292,7 @@ def rewrite_lost_steps(cube: str, tile: Tile, bands: Sequence[str], lost: Sequen
     return len(lost)
 
 
-def _ingest_tile(
+def ingest_tile(
     config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
     progress: Callable[[str], None], lost: Sequence[LostStep] = (),
 ) -> set[date]:  # fmt: skip
@@ -322,17 +359,17 @@ def _ingest_tile(
     return opened.days("time", lon) if opened is not None else set()
 
 
-def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | None = None) -> IngestReport:
+def run_ingest(config: IngestConfig) -> IngestReport:
     """Search, filter and load Sentinel-2/-1 items onto the tile grid of the area into the cube.
 
-    Progress goes to ``on_progress`` (messages) and to this module's logger: one INFO record per tile done
-    carrying ``extra={"ingest_progress": (done, total)}``, which a CLI handler turns into a progress bar.
+    What it does goes to this module's logger (one INFO record per tile), how far it is to ``softcon.progress``
+    (step "tiles", once per tile done).
 
     Example:
         >>> config = IngestConfig(stac=url, bbox=(11.0, 46.49, 11.02, 46.51), start=date(2024, 6, 1),
         ...                       end=date(2024, 6, 30), cube="cube.zarr")
         >>> report = run_ingest(config)
-        >>> xr.open_zarr("cube.zarr", group=f"tiles/{report.tiles[0]}").s2
+        >>> open_tile_dataset("cube.zarr", report.tiles[0]).s2
 
     Raises:
         ValueError: when the search finds no items or none is usable (no store is created), the cube holds
@@ -340,7 +377,7 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         FileNotFoundError: a missing static STAC file or area file.
     """
     started = time.perf_counter()
-    progress = on_progress or (lambda message: log.info(message))
+    progress = log.info
     access = StacAccess.from_config(config)
     read = ReadOptions.from_access(access, threads=config.read_threads)
     area = read_area(config)
@@ -381,16 +418,17 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
     tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
     lost_steps = check_tiles(config.cube, tiles, usable)
     local = None if is_url(config.cube) else Path(config.cube)
-    bytes_before = {tile.tile_id: _tree_bytes(local / "tiles" / tile.tile_id) for tile in tiles} if local else {}
+    bytes_before = {tile.tile_id: _tree_bytes(local / tile_path(tile.tile_id)) for tile in tiles} if local else {}
     cube_days: set[date] = set()
     for done, tile in enumerate(tiles, start=1):
-        cube_days |= _ingest_tile(
+        cube_days |= ingest_tile(
             config, tile, _intersecting(usable, tile), read, state, progress, lost_steps.get(tile.tile_id, ())
         )
-        log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id, extra={PROGRESS_EXTRA: (done, len(tiles))})
+        log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id)
+        stage_progress.report("tiles", done, len(tiles))
 
     bytes_written = (
-        sum(max(0, _tree_bytes(local / "tiles" / t.tile_id) - bytes_before[t.tile_id]) for t in tiles) if local else 0
+        sum(max(0, _tree_bytes(local / tile_path(t.tile_id)) - bytes_before[t.tile_id]) for t in tiles) if local else 0
     )
     filtered_set = set(filtered)
     statuses = {}
@@ -413,4 +451,7 @@ def run_ingest(config: IngestConfig, *, on_progress: Callable[[str], None] | Non
         items=statuses,
     )  # fmt: skip
     progress(f"ingest done: {report.metrics()}")
+    warning = report.warning(config)
+    if warning:
+        log.warning(warning)
     return report

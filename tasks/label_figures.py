@@ -107,8 +107,10 @@ def cube_quicklook(cube: str, tile_ids: list[str]) -> Figure:
     """The quick-look of the tile with the most classes present (ties: the first), from the cube."""
     best, best_count = tile_ids[0], -1
     for tile_id in tile_ids:
-        present = np.count_nonzero(
-            np.bincount(open_tile_dataset(cube, tile_id)["landcover"].values.ravel(), minlength=256)[1:]
+        present = int(
+            np.count_nonzero(
+                np.bincount(open_tile_dataset(cube, tile_id)["landcover"].values.ravel(), minlength=256)[1:]
+            )
         )
         if present > best_count:
             best, best_count = tile_id, present

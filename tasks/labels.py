@@ -19,8 +19,11 @@ Nodata stays nodata: the product's nodata value or mask, and anything outside th
 
 Codes then go through the class scheme (``tasks/schemes.py``) to the uint8 class codes that
 ``tasks/patches.py: class_fractions`` counts (the ``class_codes`` attribute lists them; 0 is never a class).
-Codes outside the scheme are counted per code in the report, logged, and written as nodata; with
-``config.unknown_codes = "error"`` they stop the run instead.
+Codes outside the scheme are counted per code in the report, logged, and written as nodata, unless they cover
+more pixels than the scheme's classes (``config.unknown_codes = "auto"``, the default: the scheme does not fit
+the product), or any pixel with ``"error"``: then the run stops before writing, listing the codes with their
+pixel counts and a YAML scheme skeleton for them. ``--scheme field`` takes a vector source's class attribute's own
+values as the classes.
 
 Everything that can be checked before reading pixels is checked first: the source kind, the raster's or
 vector's CRS, the class attribute (the error lists the columns), the scheme, and that the product's extent
@@ -35,7 +38,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +57,14 @@ from softcon.config import LabelsConfig
 from softcon.tasks import rasterize
 from softcon.tasks.cube_store import read_cube_tiles, write_land_cover
 from softcon.tasks.grid import Tile
-from softcon.tasks.schemes import ClassScheme, MappedCodes, get_scheme
+from softcon.tasks.schemes import (
+    FIELD_SCHEME,
+    ClassScheme,
+    MappedCodes,
+    get_scheme,
+    scheme_from_values,
+    scheme_skeleton,
+)
 from softcon.tasks.stac_access import StacAccess, is_http_url
 from softcon.tasks.stac_search import read_static_items
 
@@ -250,7 +260,10 @@ def stac_product_extent(access: StacAccess, collection: str) -> list[float] | No
     """Lon/lat bbox of a collection (its Collection extent, else the union of its items); for error messages."""
     try:
         if is_http_url(access.source):
-            return list(access.open_api().get_collection(collection).extent.spatial.bboxes[0])
+            found = access.open_api().get_collection(collection)
+            if found is None:
+                return None
+            return list(found.extent.spatial.bboxes[0])
         boxes = [item["bbox"] for item in read_static_items(access.source) if item.get("collection") == collection]
     except Exception:
         return None
@@ -343,6 +356,37 @@ def map_product(product: WarpedProduct, scheme: ClassScheme) -> MappedCodes:
     return MappedCodes(land_cover=land_cover, nodata_pixels=nodata, excluded=mapped.excluded, unknown=mapped.unknown)
 
 
+def check_unknown_codes(config: LabelsConfig, scheme: ClassScheme, unknown: Mapping[str, int], labelled: int) -> None:
+    """Stop before writing when codes outside the scheme say the scheme does not fit the product; else log them.
+
+    With ``unknown_codes="auto"`` the run stops when unknown codes cover more pixels than the scheme's classes
+    (a land-use map read with the WorldCover scheme would otherwise be written as all nodata and exit 0); with
+    ``"error"`` it stops on any unknown code; with ``"report"`` it writes them as nodata.
+
+    Raises:
+        ValueError: listing the codes found with their pixel counts, a YAML scheme skeleton for them, and the
+            ways on.
+    """
+    if not unknown:
+        return
+    total = sum(unknown.values())
+    found = ", ".join(f"{code}: {pixels}" for code, pixels in sorted(unknown.items(), key=lambda kv: -kv[1]))
+    message = (f"{total} pixels of {config.source} carry codes outside scheme {scheme.name} (code: pixels) {found}; "
+               f"{labelled} pixels carry the scheme's classes")  # fmt: skip
+    if config.unknown_codes == "report" or (config.unknown_codes == "auto" and total <= labelled):
+        log.warning("%s; the unknown ones are written as nodata", message)
+        return
+    ways = [
+        "name the classes in this scheme skeleton, save it as scheme.yaml and pass --scheme scheme.yaml:\n"
+        + scheme_skeleton(unknown)
+    ]
+    if source_kind(config.source) == "vector":
+        ways.append(f"or take the classes from the attribute itself: --scheme {FIELD_SCHEME} (names from another "
+                    "attribute with --name-field)")  # fmt: skip
+    ways.append("or write them as nodata on purpose: --unknown-codes report")
+    raise ValueError(f"{message}: the scheme does not fit this product. " + "\n".join(ways))
+
+
 def _overlaps(extent: Sequence[float], bounds: Sequence[float]) -> bool:
     return box(*extent).intersects(box(*bounds))
 
@@ -383,12 +427,20 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
         ValueError: before any pixel is read: an unknown source form or scheme, a raster or vector without a
             CRS, a vector without the class attribute (listing its columns), a product that does not overlap
             a tile (naming the tile and the product's extent), a header's environment variable unset (STAC
-            sources, before any request); after reading: codes outside the scheme when
-            ``config.unknown_codes == "error"``.
+            sources, before any request); after reading, before writing: codes outside the scheme that cover
+            most labelled pixels (``unknown_codes="auto"``) or any pixel (``"error"``).
     """
     started = time.perf_counter()
     kind = source_kind(config.source)
-    scheme = get_scheme(config.scheme, collection=config.collection if kind == "stac" else None)
+    if config.scheme == FIELD_SCHEME:
+        if kind != "vector":
+            raise ValueError(f"scheme {FIELD_SCHEME!r} takes its classes from a vector source's class attribute; "
+                             f"{config.source} is a {kind} source: give a scheme name or a YAML file")  # fmt: skip
+        field_info = rasterize.read_vector_info(config.source, config.class_field)
+        values = rasterize.read_class_values(field_info, config.class_field or "", config.name_field)
+        scheme = scheme_from_values(f"{FIELD_SCHEME}:{config.class_field}", values, values)
+    else:
+        scheme = get_scheme(config.scheme, collection=config.collection if kind == "stac" else None)
     tiles = read_cube_tiles(config.cube)
 
     # 1. Checks and lookups that read no pixels, for every tile, before anything is written.
@@ -402,10 +454,10 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
                 raise _no_overlap(config.source, [round(v, 5) for v in extent], tile)
     elif kind == "vector":
         info = rasterize.read_vector_info(config.source, config.class_field)
-        extent = _vector_extent(info)
+        vector_extent = _vector_extent(info)
         for tile in tiles:
-            if extent is not None and not _overlaps(extent, tile.lonlat_bounds):
-                raise _no_overlap(config.source, [round(v, 5) for v in extent], tile)
+            if vector_extent is not None and not _overlaps(vector_extent, tile.lonlat_bounds):
+                raise _no_overlap(config.source, [round(v, 5) for v in vector_extent], tile)
     else:
         access = StacAccess.from_config(config)  # before any request: an unset header variable stops here
         for tile in tiles:
@@ -427,7 +479,9 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
         for tile in tiles:
             tile_result = burnt[tile.tile_id]
             if not tile_result.land_cover.any() and not tile_result.unknown:
-                raise _no_overlap(config.source, [round(v, 5) for v in extent] if extent else "unknown", tile)
+                raise _no_overlap(
+                    config.source, [round(v, 5) for v in vector_extent] if vector_extent else "unknown", tile
+                )
             results[tile.tile_id] = MappedCodes(tile_result.land_cover, 0, {}, tile_result.unknown)  # type: ignore[arg-type]
             totals.resampling[tile.tile_id] = "rasterize-all-touched" if config.all_touched else "rasterize-centre"
     else:
@@ -445,17 +499,13 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
             results[tile.tile_id] = map_product(warped, scheme)
             totals.resampling[tile.tile_id] = warped.resampling
 
-    # 3. Codes outside the scheme: reported always, fatal when asked.
+    # 3. Codes outside the scheme: reported always, fatal when asked or when they are most of what is labelled.
     unknown_all: Counter[str] = Counter()
+    labelled = 0
     for mapped in results.values():
         unknown_all.update({str(k): v for k, v in mapped.unknown.items()})
-    if unknown_all:
-        message = (f"{sum(unknown_all.values())} pixels of {config.source} carry codes outside scheme {scheme.name} "
-                   f"(code: pixels) {dict(unknown_all)}; they are written as nodata")  # fmt: skip
-        if config.unknown_codes == "error":
-            raise ValueError(message.replace("they are written as nodata", "add them to a YAML scheme or use "
-                                             "unknown_codes='report'"))  # fmt: skip
-        log.warning(message)
+        labelled += int(np.count_nonzero(mapped.land_cover))
+    check_unknown_codes(config, scheme, unknown_all, labelled)
 
     # 4. Write.
     for tile in tiles:

@@ -20,16 +20,18 @@ import hashlib
 import json
 import logging
 import time as timer
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
+from softcon import progress as stage_progress
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
+from softcon.progress import ProgressCallback
 from softcon.tasks import norm_stats, patches, split
 from softcon.tasks.cube_store import open_cube, open_tile_dataset
 from softcon.tasks.cube_store import tile_ids as cube_tile_ids
@@ -39,15 +41,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DASHBOARD_LINK = "dask.dashboard"
+"""Name under which the Dask dashboard's link is announced (and tagged on the MLflow run)."""
+
 S2_RESOLUTION_M = 10.0
 """Pixel size the store is cut at: every S2 band on the 10 m grid (SSL4EO-S12 resamples 20/60 m bands too)."""
 SAMPLES_PER_BLOCK = 64
 """Default samples per write block = per shard of the image arrays (``PreprocessConfig.samples_per_block``)."""
-
-ProgressCallback = Callable[[str, int, int], None]
-"""on_progress(step, done, total), step one of "tiles", "blocks", "stats"."""
-DashboardCallback = Callable[[str], None]
-"""on_dashboard(link): called once the Dask client is up, before any work is submitted."""
 
 
 def s1_max_gap(config: PreprocessConfig) -> np.timedelta64:
@@ -307,7 +307,26 @@ def build_plan(
     plan = SamplePlan(**plan_values)
     for split_index, name in enumerate(split.SPLIT_NAMES):
         counts[name] = int((plan.split == split_index).sum())
+    warning = empty_split_warning(config, counts)
+    if warning:
+        logger.warning(warning)
     return plan, counts
+
+
+def empty_split_warning(config: PreprocessConfig, counts: Mapping[str, int]) -> str | None:
+    """What to change when a split asked for (a fraction above 0) got no sample; None when every one has some."""
+    wanted = {"train": 1.0, "val": config.val_fraction, "test": config.test_fraction}
+    empty = [name for name in split.SPLIT_NAMES if wanted[name] > 0 and counts.get(name, 0) == 0]
+    if not empty or counts.get("kept", 0) == 0:
+        return None
+    block = f"{config.split_block} px" if config.split_block else "one tile"
+    sizes = ", ".join(f"{name} {counts.get(name, 0)}" for name in split.SPLIT_NAMES)
+    return (
+        f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty ({sizes} samples): the split "
+        f"assigns whole blocks of {block} to one split, and the area holds too few of them; set a smaller "
+        "--split-block (in pixels, a multiple of the patch size) or ingest a larger area. Evaluation needs "
+        "samples in the test (or val) split"
+    )
 
 
 def read_block_images(
@@ -340,10 +359,10 @@ def read_block_images(
                 y=slice(int(rows.min()), int(rows.max()) + patch_size),
                 x=slice(int(cols.min()), int(cols.max()) + patch_size),
             )
-            s2 = tile["s2"].isel(time=time_index, **box).values
+            s2 = tile["s2"].isel({"time": time_index, **box}).values
             s1 = None
             if s1_match[time_index] >= 0:
-                s1 = tile["s1"].isel(time_s1=int(s1_match[time_index]), **box).values[pol_order]
+                s1 = tile["s1"].isel({"time_s1": int(s1_match[time_index]), **box}).values[pol_order]
                 s1 = patches.s1_to_db(s1, s1_scale)
             for member, row, col in zip(members, rows - rows.min(), cols - cols.min(), strict=True):
                 s2_out[member] = s2[:, row : row + patch_size, col : col + patch_size]
@@ -387,7 +406,7 @@ def _add_partials(*partials: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _dask_client(config: PreprocessConfig, client: Client | None) -> Iterator[Client]:
+def open_dask_client(config: PreprocessConfig, client: Client | None) -> Iterator[Client]:
     """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
     if client is not None:
         yield client
@@ -422,8 +441,6 @@ def run_preprocess(
     config: PreprocessConfig,
     *,
     client: Client | None = None,
-    on_progress: ProgressCallback | None = None,
-    on_dashboard: DashboardCallback | None = None,
     samples_per_block: int | None = None,
 ) -> PreprocessReport:
     """Cut the cube into patches and write the training store at ``config.out``.
@@ -439,9 +456,10 @@ def run_preprocess(
         config: the stage configuration (cube, out, patch grid, quality thresholds, split, Dask).
         client: a Dask client to use; default: connect to ``config.dask_address`` or start a
             LocalCluster of ``config.n_workers`` processes, closed on return.
-        on_progress: called as ``on_progress(step, done, total)`` for steps "tiles", "blocks", "stats".
-        on_dashboard: called with the Dask dashboard link once the client is up (the CLI prints it).
         samples_per_block: overrides ``config.samples_per_block`` (samples per write block = per shard).
+
+    Progress goes to ``softcon.progress``: ``report`` for the steps "tiles", "blocks" and "stats", and
+    ``announce("dask.dashboard", link)`` once the Dask client is up, before any work is submitted.
 
     Returns:
         The report: store path, counts, normalization statistics, wall time, dashboard link.
@@ -456,7 +474,7 @@ def run_preprocess(
         >>> report.counts["kept"], report.norm_stats["s2"]["mean"][:3]
     """
     started = timer.perf_counter()
-    progress = on_progress or (lambda step, done, total: None)
+    progress = stage_progress.report
     if samples_per_block is not None:
         if samples_per_block <= 0:
             raise ValueError(f"samples_per_block must be positive, got {samples_per_block}")
@@ -470,11 +488,10 @@ def run_preprocess(
                     config.out)  # fmt: skip
         return _report_from_attrs(config.out, attrs, timer.perf_counter() - started, reused=True)
 
-    with _dask_client(config, client) as dask_client:
+    with open_dask_client(config, client) as dask_client:
         dashboard_link = dask_client.dashboard_link
         logger.info("Dask dashboard: %s", dashboard_link)
-        if on_dashboard is not None:
-            on_dashboard(dashboard_link)
+        stage_progress.announce(DASHBOARD_LINK, dashboard_link)
         if attrs is not None:
             logger.info("resuming training store %s (%d blocks done)", config.out, len(attrs["blocks_done"]))
             plan, counts, done = training_store.read_plan(config.out), attrs["counts"], set(attrs["blocks_done"])

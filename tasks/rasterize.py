@@ -126,6 +126,26 @@ def read_polygons(
     return frame
 
 
+def read_class_values(info: VectorInfo, class_field: str, name_field: str | None = None) -> dict[object, object]:
+    """Every distinct value of the class attribute -> its name (from ``name_field``, else the value itself).
+
+    Raises:
+        ValueError: ``name_field`` is not a column (the message lists the columns).
+    """
+    if name_field is not None and name_field not in info.columns:
+        raise ValueError(f"vector source {info.path} has no name attribute {name_field!r}; its columns are "
+                         f"{list(info.columns)}")  # fmt: skip
+    columns = [class_field] + ([name_field] if name_field and name_field != class_field else [])
+    if Path(info.path).suffix.lower() in PARQUET_SUFFIXES:
+        table = pd.read_parquet(info.path, columns=columns)
+    else:
+        import pyogrio
+
+        table = pyogrio.read_dataframe(info.path, columns=columns, read_geometry=False)
+    names = table[name_field] if name_field else table[class_field]
+    return {value: name for value, name in zip(table[class_field], names, strict=True) if not pd.isna(value)}
+
+
 def _geometry_column(path: str) -> str:
     import json
 

@@ -20,13 +20,14 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import odc.stac
 import pystac
 import rasterio
 import xarray as xr
+from numpy.typing import DTypeLike
 
 from softcon.tasks.aligned_reads import ALIGNED_DRIVER
 from softcon.tasks.collections import CollectionSpec, spec_for_item
@@ -113,13 +114,13 @@ def load_s2_days(
     for t, (day, day_items) in enumerate(sorted(days.items())):
         stack = np.stack([data[key].values[t] for key in band_keys])  # (band, y, x)
         offset = spec.s2_offset(day_items[0])
-        stack = _harmonize(stack, offset)
+        stack = harmonize(stack, offset)
         scl = data[spec.assets["SCL"]].values[t].astype(np.uint8) if with_scl else np.zeros(stack.shape[1:], np.uint8)
         out[day] = (stack, scl)
     return out
 
 
-def _harmonize(stack: np.ndarray, offset: int) -> np.ndarray:
+def harmonize(stack: np.ndarray, offset: int) -> np.ndarray:
     """Reflectance as uint16 with the BOA offset (``<= 0``) added: 0 stays nodata, valid pixels clip to 1."""
     if stack.dtype != np.uint16:  # odc-stac keeps the assets' dtype; other types are clipped in
         if stack.dtype.kind == "f":  # NaN and inf (float assets) are nodata, never a saturated 65535
@@ -215,7 +216,7 @@ REMOTE_READ_THREADS = 4
 """Concurrent reads of one load when its assets are URLs: COG range requests wait on the network, not a core."""
 
 
-def _read_pool(items: Sequence[pystac.Item], threads: int | None) -> int | None:
+def read_pool(items: Sequence[pystac.Item], threads: int | None) -> int | None:
     """odc-stac's ``pool`` for a load: ``threads``, or by default concurrent reads for remote assets only."""
     if threads is None:
         hrefs = (asset.href for item in items for asset in item.assets.values())
@@ -236,14 +237,16 @@ def _odc_load(
     read = read or ReadOptions()
     stac_items = [read.pystac_item(item) for day_items in days.values() for item in day_items]
     day_of = [day for day, day_items in days.items() for _ in day_items]
+    # odc-stac's dtype defaults to None (each band's own dtype), but its annotation (numpy's DTypeLike) omits None.
+    band_dtype = cast(DTypeLike, dtype)
     with warnings.catch_warnings(), rasterio.Env(**read.gdal):
         warnings.simplefilter("ignore")  # odc-stac warns about common-name aliases
         # fail_on_error: a read error must raise (and be retried or reported), never become silent nodata.
         # Grouped by the day keys given (the tile's solar day), not odc's own solar-day guess.
         data = odc.stac.load(
             stac_items, bands=list(keys), geobox=tile.geobox, resampling=resampling,
-            groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=dtype,
-            patch_url=read.patch_url, pool=_read_pool(stac_items, read.threads), driver=ALIGNED_DRIVER,
+            groupby=lambda _item, _parsed, index: day_of[index], chunks=None, fail_on_error=True, dtype=band_dtype,
+            patch_url=read.patch_url, pool=read_pool(stac_items, read.threads), driver=ALIGNED_DRIVER,
         )  # fmt: skip
     if data.sizes["time"] != len(days):  # pragma: no cover (a grouping bug)
         raise AssertionError(f"odc-stac returned {data.sizes['time']} time steps for {len(days)} days")
@@ -314,6 +317,7 @@ def load_days(
     what = f"{tile.tile_id} {sensor.upper()} {min(days)}..{max(days)}"
     if len(days) > 1 and _combinable(items, sensor, bands):
         try:
+            loaded: dict[date, tuple[np.ndarray, np.ndarray]] | dict[date, np.ndarray]
             if sensor == "s2":
                 loaded = with_retries(
                     lambda: load_s2_days(days, tile, bands, read), what=what, retries=read.retries,

@@ -106,7 +106,7 @@ class ClassScheme:
         if isinstance(value, (int, np.integer)) or (
             isinstance(value, (float, np.floating)) and float(value).is_integer()
         ):
-            code = int(value)  # type: ignore[arg-type]
+            code = int(value)
             if code in self.source_codes:
                 return self.source_codes[code]
             return 0 if code in self.nodata_codes or code in self.excluded_codes else None
@@ -403,6 +403,66 @@ def load_scheme_yaml(path: str | Path) -> ClassScheme:
         spec.name, tuple(c.name for c in spec.classes), tuple(class_codes), source_codes,
         nodata_codes=tuple(spec.nodata), excluded_codes=exclude, source_names=source_names,
     )  # fmt: skip
+
+
+FIELD_SCHEME = "field"
+"""The scheme name that takes a vector source's class attribute's own values as the classes."""
+
+
+def scheme_from_values(
+    name: str, values: Iterable[object], names: Mapping[object, object] | None = None
+) -> ClassScheme:
+    """One class per distinct value of a vector attribute, so a user's polygons work without a YAML scheme.
+
+    Integer values 1..255 keep their value as the class code; other values (names, other numbers) get codes
+    1..N in sorted order. Class names come from ``names`` (value -> name, e.g. another attribute) or the value.
+
+    Raises:
+        ValueError: no value at all, or more than 255 distinct values (the cube's ``landcover`` is uint8).
+    """
+    distinct = sorted({v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))}, key=str)
+    if not distinct:
+        raise ValueError(f"scheme {name}: the class attribute holds no value")
+    if len(distinct) > 255:
+        raise ValueError(f"scheme {name}: {len(distinct)} distinct class values; a scheme holds at most 255")
+    as_int = {value: _integer(value) for value in distinct}
+    integer_codes = {value: code for value, code in as_int.items() if code is not None and 1 <= code <= 255}
+    code_of = integer_codes if len(integer_codes) == len(distinct) else {v: i + 1 for i, v in enumerate(distinct)}
+    class_names: list[str] = []
+    seen = Counter[str]()
+    for value in sorted(distinct, key=code_of.__getitem__):
+        as_text = str(as_int[value]) if as_int[value] is not None else str(value)
+        label = str((names or {}).get(value, as_text)).strip() or as_text
+        seen[label] += 1
+        class_names.append(label if seen[label] == 1 else f"{label} ({value})")
+    ordered = sorted(distinct, key=code_of.__getitem__)
+    source_codes = {code: code_of[value] for value, code in as_int.items() if code is not None}
+    source_names = {str(value): class_names[i] for i, value in enumerate(ordered) if as_int[value] is None}
+    return ClassScheme(
+        name, tuple(class_names), tuple(code_of[value] for value in ordered), source_codes,
+        nodata_codes=(), source_names=source_names,
+    )  # fmt: skip
+
+
+def _integer(value: object) -> int | None:
+    """The value as an integer code when it is one (an int, an integral float, a string of digits)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return None
+
+
+def scheme_skeleton(unknown: Mapping[str, int], name: str = "my-scheme") -> str:
+    """A YAML scheme for codes a scheme did not know, one class per code with its pixel count, to be named."""
+    lines = [f"name: {name}", "nodata: [0]", "classes:"]
+    for code, pixels in sorted(unknown.items(), key=lambda kv: -kv[1]):
+        value = code if re.fullmatch(r"-?\d+", code) else f'"{code}"'
+        key = "source_codes" if re.fullmatch(r"-?\d+", code) else "source_names"
+        lines += [f"  - name: class {code}    # {pixels} pixels", f"    {key}: [{value}]"]
+    return "\n".join(lines) + "\n"
 
 
 def get_scheme(name: str | None, *, collection: str | None = None) -> ClassScheme:

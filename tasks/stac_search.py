@@ -46,7 +46,9 @@ def read_static_items(path: str | Path) -> list[dict[str, Any]]:
         return [data]
     if kind in ("Catalog", "Collection"):
         catalog = pystac.read_file(str(path))
-        return [item.to_dict() for item in catalog.get_items(recursive=True)]  # type: ignore[union-attr]
+        if not isinstance(catalog, pystac.Catalog):  # a Collection is a Catalog
+            raise ValueError(f"{path} has type {kind!r} but pystac reads it as a {type(catalog).__name__}")
+        return [item.to_dict() for item in catalog.get_items(recursive=True)]
     raise ValueError(f"{path} is a {kind!r}; expected a FeatureCollection, Item, Catalog or Collection")
 
 
@@ -128,7 +130,7 @@ def search_items(
     client = access.open_api()
     found: list[dict[str, Any]] = []
     for sensor in ("s2", "s1"):
-        names = [c for c in collections if sensor_of(c) == sensor]
+        names: list[str] = [c for c in collections if sensor_of(c) == sensor]
         if not names:
             continue
         query = None

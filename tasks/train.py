@@ -38,12 +38,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from softcon import progress as stage_progress
 from softcon.config import TrainConfig
 from softcon.models.data import BlockShuffleSampler, GpuAugment, StoreDataset, make_loader
 from softcon.models.distributed import DistributedContext, ShardedBatchSampler, init_distributed, rank_batch_size
@@ -107,7 +108,8 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
 
 def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norm weights and scalars (the loss scale and bias)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in modules:
         for parameter in module.parameters():
             if parameter.requires_grad:
@@ -137,7 +139,7 @@ def rng_state() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": {
             "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": pos,
             "has_gauss": has_gauss,
             "cached": cached,
@@ -199,8 +201,8 @@ class Trainer:
         self.dist = dist_ctx
         self.cuda = device.type == "cuda"
         self.supervised = config.objective == "supervised"
-        self.student = student.to(device)
-        self.teacher = make_teacher(student)
+        self.student: Student = student.to(device)
+        self.teacher = cast(Student, make_teacher(student))  # a frozen copy of the same class
         self.loss_fn = SoftConLoss(
             temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity
         ).to(device)
@@ -219,7 +221,7 @@ class Trainer:
             )
         self.forward = torch.compile(forward) if config.compile else forward
 
-        trained = [self.student] if self.supervised else [self.student, self.loss_fn]
+        trained: list[nn.Module] = [self.student] if self.supervised else [self.student, self.loss_fn]
         self.parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -268,8 +270,9 @@ class Trainer:
             # the loss's scale and bias live outside the DDP module: average their gradients by hand, or the
             # ranks would clip by different norms and their replicas drift apart
             for parameter in self.loss_fn.parameters():
-                torch.distributed.all_reduce(parameter.grad)
-                parameter.grad /= self.dist.world_size
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad /= self.dist.world_size
         self.scaler.unscale_(self.optimizer)  # clip the true gradients (no-op when the scaler is disabled)
         grad_norm = nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
         self.scaler.step(self.optimizer)
@@ -300,7 +303,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        if self.student.classifier is not None:
+        if self.student.classifier is not None and self.teacher.classifier is not None:
             state["classifier"] = self.student.classifier.state_dict()
             state["teacher_classifier"] = self.teacher.classifier.state_dict()
         return state
@@ -310,7 +313,7 @@ class Trainer:
         self.student.projector.load_state_dict(state["projector"])
         self.teacher.encoder.load_state_dict(state["teacher"])
         self.teacher.projector.load_state_dict(state["teacher_projector"])
-        if self.student.classifier is not None:
+        if self.student.classifier is not None and self.teacher.classifier is not None:
             self.student.classifier.load_state_dict(state["classifier"])
             self.teacher.classifier.load_state_dict(state["teacher_classifier"])
         self.loss_fn.load_state_dict(state["loss"])
@@ -368,7 +371,8 @@ def run_training(
         on_metrics: called on rank 0 as ``on_metrics(step, metrics)`` every ``config.log_every`` steps and
             at the last step, with loss, instance, soft, lr, samples_per_second, embedding_std,
             collapse_warning, ema_momentum, grad_norm, loss_scale, loss_bias, and on CUDA
-            gpu_memory_allocated_gb / gpu_memory_peak_gb (the Prefect flow logs them to MLflow).
+            gpu_memory_allocated_gb / gpu_memory_peak_gb (the Prefect flow logs them to MLflow). How far it is
+            goes to ``softcon.progress`` (step "steps", once per optimizer step, rank 0 only).
 
     Returns:
         TrainResult with the final checkpoint.
@@ -419,6 +423,8 @@ def _train(
             if on_metrics is not None and dist_ctx.is_main:
                 on_metrics(step, metrics)
             window.reset()
+        if dist_ctx.is_main:
+            stage_progress.report("steps", step, config.steps)
         if step % config.checkpoint_every == 0 or step == config.steps:
             final = out / f"step_{step:06d}.pt"
             if dist_ctx.is_main:
@@ -585,9 +591,9 @@ def window_metrics(
         FloatingPointError: a mean loss term is not finite (the run diverged; its checkpoints stay as they are).
     """
     window_means = window.mean(trainer.dist)
-    metrics = {
+    metrics: dict[str, float] = {
         **window_means,
-        "lr": trainer.scheduler.get_last_lr()[0],
+        "lr": float(trainer.scheduler.get_last_lr()[0]),
         "samples_per_second": window.samples_per_second(),
         "ema_momentum": float(terms["ema_momentum"]),
         "grad_norm": float(terms["grad_norm"]),

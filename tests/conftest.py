@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures shared by several test modules, each defined once (a session fixture imported into a test module
+# would get one instance per importing module). Imported after the environment below is set.
+pytest_plugins = ["data_fixtures", "s3_fixtures"]
+
 # Set before Prefect or MLflow is imported by any test module: both read these at import/first use.
 _HOME = Path(tempfile.mkdtemp(prefix="softcon-tests-"))
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)

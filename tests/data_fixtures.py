@@ -1,7 +1,9 @@
 """Session fixtures for the ingest/labels tests: sample data, a local STAC API, an ingested cube.
 
-Imported by the test modules that need them (``from data_fixtures import ...``;
-pytest puts tests/ on sys.path), not by conftest, so that other suites are not affected.
+Registered as a plugin in conftest.py (``pytest_plugins``), so each session fixture has one instance; test
+modules request the fixtures by argument name and import only the helpers (``from data_fixtures import
+sample_ingest_config``; pytest puts tests/ on sys.path). The fixtures are lazy: a suite that does not ask for
+them starts no server and writes no sample.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def main() -> None:
         if args.kill_at == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    original_grow = cube_store._grow
+    original_grow = cube_store.grow_arrays
     grown: list[str] = []
 
     def pausing_grow(array, steps):  # type: ignore[no-untyped-def]
@@ -81,7 +81,7 @@ def main() -> None:
         appends.append(1)
         return original_append(*a, **k)
 
-    original_write_ahead = cube_store._write_ahead
+    original_write_ahead = cube_store.write_ahead
 
     def write_ahead(writes):  # type: ignore[no-untyped-def]
         if args.kill_at == "mid-write-ahead":
@@ -109,7 +109,7 @@ def main() -> None:
             kill_here("mid-tile-creation")
         return await original_create_array(self, name, **k)
 
-    original_ingest_tile = ingest._ingest_tile
+    original_ingest_tile = ingest.ingest_tile
     tiles_started: list[int] = []
 
     def ingest_tile(*a, **k):  # type: ignore[no-untyped-def]
@@ -126,11 +126,11 @@ def main() -> None:
         if shrinks:
             kill_here("mid-repair")
 
-    cube_store._grow = pausing_grow
+    cube_store.grow_arrays = pausing_grow
     ingest.append_steps = slow_append
-    cube_store._write_ahead = write_ahead
+    cube_store.write_ahead = write_ahead
     cube_store.create_tile = create_tile
-    ingest._ingest_tile = ingest_tile
+    ingest.ingest_tile = ingest_tile
     zarr.Group.update_attributes = update_attributes
     zarr.Array.resize = resize
     AsyncGroup.create_array = create_array

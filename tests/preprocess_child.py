@@ -17,6 +17,7 @@ from distributed import Client
 from zarr.storage import LocalStore
 
 import softcon.tasks.preprocess as preprocess
+from softcon import progress
 from softcon.config import PreprocessConfig
 from softcon.models import training_store
 
@@ -103,10 +104,11 @@ def main() -> None:
     preprocess.block_train_stats = block_train_stats
     zarr.consolidate_metadata = consolidate_metadata
     training_store.reopen_blocks = reopen_blocks
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
-        preprocess.run_preprocess(
-            PreprocessConfig.model_validate_json(args.config), client=client, on_progress=on_progress
-        )
+    with (
+        Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client,
+        progress.listen(on_progress),
+    ):
+        preprocess.run_preprocess(PreprocessConfig.model_validate_json(args.config), client=client)
 
 
 if __name__ == "__main__":

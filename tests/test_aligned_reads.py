@@ -20,7 +20,7 @@ from shapely.geometry import mapping
 
 from softcon.tasks.aligned_reads import ALIGNED_DRIVER, integer_upscale
 from softcon.tasks.sample_data import write_sample_data
-from softcon.tasks.scene_load import REMOTE_READ_THREADS, _read_pool
+from softcon.tasks.scene_load import REMOTE_READ_THREADS, read_pool
 from softcon.tasks.stac_search import read_static_items
 
 EPSG = 32632
@@ -162,6 +162,6 @@ def test_reads_run_concurrently_for_network_assets_only(tmp_path: Path) -> None:
     local = _item("local", {"b": _cog(tmp_path / "b.tif", np.ones((4, 4), np.uint16), transform, 0)}, (4, 4), transform)
     remote = local.clone()
     remote.assets["b"].href = "https://example.org/b.tif"
-    assert _read_pool([local], None) is None
-    assert _read_pool([local, remote], None) == REMOTE_READ_THREADS
-    assert _read_pool([remote], 1) is None and _read_pool([local], 3) == 3
+    assert read_pool([local], None) is None
+    assert read_pool([local, remote], None) == REMOTE_READ_THREADS
+    assert read_pool([remote], 1) is None and read_pool([local], 3) == 3

@@ -5,7 +5,6 @@ Rows of docs/reliability.md ("Bad inputs") that other test files already prove a
 repeated here. Ingest cases run on the session sample scenes (2 tiles of 64 px) read from a static item file.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import copy
@@ -20,12 +19,7 @@ import rasterio
 import torch
 import xarray as xr
 import zarr
-from data_fixtures import (  # noqa: F401  (fixtures)
-    data_cube,
-    data_sample,
-    data_stac_url,
-    sample_ingest_config,
-)
+from data_fixtures import sample_ingest_config
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from real_data import REAL
 from safetensors.torch import save_file
@@ -38,7 +32,7 @@ from softcon.tasks import norm_stats, patches
 from softcon.tasks.collections import spec_for_item
 from softcon.tasks.ingest import IngestReport, run_ingest
 from softcon.tasks.sample_data import SampleData
-from softcon.tasks.scene_load import _harmonize
+from softcon.tasks.scene_load import harmonize
 from softcon.tasks.train import read_checkpoint
 
 REAL_ITEMS = REAL / "stac_items" / "api-responses"
@@ -291,7 +285,7 @@ def test_harmonized_files_give_the_same_cube_as_offset_files(
 
 def test_float_reflectance_nan_and_inf_become_nodata_not_saturated() -> None:
     stack = np.array([[np.nan, np.inf, -np.inf, 1500.0, 0.0]], dtype=np.float32)
-    np.testing.assert_array_equal(_harmonize(stack, -1000), [[0, 0, 0, 500, 0]])
+    np.testing.assert_array_equal(harmonize(stack, -1000), [[0, 0, 0, 500, 0]])
 
 
 # ------------------------------------------------------------------------------------- S1 scale

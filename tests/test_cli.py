@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from softcon.cli import app
+from softcon.config import EvaluateConfig, IngestConfig, PreprocessConfig, TrainConfig
 
 runner = CliRunner()
 STAGES = ["ingest", "labels", "preprocess", "train", "evaluate", "pipeline", "demo", "sample-data"]
@@ -18,6 +21,43 @@ def test_top_level_help_lists_every_stage() -> None:
     assert result.exit_code == 0
     for command in STAGES:
         assert command in result.output
+
+
+def _help(command: str) -> str:
+    """The rendered ``--help`` of a command, wide and without colour, as a user's terminal shows it."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "field", "option"),
+    [
+        ("ingest", IngestConfig, "resolution", "--resolution"),
+        ("ingest", IngestConfig, "tile_size", "--tile-size"),
+        ("ingest", IngestConfig, "max_cloud", "--max-cloud"),
+        ("ingest", IngestConfig, "max_tile_nodata", "--max-tile-nodata"),
+        ("preprocess", PreprocessConfig, "patch_size", "--patch-size"),
+        ("preprocess", PreprocessConfig, "samples_per_block", "--samples-per-block"),
+        ("train", TrainConfig, "steps", "--steps"),
+        ("train", TrainConfig, "backbone", "--backbone"),
+        ("evaluate", EvaluateConfig, "knn_k", "--knn-k"),
+    ],
+)
+def test_help_shows_each_default_and_description_from_the_config(
+    command: str, model: type[BaseModel], field: str, option: str
+) -> None:
+    """The defaults were once written into help strings by hand and swallowed as rich markup ("metres ."):
+    now each option's help is its config field's description and its default the field's default."""
+    text = _help(command)
+    info = model.model_fields[field]
+    after = text[text.index(option + " ") :]
+    assert after.split(option, 1)[1].lstrip().split(" ", 1)[1].startswith(info.description.split()[0])
+    assert f"[default: ({info.default})]" in after[: after.index("--", len(option))]
+
+
+def test_help_of_a_list_default_joins_its_values() -> None:
+    assert "[default: (sentinel-2-l2a,sentinel-1-rtc)]" in _help("ingest")
 
 
 @pytest.mark.parametrize("command", STAGES)
@@ -72,12 +112,16 @@ def test_pipeline_refuses_a_bad_config_file(tmp_path: Path) -> None:
 
 
 def test_labels_passes_sign_and_header_names_to_its_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import softcon.cli
     import softcon.flows.labels as labels_flow_module
+    from softcon.flows.result import StageResult
 
     seen = []
-    monkeypatch.setattr(labels_flow_module, "labels_flow", lambda config, **_: seen.append(config))
-    monkeypatch.setattr(softcon.cli, "_print_result", lambda result: None)
+
+    def labels_flow(config: object, **_: object) -> StageResult:
+        seen.append(config)
+        return StageResult(stage="labels", run_id="run", output=str(tmp_path / "cube.zarr"))
+
+    monkeypatch.setattr(labels_flow_module, "labels_flow", labels_flow)
     args = ["labels", "--cube", str(tmp_path / "cube.zarr"), "--source", "https://stac.example/api"]
     result = runner.invoke(app, [*args, "--sign", "none", "--header", "Authorization=STAC_TOKEN"])
     assert result.exit_code == 0, result.output
@@ -85,3 +129,70 @@ def test_labels_passes_sign_and_header_names_to_its_config(monkeypatch: pytest.M
 
     bad = runner.invoke(app, [*args, "--header", "Authorization"])
     assert bad.exit_code == 2 and "are not NAME=ENV_VAR" in bad.output
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"softcon {version('softcon-pipeline')}"
+
+
+def _fake_labels(monkeypatch: pytest.MonkeyPatch, outcome: object) -> None:
+    import softcon.flows.labels as labels_flow_module
+
+    def labels_flow(config: object, **_: object) -> object:
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(labels_flow_module, "labels_flow", labels_flow)
+
+
+LABELS_ARGS = ["labels", "--cube", "cube.zarr", "--source", "lulc.gpkg", "--class-field", "LULC_ID"]
+
+
+def test_json_prints_the_outcome_as_one_object_on_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripts read the run id, output, metrics and warning from stdout instead of scraping "MLflow run id:"."""
+    from softcon.flows.result import StageResult
+
+    outcome = StageResult(stage="labels", run_id="abc123", output="cube.zarr", metrics={"tiles": 2.0}, warning="hm")
+    _fake_labels(monkeypatch, outcome)
+    result = CliRunner().invoke(app, [*LABELS_ARGS, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == outcome.model_dump(mode="json")
+    plain = CliRunner().invoke(app, LABELS_ARGS)
+    assert "MLflow run id: abc123" in plain.stdout and "warning: hm" in plain.stderr
+
+
+def test_a_known_error_prints_one_line_and_exit_1_and_verbose_adds_the_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _fake_labels(monkeypatch, ValueError("4096 pixels of lulc.gpkg carry codes outside scheme worldcover"))
+    monkeypatch.delenv("SOFTCON_DEBUG", raising=False)
+    result = CliRunner().invoke(app, LABELS_ARGS)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: 4096 pixels of lulc.gpkg carry codes outside scheme worldcover"
+    verbose = CliRunner().invoke(app, ["--verbose", *LABELS_ARGS])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr and "ValueError" in verbose.stderr
+    monkeypatch.delenv("SOFTCON_DEBUG", raising=False)  # --verbose set it for this process
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_labels(monkeypatch, KeyError("a bug"))
+    result = CliRunner().invoke(app, LABELS_ARGS)
+    assert result.exit_code != 0 and isinstance(result.exception, KeyError)
+
+
+def test_no_help_text_writes_a_default_by_hand() -> None:
+    """A "[default: …]" inside a help string is rich markup and vanishes; defaults go through show_default."""
+    import typer
+
+    group = typer.main.get_command(app)
+    written = [
+        f"{name} {param.name}"
+        for name, command in group.commands.items()  # type: ignore[attr-defined]
+        for param in command.params
+        if "[default" in (getattr(param, "help", None) or "")
+    ]
+    assert written == []

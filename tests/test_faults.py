@@ -10,7 +10,6 @@ with a clear message), and ``check_store`` finds nothing wrong with what is on d
 points of an append, concurrent ingests) is not repeated here; ``docs/reliability.md`` lists both.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -33,12 +32,7 @@ import torch
 import xarray as xr
 import zarr
 from cube_factory import write_cube
-from data_fixtures import (  # noqa: F401  (fixtures)
-    data_cube,
-    data_sample,
-    data_stac_url,
-    sample_ingest_config,
-)
+from data_fixtures import sample_ingest_config
 from fault_proxy import flaky_proxy
 
 from softcon.config import IngestConfig, PreprocessConfig, TrainConfig
@@ -270,6 +264,7 @@ PREPROCESS_CHILD = """
 import sys, time
 from distributed import Client
 from softcon.config import PreprocessConfig
+from softcon import progress
 from softcon.tasks.preprocess import run_preprocess
 
 def on_progress(step, done, total):
@@ -277,8 +272,9 @@ def on_progress(step, done, total):
     if step == "blocks" and done >= 1:
         time.sleep(0.3)  # a slow driver, so that the kill lands with blocks still to write
 
-with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
-    run_preprocess(PreprocessConfig.model_validate_json(sys.argv[1]), client=client, on_progress=on_progress)
+with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client, \
+        progress.listen(on_progress):
+    run_preprocess(PreprocessConfig.model_validate_json(sys.argv[1]), client=client)
 """
 
 
@@ -528,14 +524,14 @@ def test_the_cli_prints_a_full_disk_error_without_a_traceback(capsys: pytest.Cap
 
     import typer
 
-    from softcon.cli import _run
+    from softcon.cli import run_stage_flow
 
     def full(_config: object) -> None:
         raise StoreFullError(errno.ENOSPC, "no space left on the disk holding cube /x (0.0 MiB free) ... Free space")
 
     with pytest.raises(typer.Exit) as raised:
-        _run(full, None)
+        run_stage_flow(full, None)
     assert raised.value.exit_code == 1
     assert "no space left on the disk holding cube /x" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(PermissionError):  # other OS errors are not hidden
-        _run(lambda _config: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")), None)
+        run_stage_flow(lambda _config: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")), None)

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -10,13 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from data_fixtures import (  # noqa: F401  (fixtures)
-    SAMPLE_TILE_SIZE,
-    data_cube,
-    data_sample,
-    data_stac_url,
-    sample_ingest_config,
-)
+from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config
 from pyproj import Transformer
 from real_data import REAL
 
@@ -74,10 +67,27 @@ def test_rerun_writes_nothing(
 ) -> None:
     cube, first = data_cube
     files = {p: p.stat().st_mtime_ns for p in cube.rglob("*") if p.is_file()}
-    again = run_ingest(sample_ingest_config(data_sample, data_stac_url, cube))
+    config = sample_ingest_config(data_sample, data_stac_url, cube)
+    again = run_ingest(config)
     assert again.tile_dates_written == 0
     assert again.tile_dates_skipped["exists"] == first.tile_dates_written
     assert {p: p.stat().st_mtime_ns for p in cube.rglob("*") if p.is_file()} == files
+    assert again.warning(config) is None  # nothing new since the last run is no warning
+
+
+def test_a_run_that_writes_nothing_says_what_was_skipped_and_what_to_change(
+    data_sample: SampleData, data_stac_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default 1,056 px tile over scenes a fraction of its size: every tile-date is mostly nodata."""
+    config = sample_ingest_config(data_sample, data_stac_url, tmp_path / "cube.zarr", tile_size=1056)
+    with caplog.at_level("WARNING", logger="softcon.tasks.ingest"):
+        report = run_ingest(config)
+    assert report.tile_dates_written == 0 and report.tile_dates_skipped["nodata"] > 0
+    warning = report.warning(config)
+    assert warning is not None and warning in caplog.text
+    assert warning.startswith(f"nothing written to {config.cube}: ")
+    assert f"{report.tile_dates_skipped['nodata']} for nodata" in warning
+    assert "1056 px (10.56 km) a side" in warning and "--tile-size" in warning and "--max-tile-nodata" in warning
 
 
 def test_extending_the_dates_appends_only_new_ones(
@@ -192,12 +202,12 @@ def test_tile_created_with_zarr_matches_what_xarray_writes(tmp_path: Path) -> No
     """``create_tile`` writes the same files (metadata and coordinate chunks) as the xarray template's to_zarr."""
     import warnings
 
-    from softcon.tasks.cube_store import _tile_template, create_tile
+    from softcon.tasks.cube_store import create_tile, tile_template
     from softcon.tasks.grid import tiles_for_bbox
 
     tile = tiles_for_bbox((11.0, 46.49, 11.02, 46.51), resolution=10, tile_size=64)[0]
     bands = ["B02", "B8A", "B12"]
-    template, encoding = _tile_template(tile, bands)
+    template, encoding = tile_template(tile, bands)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         template.to_zarr(tmp_path / "xr.zarr", group=f"tiles/{tile.tile_id}", mode="a", zarr_format=3,
@@ -219,3 +229,16 @@ def test_tile_created_with_zarr_matches_what_xarray_writes(tmp_path: Path) -> No
     assert list(ds.band.values) == bands and list(ds.pol.values) == ["VV", "VH"]
     assert ds.x.values[0] == tile.x0 + 5 and ds.y.values[0] == tile.y0 - 5
     assert ds.s1.encoding["_FillValue"] != ds.s1.encoding["_FillValue"]  # NaN
+
+
+def test_reading_a_cube_says_nothing_about_its_lock_folder(data_cube: tuple[Path, IngestReport]) -> None:
+    """`softcon reproduce` printed zarr's "Object at .ingest-locks is not recognized" twice per run."""
+    import warnings
+
+    from softcon.tasks.digest import array_digests
+
+    cube, _ = data_cube
+    assert (cube / ".ingest-locks").is_dir()
+    with warnings.catch_warnings(record=True) as shown:  # the filters in force, registries reset
+        assert array_digests(str(cube))
+    assert not [w for w in shown if ".ingest-locks" in str(w.message)]

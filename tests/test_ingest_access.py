@@ -4,7 +4,6 @@ Everything is offline: the SAS token service is faked at the ``requests`` sessio
 uses, and header checks go through a loopback proxy in front of the local STAC API.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -20,13 +19,7 @@ import pytest
 import rasterio
 import xarray as xr
 import zarr
-from data_fixtures import (  # noqa: F401  (fixtures)
-    SAMPLE_TILE_SIZE,
-    data_cube,
-    data_sample,
-    data_stac_url,
-    sample_ingest_config,
-)
+from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config
 from header_proxy import HeaderProxy, serve_header_proxy
 from shapely.geometry import box, mapping
 

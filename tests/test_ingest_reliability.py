@@ -1,6 +1,5 @@
 """Ingest under failure: transient errors retried, bad items skipped and reported, SIGKILL mid-write, concurrency."""
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -15,12 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from data_fixtures import (  # noqa: F401  (fixtures)
-    data_cube,
-    data_sample,
-    data_stac_url,
-    sample_ingest_config,
-)
+from data_fixtures import sample_ingest_config
 
 import softcon.tasks.scene_load as scene_load
 from softcon.tasks.ingest import IngestReport, run_ingest

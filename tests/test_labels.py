@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -10,7 +9,6 @@ import mlflow
 import numpy as np
 import pytest
 import xarray as xr
-from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
 from real_data import REAL
 
 from softcon.config import LabelsConfig

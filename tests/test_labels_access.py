@@ -4,7 +4,6 @@ Everything is offline: the STAC API is a local server behind a loopback proxy th
 flaky proxy in front of both (and of the land-cover COG) that fails a seeded share of requests with 503.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import shutil
@@ -15,7 +14,6 @@ import odc.stac
 import pytest
 import rasterio
 import zarr
-from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
 from fault_proxy import flaky_proxy
 from header_proxy import serve_header_proxy
 

@@ -13,9 +13,9 @@ import rasterio
 import rasterio.warp
 import zarr
 from affine import Affine
+from labels_helpers import REAL_WORLDCOVER, TILE_A, TILE_B, make_cube, read_land_cover, write_raster
 from pyproj import Transformer
 from rasterio.windows import from_bounds
-from test_labels_helpers import REAL_WORLDCOVER, TILE_A, TILE_B, make_cube, read_land_cover, write_raster
 
 from softcon.config import LabelsConfig
 from softcon.tasks import patches

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 """What the labels stage writes is what preprocess needs: class codes that ``tasks/patches.py`` turns into
 fractions over the labelled pixels (summing to 1), multi-hot targets at ``label_threshold``, and patches
 with too little labelled area flagged (``labelled`` False)."""
@@ -12,7 +11,6 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import zarr
-from data_fixtures import data_cube, data_sample, data_stac_url  # noqa: F401  (fixtures)
 from shapely.geometry import box
 
 from softcon.config import LabelsConfig, PreprocessConfig

@@ -8,8 +8,8 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import zarr
+from labels_helpers import TILE_A, TILE_B, make_cube, read_land_cover
 from shapely.geometry import box
-from test_labels_helpers import TILE_A, TILE_B, make_cube, read_land_cover
 
 from softcon.config import LabelsConfig
 from softcon.tasks.labels import run_labels
@@ -116,3 +116,46 @@ def test_polygons_that_miss_a_tile_name_the_tile_and_their_extent(cube: Path, tm
     with pytest.raises(ValueError, match=rf"extent \[.*\]\) does not overlap tile {TILE_B.tile_id}"):
         run_labels(LabelsConfig(cube=str(cube), source=str(path), class_field="code"))
     assert "landcover" not in zarr.open_group(cube, mode="r")[f"tiles/{TILE_A.tile_id}"]
+
+
+def land_use_polygons() -> gpd.GeoDataFrame:
+    """A land-use map whose codes (1..3, like Slovenia's LULC_ID) are no WorldCover code."""
+    geometries = [pixel_box(0, 0, 64, 32), pixel_box(0, 32, 64, 64), box(TILE_B.x0, Y0 - 640, TILE_B.x0 + 640, Y0)]
+    names = ["Urban", "Agriculture", "Water"]
+    return gpd.GeoDataFrame({"LULC_ID": [1, 2, 3], "LULC_NAME": names}, geometry=geometries, crs="EPSG:32632")
+
+
+def test_codes_that_fit_no_class_stop_the_run_with_their_counts_and_a_scheme_skeleton(
+    cube: Path, tmp_path: Path
+) -> None:
+    """It wrote every pixel as nodata and exited 0: now, before writing, it names the codes and the ways on."""
+    path = tmp_path / "lulc.gpkg"
+    land_use_polygons().to_file(path)
+    with pytest.raises(ValueError) as raised:
+        run_labels(LabelsConfig(cube=str(cube), source=str(path), class_field="LULC_ID"))
+    message = str(raised.value)
+    assert "outside scheme worldcover (code: pixels) 3: 4096, 1: 2048, 2: 2048; 0 pixels carry" in message
+    assert "  - name: class 3    # 4096 pixels\n    source_codes: [3]" in message  # a YAML skeleton to fill in
+    assert "--scheme field" in message and "--unknown-codes report" in message
+    tile = zarr.open_group(cube, mode="r")[f"tiles/{TILE_A.tile_id}"]
+    assert "landcover" not in tile  # nothing written
+    report = run_labels(LabelsConfig(cube=str(cube), source=str(path), class_field="LULC_ID", unknown_codes="report"))
+    assert report.unknown_codes == {"1": 2048, "2": 2048, "3": 4096} and not report.class_pixels.get("Tree cover")
+    assert (read_land_cover(cube, TILE_A) == 0).all()  # today's behaviour, asked for
+
+
+def test_the_field_scheme_takes_the_attribute_values_as_classes_and_names_from_another(
+    cube: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "lulc.gpkg"
+    land_use_polygons().to_file(path)
+    config = LabelsConfig(
+        cube=str(cube), source=str(path), class_field="LULC_ID", scheme="field", name_field="LULC_NAME"
+    )
+    report = run_labels(config)
+    assert report.scheme == "field:LULC_ID" and report.class_codes == {"Urban": 1, "Agriculture": 2, "Water": 3}
+    land_cover = read_land_cover(cube, TILE_A)
+    assert (land_cover[:, :32] == 1).all() and (land_cover[:, 32:] == 2).all()
+    assert (read_land_cover(cube, TILE_B) == 3).all() and report.unknown_codes == {}
+    with pytest.raises(ValueError, match=r"no name attribute 'NAME'.*LULC_NAME"):
+        run_labels(config.model_copy(update={"name_field": "NAME"}))

@@ -13,6 +13,7 @@ import zarr
 from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
 from distributed import Client
 
+from softcon import progress
 from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
 from softcon.models import training_store
 from softcon.tasks import split
@@ -208,12 +209,8 @@ def test_resume_after_partial_write_equals_clean_run(written, client, tmp_path):
     group.attrs.update({"blocks_done": [0, 1], "complete": False, "norm_stats": None})
     zarr.consolidate_metadata(config.out)
     written_blocks = []
-    report = run_preprocess(
-        config,
-        client=client,
-        samples_per_block=SAMPLES_PER_BLOCK,
-        on_progress=lambda step, done, total: written_blocks.append((step, done, total)),
-    )
+    with progress.listen(lambda step, done, total: written_blocks.append((step, done, total))):
+        report = run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
     n_blocks = len(training_store.block_bounds(report.counts["kept"], SAMPLES_PER_BLOCK))
     assert not report.reused
     assert ("tiles", 1, 2) not in written_blocks  # the plan was read back, not recomputed
@@ -263,6 +260,7 @@ def test_default_local_cluster_in_processes(cube, tmp_path):
 KILL_SCRIPT = """
 import os, sys, time
 from distributed import Client
+from softcon import progress
 from softcon.config import PreprocessConfig
 from softcon.tasks.preprocess import run_preprocess
 
@@ -273,8 +271,9 @@ def on_progress(step, done, total):
     if step == "blocks" and done >= 1:
         time.sleep(0.5)  # slow the driver down so the parent's SIGKILL lands mid-write
 
-with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client:
-    run_preprocess(config, client=client, on_progress=on_progress)
+with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as client, \
+        progress.listen(on_progress):
+    run_preprocess(config, client=client)
 print("finished", flush=True)
 """
 
@@ -331,13 +330,13 @@ def test_existing_scheduler_by_address(cube, tmp_path):
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         links = []
-        report = run_preprocess(
-            _config(cube, tmp_path / "store.zarr", dask_address=cluster.scheduler_address),
-            samples_per_block=SAMPLES_PER_BLOCK,
-            on_dashboard=links.append,
-        )
+        with progress.listen(on_link=lambda name, url: links.append((name, url))):
+            report = run_preprocess(
+                _config(cube, tmp_path / "store.zarr", dask_address=cluster.scheduler_address),
+                samples_per_block=SAMPLES_PER_BLOCK,
+            )
         port = cluster.dashboard_link.rsplit(":", 1)[1]  # the host part differs: localhost vs the interface
-        assert report.dashboard_link.endswith(f":{port}") and links == [report.dashboard_link]
+        assert report.dashboard_link.endswith(f":{port}") and links == [("dask.dashboard", report.dashboard_link)]
         assert cluster.scheduler.transition_counter > 0  # the work ran on this scheduler
     assert report.counts["kept"] == 2 * 3 * 16 - 16 - 1
 

@@ -122,6 +122,23 @@ def test_reproduce_ingest_gives_the_same_bytes_and_notices_a_changed_cube(tmp_pa
     assert not changed.identical and len(changed.differences) == 1 and "/s2@" in changed.differences[0]
 
 
+def test_reproducing_an_ingest_that_wrote_nothing_is_identical_and_warned(tmp_path: Path) -> None:
+    """It failed with "no Zarr store at …/reproductions/…": a run that wrote nothing reproduces as nothing."""
+    from softcon.flows.ingest import ingest_flow
+    from softcon.flows.reproduce import reproduce_run
+
+    sample = write_sample_data(tmp_path / "sample", tiles=1, tile_size=64, dates=4)
+    config = IngestConfig(
+        stac=str(sample.items_file), collections=["sentinel-2-l2a"], bbox=sample.bbox, start=sample.start,
+        end=sample.end, tile_size=1056, cube=str(tmp_path / "cube.zarr"),
+    )  # fmt: skip
+    original = ingest_flow(config, experiment="reproduce-test")
+    assert original.metrics["tile_dates_written"] == 0 and original.warning.startswith("nothing written")
+    assert mlflow.MlflowClient().get_run(original.run_id).data.tags["softcon.warning"] == original.warning
+    reproduction = reproduce_run(original.run_id, workdir=tmp_path / "again")
+    assert reproduction.identical and reproduction.compared == 1, reproduction
+
+
 @pytest.mark.slow
 def test_reproduce_cpu_training_gives_identical_weights(tmp_path: Path) -> None:
     from softcon.flows.reproduce import reproduce_run

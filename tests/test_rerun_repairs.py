@@ -7,7 +7,6 @@ any other damage stops it with the problem and the fix. Each repaired output is 
 through ``tasks/digest.py``.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from test_object_store are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -24,7 +23,7 @@ import pytest
 import zarr
 from cube_factory import write_cube
 from distributed import Client
-from test_object_store import BUCKET, s3_env, s3_server  # noqa: F401  (fixtures)
+from s3_fixtures import BUCKET
 
 from softcon.config import IngestConfig, PreprocessConfig
 from softcon.models import training_store

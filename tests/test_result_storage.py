@@ -1,5 +1,5 @@
 """Cached stage results on object storage (``SOFTCON_RESULTS_URL``): a stage done in one pod is a cache hit in the
-next, against the SeaweedFS S3 server of test_object_store.py.
+next, against the SeaweedFS S3 server of s3_fixtures.py.
 
 Each "pod" is a child process with its own ``SOFTCON_HOME``: its own Prefect database (the temporary local API)
 and its own local result folder, which is what a short-lived container loses. The pods share the object store
@@ -23,10 +23,10 @@ import pytest
 import s3fs
 import zarr
 from affine import Affine
+from labels_helpers import TILE_A, make_cube, write_raster
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import ResultStore
-from test_labels_helpers import TILE_A, make_cube, write_raster
-from test_object_store import BUCKET, S3Server, _aws_env, s3_env, s3_server  # noqa: F401  (fixtures, by name)
+from s3_fixtures import BUCKET, S3Server, aws_env
 
 from softcon.config import LabelsConfig
 from softcon.flows.result_storage import ResultStorageError, check_result_storage, task_result_storage
@@ -97,7 +97,7 @@ class Cluster:
             "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_SHARED_CREDENTIALS_FILE": str(self.root / "no-aws-credentials"),
             "AWS_CONFIG_FILE": str(self.root / "no-aws-config"),
-            **(_aws_env(self.server, self.server.secret_key) if aws is None else aws),
+            **(aws_env(self.server, self.server.secret_key) if aws is None else aws),
         }
         if results_url is not None:
             env["SOFTCON_RESULTS_URL"] = results_url
@@ -140,7 +140,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     config = LabelsConfig(cube=f"s3://{BUCKET}/{root.name}/cube.zarr", source=str(raster))
     with pytest.MonkeyPatch.context() as patch:
         s3fs.S3FileSystem.clear_instance_cache()
-        for name, value in _aws_env(server, server.secret_key).items():
+        for name, value in aws_env(server, server.secret_key).items():
             patch.setenv(name, value)
         make_cube(config.cube, [TILE_A])  # type: ignore[arg-type]  (zarr opens URLs as well as paths)
         run_labels(config)
@@ -239,7 +239,7 @@ def test_records_round_trip_and_expire_on_the_object_store(
 
 
 def test_wrong_credentials_are_named_and_the_secret_is_not_printed(
-    s3_env: S3Server,  # noqa: F811  (the fixture imported above)
+    s3_env: S3Server,
     use_results_url: Callable[[str | None], RemoteFileSystem | None],
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,

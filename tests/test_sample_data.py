@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import json
@@ -6,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from data_fixtures import SAMPLE_TILE_SIZE, data_sample  # noqa: F401
+from data_fixtures import SAMPLE_TILE_SIZE
 
 from softcon.tasks.grid import tiles_for_bbox
 from softcon.tasks.sample_data import SampleData, write_sample_data

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_labels_helpers import BIGEARTHNET
+from labels_helpers import BIGEARTHNET
 
 from softcon.tasks.schemes import (
     CORINE_BIGEARTHNET19,

@@ -4,7 +4,6 @@ server the project starts listens on 127.0.0.1 only.
 The rows of docs/reliability.md ("Security") name these tests.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import ast
@@ -19,7 +18,7 @@ import mlflow
 import psutil
 import pytest
 import xarray as xr
-from data_fixtures import data_sample, data_stac_url, sample_ingest_config  # noqa: F401  (fixtures)
+from data_fixtures import sample_ingest_config
 from header_proxy import HeaderProxy, serve_header_proxy
 
 import softcon.serve as serve
@@ -27,7 +26,7 @@ from softcon.config import PreprocessConfig
 from softcon.flows.reproduce import reproduce_run
 from softcon.tasks.grid import tile_from_id
 from softcon.tasks.ingest import run_ingest
-from softcon.tasks.preprocess import _dask_client
+from softcon.tasks.preprocess import open_dask_client
 from softcon.tasks.sample_data import SampleData
 from softcon.tasks.stac_server import serve_stac
 
@@ -201,7 +200,7 @@ def test_the_stac_server_listens_on_loopback_only(data_sample: SampleData) -> No
 
 def test_the_local_dask_cluster_listens_on_loopback_only() -> None:
     before = _listening({os.getpid()})
-    with _dask_client(PreprocessConfig(n_workers=1), None) as client:
+    with open_dask_client(PreprocessConfig(n_workers=1), None) as client:
         assert client.scheduler.address.startswith(f"tcp://{LOOPBACK}:")
         addresses = sorted(set(_listening(_family(os.getpid()))) - set(before))
     assert len(addresses) >= 3  # scheduler, dashboard, worker (and its nanny)
@@ -221,7 +220,7 @@ def test_softcon_serve_starts_prefect_and_mlflow_on_loopback(monkeypatch: pytest
         started[name] = command
         return _Process(), logs / f"{name}.log"
 
-    monkeypatch.setattr(serve, "_start", start)
+    monkeypatch.setattr(serve, "start_service", start)
     monkeypatch.setattr(serve, "wait_for_http", lambda *args, **kwargs: None)
     monkeypatch.setattr(serve, "stop_process", lambda *args, **kwargs: None)
     monkeypatch.setattr(serve.subprocess, "run", lambda *args, **kwargs: None)

@@ -1,9 +1,7 @@
-# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 from __future__ import annotations
 
 import urllib.request
 
-from data_fixtures import data_sample, data_stac_url  # noqa: F401  (fixtures)
 from pystac_client import Client
 
 from softcon.tasks.sample_data import SampleData

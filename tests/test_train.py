@@ -10,6 +10,7 @@ import pytest
 import torch
 from store_factory import SyntheticStore, write_store
 
+from softcon import progress
 from softcon.config import TrainConfig
 from softcon.models.data import StoreDataset, collate_batch, make_loader
 from softcon.models.distributed import DistributedContext, ShardedBatchSampler
@@ -35,8 +36,11 @@ def tiny_config(store: SyntheticStore, out: Path, **overrides) -> TrainConfig:
 def test_short_run_reduces_loss_and_writes_a_checkpoint(store: SyntheticStore, tmp_path: Path) -> None:
     logged: list[tuple[int, dict[str, float]]] = []
     config = tiny_config(store, tmp_path, steps=20, batch_size=16, warmup_steps=2, checkpoint_every=10, lr=1e-3)
-    result = run_training(config, on_metrics=lambda step, metrics: logged.append((step, metrics)))
+    reported: list[tuple[str, int, int]] = []
+    with progress.listen(lambda *args: reported.append(args)):
+        result = run_training(config, on_metrics=lambda step, metrics: logged.append((step, metrics)))
     assert [step for step, _ in logged] == [10, 20]
+    assert reported == [("steps", step, 20) for step in range(1, 21)]  # what the CLI's train bar follows
     assert logged[-1][1]["loss"] < logged[0][1]["loss"]
     assert {"loss", "instance", "soft", "lr", "samples_per_second", "embedding_std"} <= set(logged[0][1])
     assert result.steps == 20 and result.in_chans == 12 and result.backbone == "resnet18"

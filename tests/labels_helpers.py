@@ -1,4 +1,5 @@
-"""Helpers shared by the labels tests (no tests here): a bare cube of tile grids, class rasters, polygons."""
+"""Helpers shared by the labels tests: a bare cube of tile grids, class rasters, polygons (a helper module, not
+a test module, so test modules import it)."""
 
 from __future__ import annotations
 
