@@ -6,7 +6,8 @@
 
 It starts ``softcon serve``'s servers in a temporary project folder, registers the deployments, runs a tiny
 demo pipeline through the servers (so MLflow holds a parent run with the five stage runs nested under it),
-then saves ``docs/img/prefect-deployment-form.png`` (the backfill deployment's custom-run parameter form)
+then saves ``docs/img/prefect-deployment-form.png`` (the backfill deployment's custom-run parameter form in the
+Prefect UI a fresh browser opens, V2, reached by clicking as a user does)
 and ``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow: Playwright clicks the parent run's
 expander so its five stage runs show nested under it; MLflow keeps that state in the browser, not the URL).
 """
@@ -14,6 +15,7 @@ expander so its five stage runs show nested under it; MLflow keeps that state in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -38,28 +40,49 @@ def chromium() -> str:
     raise SystemExit("no Chromium found: apt-get install -y chromium, or set CHROMIUM=/path/to/chrome")
 
 
-def screenshot(url: str, out: Path, *, width: int = 1400, height: int = 900, wait_ms: int = 20000) -> None:
-    """Headless Chromium renders ``url`` (a single-page app: give its scripts ``wait_ms`` of virtual time)."""
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--hide-scrollbars"]  # fmt: skip
+
+
+def screenshot_run_form(
+    ui_url: str, out: Path, request: dict[str, str], *, width: int = 1400, height: int = 1150
+) -> None:
+    """Walk to the backfill deployment's custom-run form as a user does in the Prefect UI a fresh browser gets
+    (V2: Deployments → backfill → Run → Custom run), fill in the request, and screenshot it once it is still."""
+    from playwright.sync_api import sync_playwright
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-        f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url,
-    ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=180)
-    if not out.is_file() or out.stat().st_size < 10_000:
-        raise SystemExit(f"Chromium wrote no useful screenshot of {url} to {out}")
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=BROWSER_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(f"{ui_url}/")
+            page.get_by_role("link", name="Deployments").first.click()
+            page.get_by_text("backfill", exact=True).first.click()
+            page.get_by_role("button", name="Run").first.click()
+            page.get_by_text("Custom run").first.click()
+            page.get_by_text("Parameters", exact=True).wait_for(timeout=60_000)
+            page.locator("textarea").first.fill(request["stac"])  # request.stac
+            string_tab = page.get_by_role("tab", name="W,S,E,N").first  # request.bbox as one "W,S,E,N" string
+            string_tab.click()
+            content = page.locator(f"[id='{string_tab.get_attribute('aria-controls')}']")
+            content.locator("input, textarea").first.fill(request["bbox"])
+            page.mouse.click(width - 5, 5)  # leave the field, as a user tabbing on would
+            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(1500)  # transitions finished: no half-faded frame
+            page.screenshot(path=str(out))
+        finally:
+            browser.close()
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB): the backfill custom-run form")
 
 
 def screenshot_nested_runs(url: str, out: Path, children: list[str], *, width: int = 1400, height: int = 700) -> None:
     """Open MLflow's runs table at ``url``, expand the ``pipeline`` parent run, wait for ``children``, screenshot."""
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", "--hide-scrollbars"]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=flags)
+        browser = p.chromium.launch(executable_path=chromium(), args=BROWSER_FLAGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
@@ -93,14 +116,15 @@ def main() -> None:
             subprocess.run([*demo, "--steps", "5"], env=env, check=True, timeout=1800)
 
             from mlflow import MlflowClient
-            from prefect.client.orchestration import get_client
-            from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            with temporary_settings({PREFECT_API_URL: services.prefect_api_url}), get_client(sync_client=True) as c:
-                deployment = c.read_deployment_by_name("backfill/backfill")
-            screenshot(
-                f"{services.prefect_ui_url}/deployments/deployment/{deployment.id}/run",
+            items = home / "sample" / "items.json"  # what the demo wrote; its area, as the README's example fills in
+            boxes = [feature["bbox"] for feature in json.loads(items.read_text())["features"]]
+            west, south = min(b[0] for b in boxes), min(b[1] for b in boxes)
+            east, north = max(b[2] for b in boxes), max(b[3] for b in boxes)
+            screenshot_run_form(
+                services.prefect_ui_url,
                 args.out / "prefect-deployment-form.png",
+                {"stac": str(items), "bbox": f"{west:.4f},{south:.4f},{east:.4f},{north:.4f}"},
             )
             client = MlflowClient(services.mlflow_url)
             experiment = client.get_experiment_by_name("softcon-demo")

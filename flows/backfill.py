@@ -248,14 +248,14 @@ def backfill_flow(
     refresh: bool = False,
     poll_seconds: float = 2.0,
 ) -> BackfillResult:
-    """Ingest ``request.start..request.end`` over ``request.bbox`` as one child flow run per period.
+    """Ingest request.start..request.end over request.bbox as one child flow run per period.
 
     Args:
         request: the ingest request; its start and end are the backfill's range.
-        period: ``day``, ``week`` or ``month``: how the range is cut into child runs.
+        period: day, week or month: how the range is cut into child runs.
         max_in_flight: child runs started and not yet finished at any time (deployment mode).
-        deployment: ``"ingest/ingest"`` to run each period on the work pool as a run of that deployment;
-            ``None`` runs them in this process as subflows, one after the other.
+        deployment: ingest/ingest to run each period on the work pool as a run of that deployment;
+            empty runs them in this process as subflows, one after the other.
         experiment: MLflow experiment of the parent run and the nested ingest runs.
         refresh: run every period with items again, whatever the ledger says, and ignore cached ingest results.
         poll_seconds: how often child run states are read (deployment mode).

@@ -30,8 +30,6 @@ from softcon.flows.result_storage import check_result_storage
 from softcon.settings import get_settings
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on one param value
-EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
-"""MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview (traces, evaluations)."""
 
 
 def code_version() -> str:
@@ -83,15 +81,23 @@ def use_experiment(name: str | None = None) -> str:
     name = name or settings.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = mlflow.create_experiment(
-            name, artifact_location=f"{settings.artifact_root}/{name}", tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
-        )
+        experiment_id = mlflow.create_experiment(name, artifact_location=f"{settings.artifact_root}/{name}")
     else:
         experiment_id = experiment.experiment_id
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def runs_table_url(mlflow_url: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment (or the experiment list), in its model-training view.
+
+    MLflow 3's UI opens an experiment on its GenAI overview (traces, evaluations) unless the browser chose "Model
+    training" before; the ``workflowType`` parameter of the link chooses it.
+    """
+    base = mlflow_url.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @contextmanager

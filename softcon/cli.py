@@ -539,6 +539,13 @@ def demo(
     print_summary(results, config)
 
 
+def mlflow_experiment_id(run_id: str) -> str:
+    """The experiment of an MLflow run (for links to its runs table)."""
+    import mlflow
+
+    return mlflow.MlflowClient().get_run(run_id).info.experiment_id
+
+
 def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
     """What the pipeline made, how good it is, how long each stage took, and where the records are."""
     settings = get_settings()
@@ -567,8 +574,15 @@ def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
     for stage, result in results.items():
         table.add_row(stage, f"{result.seconds:.1f}", result.run_id, lines.get(stage, ""))
     console.print(table)
+    from softcon.flows.tracking import runs_table_url
+
+    experiment_id = mlflow_experiment_id(pipeline_result.run_id)
     console.print(f"MLflow experiment '{config.name}', parent run {pipeline_result.run_id}, in {settings.tracking_uri}")
-    console.print(f"  open it:  mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000")
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"  open it:  {runs_table_url(settings.tracking_uri, experiment_id)}")
+    else:
+        console.print(f"  open it:  mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000")
+        console.print(f"            then {runs_table_url('http://127.0.0.1:5000', experiment_id)}")
     console.print(f"  Prefect flow runs in {settings.root / 'prefect'}")
     console.print(f"  open it:  PREFECT_HOME={settings.root / 'prefect'} prefect server start")
     console.print(
@@ -602,6 +616,7 @@ def serve(
     import time
 
     from softcon import serve as servers
+    from softcon.flows.tracking import runs_table_url
 
     settings = get_settings()
     console.print(
@@ -623,7 +638,7 @@ def serve(
                 state = "on" if daily else "paused (turn it on with --daily, or in the UI: Deployments → daily)"
                 console.print(f"daily ingest schedule: {state}")
             console.print(f"Prefect UI:  {services.prefect_ui_url}   (API {services.prefect_api_url})")
-            console.print(f"MLflow UI:   {services.mlflow_url}")
+            console.print(f"MLflow UI:   {runs_table_url(services.mlflow_url)}")
             console.print(f"worker on pool '{services.work_pool}'; logs in {settings.root / 'logs'}")
             console.print(
                 f"point a shell at them:  export PREFECT_API_URL={services.prefect_api_url} "

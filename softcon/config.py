@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import EnvSettingsSource
 
 from softcon.settings import get_settings
@@ -33,10 +42,43 @@ def _default_path(name: str) -> str:
     return str(get_settings().data_dir / name)
 
 
+def _plain_descriptions(schema: dict[str, Any]) -> None:
+    """Docstrings write ``code`` and descriptions `code`; forms (the Prefect UI) show text as it is: no backticks."""
+    for node in (schema, *schema.get("properties", {}).values()):
+        if isinstance(node.get("description"), str):
+            node["description"] = node["description"].replace("`", "")
+
+
 class StageConfig(BaseModel):
     """Common behaviour: frozen, unknown keys refused (a typo in YAML is an error, not a silent default)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_plain_descriptions)
+
+
+def _bbox_from_text(value: Any) -> Any:
+    """A bbox may be written "W,S,E,N" (the CLI's and a form field's spelling) as well as four numbers."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        try:
+            return tuple(float(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"bbox {value!r} is not four numbers W,S,E,N (lon/lat degrees)") from None
+    return value
+
+
+BBox = Annotated[
+    tuple[float, float, float, float],
+    BeforeValidator(_bbox_from_text),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^\s*-?[\d.]+\s*(,\s*-?[\d.]+\s*){3}$", "title": "W,S,E,N"},
+                {"type": "array", "prefixItems": [{"type": "number"}] * 4, "minItems": 4, "maxItems": 4},
+            ]
+        }
+    ),
+]
+"""Lon/lat west, south, east, north: four numbers, or one "W,S,E,N" string."""
 
 
 # How ingest and labels reach a STAC source and its assets (tasks/stac_access.py): one definition for both configs.
@@ -65,8 +107,8 @@ class IngestConfig(StageConfig):
     collections: list[CollectionName] = Field(
         default=["sentinel-2-l2a", "sentinel-1-rtc"], min_length=1, description="STAC collections to search."
     )
-    bbox: tuple[float, float, float, float] | None = Field(
-        default=None, description="Area as lon/lat west,south,east,north (or give `area`)."
+    bbox: BBox | None = Field(
+        default=None, description="Area as lon/lat west,south,east,north, e.g. 11.0,46.4,11.1,46.5 (or give `area`)."
     )
     area: str | None = Field(
         default=None,
@@ -88,10 +130,17 @@ class IngestConfig(StageConfig):
     )
     max_cloud: float = Field(default=80.0, ge=0, le=100, description="Max item eo:cloud_cover, percent.")
     max_tile_cloud: float = Field(
-        default=0.8, ge=0, le=1, description="Skip a tile-date whose SCL cloud/shadow fraction is above this."
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Skip a tile-date whose SCL cloud/shadow fraction over the area's pixels is above this.",
     )
     max_tile_nodata: float = Field(
-        default=0.5, ge=0, le=1, description="Skip a tile-date whose nodata fraction is above this."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Skip a tile-date whose nodata fraction over the area's pixels is above this (a small area on a "
+        "large tile keeps its dates).",
     )
     sign: StacSigning = "auto"
     headers: StacHeaders = Field(default_factory=dict)

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio.features
+import shapely.ops
+from pyproj import Transformer
 from shapely.geometry import box, shape
 from shapely.geometry.base import BaseGeometry
 
@@ -139,11 +142,11 @@ class IngestReport:
         what = ", ".join(f"{count} for {reason}" for reason, count in sorted(skipped.items())) or "none"
         advice = []
         if skipped.get("nodata"):
-            side_km = config.tile_size * config.resolution / 1000
             advice.append(
-                f"nodata: a tile-date is skipped when more than {config.max_tile_nodata:g} of its pixels have no data; "
-                f"the tiles are {config.tile_size} px ({side_km:g} km) a side, so an area or scenes smaller than that "
-                "leave most of each tile empty: lower --tile-size, raise --max-tile-nodata, or give a larger area"
+                f"nodata: a tile-date is skipped when more than {config.max_tile_nodata:g} of its pixels in the area "
+                "have no data, so the scenes found cover less than that of the area on each tile: check the area "
+                "against the collection's footprints (a coast, a swath edge, the end of the sample scenes), give an "
+                "area the scenes cover, or raise --max-tile-nodata"
             )
         if skipped.get("cloud"):
             advice.append(
@@ -190,6 +193,17 @@ def tiles_for_area(area: BaseGeometry, *, resolution: float, tile_size: int, eps
     """Grid tiles of the area's bounding box that the area itself touches (all of them for a bbox)."""
     tiles = tiles_for_bbox(area.bounds, resolution=resolution, tile_size=tile_size, epsg=epsg)
     return [tile for tile in tiles if box(*tile.lonlat_bounds).intersects(area)]
+
+
+def area_mask(tile: Tile, area: BaseGeometry) -> np.ndarray | None:
+    """The tile's pixels whose centre lies in the lon/lat ``area``; None when that is every pixel."""
+    to_tile = Transformer.from_crs("EPSG:4326", f"EPSG:{tile.epsg}", always_xy=True)
+    projected = shapely.ops.transform(to_tile.transform, area)
+    if projected.contains(box(*tile.bounds)):
+        return None
+    return rasterio.features.geometry_mask(
+        [projected], out_shape=(tile.size, tile.size), transform=tile.transform, invert=True
+    )
 
 
 def group_by_solar_day(items: Iterable[dict[str, Any]], lon: float) -> dict[date, list[dict[str, Any]]]:
@@ -294,10 +308,13 @@ def rewrite_lost_steps(cube: str, tile: Tile, bands: Sequence[str], lost: Sequen
 
 def ingest_tile(
     config: IngestConfig, tile: Tile, items: list[dict[str, Any]], read: ReadOptions, state: _RunState,
-    progress: Callable[[str], None], lost: Sequence[LostStep] = (),
+    progress: Callable[[str], None], lost: Sequence[LostStep] = (), within: np.ndarray | None = None,
 ) -> set[date]:  # fmt: skip
     """Write the tile's ``lost`` steps again, load its new days and append them; returns the tile's Sentinel-2
     days afterwards.
+
+    A tile-date's nodata and cloud fractions are measured over ``within`` (the tile's pixels in the requested
+    area, ``area_mask``; None: the whole tile), so a small area on a large tile keeps its dates.
 
     A tile that does not exist yet is created only when a tile-date is appended, so a run that writes nothing
     (every tile-date cloudy or empty) leaves no empty tile, nor an empty cube.
@@ -336,10 +353,11 @@ def ingest_tile(
                 what = f"{tile.tile_id} {day} {sensor.upper()}"
                 if sensor == "s2":
                     s2, scl = loaded
-                    cloud, nodata = s2_day_quality(s2, scl)
+                    cloud, nodata = s2_day_quality(s2, scl, within)
                     values = {"s2": s2, "scl": scl}
                 else:
-                    cloud, nodata = 0.0, float(np.isnan(loaded).all(axis=0).mean())
+                    empty = np.isnan(loaded).all(axis=0)
+                    cloud, nodata = 0.0, float((empty[within] if within is not None else empty).mean())
                     values = {"s1": loaded}
                 if nodata > config.max_tile_nodata:
                     state.skipped["nodata"] += 1
@@ -422,8 +440,9 @@ def run_ingest(config: IngestConfig) -> IngestReport:
     cube_days: set[date] = set()
     for done, tile in enumerate(tiles, start=1):
         cube_days |= ingest_tile(
-            config, tile, _intersecting(usable, tile), read, state, progress, lost_steps.get(tile.tile_id, ())
-        )
+            config, tile, _intersecting(usable, tile), read, state, progress, lost_steps.get(tile.tile_id, ()),
+            area_mask(tile, area),
+        )  # fmt: skip
         log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id)
         stage_progress.report("tiles", done, len(tiles))
 

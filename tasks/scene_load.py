@@ -285,12 +285,18 @@ def load_day_isolating(
         return None, {**failed, **{item["id"]: describe_error(error) for item in good}}
 
 
-def s2_day_quality(s2: np.ndarray, scl: np.ndarray) -> tuple[float, float]:
-    """(cloud fraction, nodata fraction) of one tile-date: SCL 3/8/9/10, and all-zero or SCL 0 pixels."""
+def s2_day_quality(s2: np.ndarray, scl: np.ndarray, within: np.ndarray | None = None) -> tuple[float, float]:
+    """(cloud fraction, nodata fraction) of one tile-date: SCL 3/8/9/10, and all-zero or SCL 0 pixels.
+
+    ``within`` (a boolean pixel mask, e.g. the requested area on the tile) limits both fractions to its pixels.
+    """
     nodata = (s2 == 0).all(axis=0)
     if scl.any():
         nodata |= scl == 0
-    return float(np.isin(scl, SCL_CLOUD_CODES).mean()), float(nodata.mean())
+    cloud = np.isin(scl, SCL_CLOUD_CODES)
+    if within is not None:
+        return float(cloud[within].mean()), float(nodata[within].mean())
+    return float(cloud.mean()), float(nodata.mean())
 
 
 def _combinable(items: Sequence[dict[str, Any]], sensor: str, bands: Sequence[str]) -> bool:

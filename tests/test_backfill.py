@@ -334,20 +334,29 @@ def test_a_period_recorded_by_the_old_ledger_is_not_done(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_backfill_at_a_tile_size_that_misses_the_scenes_records_nothing_and_the_right_one_writes(
+def test_backfill_over_an_area_the_scenes_miss_records_nothing_and_the_form_defaults_write(
     small_sample: SampleData, tmp_path: Path
 ) -> None:
     from softcon.flows.backfill import backfill_flow
 
-    # The bug as a user met it: the UI form's default 1056 px tiles over scenes that cover 64 px.
+    # An area many times the scenes: every tile-date is mostly nodata over it, so nothing is written or recorded.
     cube = tmp_path / "cube.zarr"
-    wrong = _sample_request(small_sample, cube, tile_size=1056)
+    west, south, east, north = small_sample.bbox
+    wide = (
+        west - 3 * (east - west),
+        south - 3 * (north - south),
+        east + 3 * (east - west),
+        north + 3 * (north - south),
+    )
+    wrong = _sample_request(small_sample, cube, bbox=wide, tile_size=1056)
     (period,) = backfill_flow(wrong, period="month", experiment="backfill-test").windows
     assert (period.status, period.tile_dates_written) == ("incomplete", 0)
     assert period.reason == "it wrote no tile-date and skipped 3 (3 as nodata)"
     assert read_ledger(str(cube)) == []
 
-    right = _sample_request(small_sample, cube)
+    # The UI form's defaults (1,056 px tiles) over the sample scenes (64 px): the user met "green, wrote nothing";
+    # nodata is measured over the area on each tile, so the scenes' dates are written.
+    right = _sample_request(small_sample, cube, tile_size=IngestConfig.model_fields["tile_size"].default)
     (period,) = backfill_flow(right, period="month", experiment="backfill-test").windows
     assert (period.status, period.tile_dates_written) == ("ingested", 3)
     assert _cube_days(cube) == INGESTED_DAYS

@@ -78,8 +78,15 @@ def test_rerun_writes_nothing(
 def test_a_run_that_writes_nothing_says_what_was_skipped_and_what_to_change(
     data_sample: SampleData, data_stac_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The default 1,056 px tile over scenes a fraction of its size: every tile-date is mostly nodata."""
-    config = sample_ingest_config(data_sample, data_stac_url, tmp_path / "cube.zarr", tile_size=1056)
+    """An area several times the size of the scenes: every tile-date is mostly nodata over it."""
+    west, south, east, north = data_sample.bbox
+    wide = (
+        west - 2 * (east - west),
+        south - 2 * (north - south),
+        east + 2 * (east - west),
+        north + 2 * (north - south),
+    )
+    config = sample_ingest_config(data_sample, data_stac_url, tmp_path / "cube.zarr", bbox=wide, tile_size=1056)
     with caplog.at_level("WARNING", logger="softcon.tasks.ingest"):
         report = run_ingest(config)
     assert report.tile_dates_written == 0 and report.tile_dates_skipped["nodata"] > 0
@@ -87,7 +94,20 @@ def test_a_run_that_writes_nothing_says_what_was_skipped_and_what_to_change(
     assert warning is not None and warning in caplog.text
     assert warning.startswith(f"nothing written to {config.cube}: ")
     assert f"{report.tile_dates_skipped['nodata']} for nodata" in warning
-    assert "1056 px (10.56 km) a side" in warning and "--tile-size" in warning and "--max-tile-nodata" in warning
+    assert "of its pixels in the area have no data" in warning and "--max-tile-nodata" in warning
+
+
+def test_a_small_area_on_a_large_tile_keeps_its_dates(
+    data_sample: SampleData, data_stac_url: str, tmp_path: Path
+) -> None:
+    """Nodata and cloud are measured over the area on the tile: the default 1,056 px tile over the sample scenes
+    (64 px tiles) is mostly empty, yet every date the area has is written (it was all skipped as nodata)."""
+    small = sample_ingest_config(data_sample, data_stac_url, tmp_path / "small.zarr")
+    large = sample_ingest_config(data_sample, data_stac_url, tmp_path / "large.zarr", tile_size=1056)
+    assert IngestConfig.model_fields["tile_size"].default == 1056
+    written_small, written_large = run_ingest(small), run_ingest(large)
+    assert written_large.tile_dates_written > 0 and written_large.warning(large) is None
+    assert written_large.dates == written_small.dates
 
 
 def test_extending_the_dates_appends_only_new_ones(

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from softcon.tasks.sample_data import SampleData, write_sample_data
 
 # The generator's S2 days that pass the default cloud limits: 06-06 is filtered (eo:cloud_cover over 80 %).
 BACKFILL_DAYS = [date(2024, 6, 1), date(2024, 6, 11), date(2024, 6, 16)]
+DAILY_DAY = BACKFILL_DAYS[1]  # the daily deployment's run is scheduled for 06:00 UTC the day after
 PG_BIN = Path("/usr/lib/postgresql")
 
 
@@ -110,8 +111,7 @@ def _backfill_through_the_api(
             "bbox": list(sample.bbox),
             "start": sample.start.isoformat(),
             "end": sample.end.isoformat(),
-            "tile_size": 64,
-            "cube": str(cube),
+            "cube": str(cube),  # the other fields as the form leaves them: the defaults (1,056 px tiles)
         },
         "period": "day",
         "max_in_flight": 2,
@@ -137,6 +137,38 @@ def _backfill_through_the_api(
     return parent, children
 
 
+def _daily_through_the_api(api_url: str, sample: SampleData, cube: Path, experiment: str, timeout: float) -> object:
+    """Check the daily schedule is registered paused and can be turned on; run the daily deployment once, as
+    the scheduler would, with a scheduled time in the past; return the finished run."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Scheduled
+
+    from softcon.serve import DAILY_DEPLOYMENT, set_schedule_active
+
+    scheduled = datetime.combine(DAILY_DAY + timedelta(days=1), datetime.min.time(), UTC).replace(hour=6)
+    parameters = {
+        "stac": str(sample.items_file), "bbox": list(sample.bbox), "collections": ["sentinel-2-l2a"],
+        "cube": str(cube), "timezone": "UTC", "experiment": experiment,
+    }  # fmt: skip
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DAILY_DEPLOYMENT)
+        assert deployment.schedules and not any(s.active for s in deployment.schedules)  # registered paused
+        assert set_schedule_active(api_url, DAILY_DEPLOYMENT, active=True) == len(deployment.schedules)
+        assert all(s.active for s in client.read_deployment_by_name(DAILY_DEPLOYMENT).schedules)
+        set_schedule_active(api_url, DAILY_DEPLOYMENT, active=False)
+        run = client.create_flow_run_from_deployment(
+            deployment.id, parameters=parameters, state=Scheduled(scheduled_time=scheduled)
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(2)
+    return run
+
+
 def _cube_days(cube: Path) -> list[date]:
     tile = next(iter(zarr.open_group(str(cube), mode="r")["tiles"].group_keys()))
     times = xr.open_zarr(str(cube), group=f"tiles/{tile}", consolidated=False).time.values
@@ -144,7 +176,12 @@ def _cube_days(cube: Path) -> list[date]:
 
 
 def _check_backfill(
-    home: Path, sample: SampleData, *, prefect_database_url: str | None = None, mlflow_backend_uri: str | None = None
+    home: Path,
+    sample: SampleData,
+    *,
+    prefect_database_url: str | None = None,
+    mlflow_backend_uri: str | None = None,
+    daily: bool = False,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -172,12 +209,18 @@ def _check_backfill(
         assert sorted(run.data.params["start"] for run in ingests) == [day.isoformat() for day in BACKFILL_DAYS]
         assert {run.data.tags["prefect.flow_run_id"] for run in ingests} == {str(child.id) for child in children}
         assert all(run.data.metrics["tile_dates_written"] == 1 for run in ingests)
+        if daily:
+            daily_cube = home / "data" / "daily.zarr"
+            run = _daily_through_the_api(services.prefect_api_url, sample, daily_cube, "integration", 600)
+            worker_log = services.logs["worker"].read_text(errors="replace")[-4000:]
+            assert run.state is not None and run.state.is_completed(), f"{run.state}\n{worker_log}"
+            assert _cube_days(daily_cube) == [DAILY_DAY]  # the day before the scheduled time, not the clock's
         print(f"servers up in {up - started:.0f} s, deploy + backfill in {time.monotonic() - up:.0f} s")
 
 
 @pytest.mark.slow
 def test_backfill_deployment_on_real_servers_with_sqlite(sample: SampleData, tmp_path: Path) -> None:
-    _check_backfill(tmp_path / "home", sample)
+    _check_backfill(tmp_path / "home", sample, daily=True)
 
 
 @pytest.mark.slow

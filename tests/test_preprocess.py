@@ -395,3 +395,19 @@ def test_norm_stats_named_and_flattened_for_mlflow(written):
     assert metrics["norm.s2.B04.mean"] == stats["s2"]["mean"][S2_L2A_BANDS.index("B04")]
     assert metrics["norm.s1.VH.p99"] == stats["s1"]["p99"][1]
     assert len([key for key in metrics if key.startswith("norm.s2.")]) == 4 * 12
+
+
+def test_an_empty_split_is_warned_with_what_to_change(tmp_path: Path) -> None:
+    """Two tiles with one split block each put every sample in train: say so, and how to get val and test."""
+    from softcon.tasks.preprocess import empty_split_warning
+
+    config = PreprocessConfig(cube=str(tmp_path / "cube.zarr"), out=str(tmp_path / "store.zarr"))
+    warning = empty_split_warning(config, {"kept": 32, "train": 32, "val": 0, "test": 0})
+    assert warning is not None and warning.startswith("the val and test splits are empty (train 32, val 0, test 0")
+    assert "blocks of one tile" in warning and "--split-block" in warning
+    assert empty_split_warning(config, {"kept": 32, "train": 20, "val": 4, "test": 8}) is None
+    no_val = config.model_copy(update={"val_fraction": 0.0, "split_block": 64})
+    assert "the test split is empty" in (
+        empty_split_warning(no_val, {"kept": 9, "train": 9, "val": 0, "test": 0}) or ""
+    )
+    assert "blocks of 64 px" in (empty_split_warning(no_val, {"kept": 9, "train": 9, "val": 0, "test": 0}) or "")

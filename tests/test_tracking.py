@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
+from softcon.flows.tracking import runs_table_url
 
-def test_the_project_s_experiments_open_on_the_runs_table() -> None:
-    """MLflow 3 opens an experiment without a kind on its GenAI overview; the project's are model development."""
-    import mlflow
 
-    from softcon.flows.tracking import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT, use_experiment
-
-    created = use_experiment("softcon-kind-test")
-    assert mlflow.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
-    client = mlflow.MlflowClient()
-    older = client.create_experiment("softcon-kind-test-older")  # made before the tag existed
-    assert EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
-    assert use_experiment("softcon-kind-test-older") == older
-    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+def test_links_open_the_runs_table_in_mlflow_3_s_model_training_view() -> None:
+    """MLflow 3 opens an experiment on its GenAI overview unless the link chooses the model-training view (checked
+    in a real browser against mlflow 3.17: with the parameter `#/experiments/1` lands on `#/experiments/1/runs`)."""
+    assert runs_table_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert runs_table_url("http://mlflow:5000") == "http://mlflow:5000/#/experiments?workflowType=machine_learning"
