@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from softcon.config import CollectionName, IngestConfig
 from softcon.flows.ingest import ingest_flow
-from softcon.flows.tracking import stage_run
+from softcon.flows.tracking import completed_with_warning, stage_run
 from softcon.settings import get_settings
 from softcon.tasks.backfill import (
     DateWindow,
@@ -76,9 +76,24 @@ class BackfillResult(BaseModel):
 
     run_id: str
     windows: list[WindowOutcome]
+    warning: str | None = None
+    """Which periods ran but wrote nothing, and why (the Prefect run's state message and the MLflow tag)."""
 
     def count(self, status: str) -> int:
         return sum(1 for window in self.windows if window.status == status)
+
+
+def incomplete_warning(outcomes: list[WindowOutcome]) -> str | None:
+    """What to tell about periods whose ingest completed without recording them (None when there are none)."""
+    incomplete = [outcome for outcome in outcomes if outcome.status == "incomplete"]
+    if not incomplete:
+        return None
+    ran = sum(1 for outcome in outcomes if outcome.status in ("ingested", "incomplete"))
+    lines = "; ".join(f"{o.start}..{o.end}: {o.reason}" for o in incomplete[:10])
+    return (
+        f"{len(incomplete)} of the {ran} periods run wrote nothing or not all they should, and are not recorded "
+        f"(the next backfill runs them again): {lines}. See each period's ingest run for what was skipped"
+    )
 
 
 @task(name="find-periods-with-items", retries=2, retry_delay_seconds=[5, 30])
@@ -312,12 +327,12 @@ def backfill_flow(
             outcomes.append(WindowOutcome(start=window.start, end=window.end, status="skipped"))
         else:
             outcomes.append(WindowOutcome(start=window.start, end=window.end, status="empty"))
-    result = BackfillResult(run_id=parent_id, windows=outcomes)
+    result = BackfillResult(run_id=parent_id, windows=outcomes, warning=incomplete_warning(outcomes))
     failed = [outcome for outcome in outcomes if outcome.status == "failed"]
     if failed:
         labels = ", ".join(f"{o.start}..{o.end}" for o in failed)
         raise RuntimeError(f"backfill: {len(failed)} period(s) failed: {labels}; run the backfill again to retry them")
-    return result
+    return completed_with_warning(result)
 
 
 def scheduled_window(days_back: int, timezone: str) -> DateWindow:
@@ -355,4 +370,4 @@ def daily_ingest_flow(
         max_cloud=max_cloud,
         cube=cube or str(get_settings().data_dir / "cube.zarr"),
     )
-    return backfill_flow(request, period="day", experiment=experiment, refresh=refresh)
+    return completed_with_warning(backfill_flow(request, period="day", experiment=experiment, refresh=refresh))

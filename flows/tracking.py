@@ -145,12 +145,12 @@ def completed_with_warning(result: Any) -> Any:
     """A flow's return value: ``result`` itself, or a Completed state whose message is ``result.warning``.
 
     Prefect shows a returned state's message on the flow run, and a caller of the flow still gets ``result``.
-    The warning is also logged and tagged on the active MLflow run.
+    The warning is also logged and tagged on ``result.run_id``'s MLflow run.
     """
     if not result.warning:
         return result
     get_run_logger().warning(result.warning)
-    mlflow.set_tag(WARNING_TAG, result.warning[:5000])
+    mlflow.MlflowClient().set_tag(result.run_id, WARNING_TAG, result.warning[:5000])
     return Completed(message=result.warning, data=result)
 
 

@@ -753,6 +753,8 @@ def backfill(
             label, window.status, window.mlflow_run_id or "", f"{window.tile_dates_written:g}", window.reason or ""
         )
     console.print(table)
+    if result.warning:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(result.warning)}")
 
 
 @app.command("check-store")

@@ -349,10 +349,15 @@ def test_backfill_over_an_area_the_scenes_miss_records_nothing_and_the_form_defa
         north + 3 * (north - south),
     )
     wrong = _sample_request(small_sample, cube, bbox=wide, tile_size=1056)
-    (period,) = backfill_flow(wrong, period="month", experiment="backfill-test").windows
+    result = backfill_flow(wrong, period="month", experiment="backfill-test")
+    (period,) = result.windows
     assert (period.status, period.tile_dates_written) == ("incomplete", 0)
     assert period.reason == "it wrote no tile-date and skipped 3 (3 as nodata)"
     assert read_ledger(str(cube)) == []
+    # Visible as such: the warning is the Prefect run's state message and an MLflow tag on the backfill's run.
+    assert result.warning is not None and result.warning.startswith("1 of the 1 periods run wrote nothing")
+    assert "2024-06-01..2024-06-30: it wrote no tile-date and skipped 3 (3 as nodata)" in result.warning
+    assert mlflow.MlflowClient().get_run(result.run_id).data.tags["softcon.warning"] == result.warning
 
     # The UI form's defaults (1,056 px tiles) over the sample scenes (64 px): the user met "green, wrote nothing";
     # nodata is measured over the area on each tile, so the scenes' dates are written.

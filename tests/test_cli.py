@@ -196,3 +196,37 @@ def test_no_help_text_writes_a_default_by_hand() -> None:
         if "[default" in (getattr(param, "help", None) or "")
     ]
     assert written == []
+
+
+@pytest.mark.parametrize(("flag", "active"), [([], False), (["--daily"], True)])
+def test_serve_says_what_it_starts_and_leaves_the_daily_schedule_paused_unless_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: list[str], active: bool
+) -> None:
+    """`softcon serve` printed nothing for a minute and turned on a schedule that reaches Earth Search at 06:00."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from softcon import serve as servers
+
+    class Stopped:
+        def poll(self) -> int:
+            return 0  # the services "stop" at once, so the command returns
+
+    @contextmanager
+    def serve(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        yield SimpleNamespace(
+            prefect_api_url="http://127.0.0.1:4200/api", prefect_ui_url="http://127.0.0.1:4200",
+            mlflow_url="http://127.0.0.1:5000", work_pool="softcon-process", env={}, processes={"worker": Stopped()},
+        )  # fmt: skip
+
+    schedules: list[tuple[str, bool]] = []
+    monkeypatch.setattr(servers, "serve", serve)
+    monkeypatch.setattr(servers, "deploy", lambda *args, **kwargs: "")
+    monkeypatch.setattr(servers, "set_schedule_active", lambda url, name, active: schedules.append((name, active)))
+    result = CliRunner().invoke(app, ["serve", *flag], env={"COLUMNS": "200"})
+    out = " ".join(result.stdout.split())
+    assert out.startswith("starting the Prefect server (port 4200), the MLflow server (port 5000) and a process worker")
+    assert schedules == [(servers.DAILY_DEPLOYMENT, active)]
+    assert ("daily ingest schedule: on" in out) is active and ("paused (turn it on with --daily" in out) is not active
+    assert "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning" in out
+    assert result.exit_code == 1 and "worker stopped" in result.stderr
