@@ -1,4 +1,11 @@
-"""EMA teacher: an exponential moving average of the student, momentum rising to 1 on a cosine."""
+"""EMA teacher: an exponential moving average of the student, momentum rising to 1 on a cosine.
+
+The teacher's weights follow the student's; its BatchNorm statistics are its own. The student sees masked views
+(30 % of pixels zeroed), so its running means and variances describe masked images; the teacher runs in train mode
+on the unmasked view, so its BatchNorm layers keep the statistics of unmasked inputs, which is what the encoder is
+evaluated on (the teacher is the encoder ``load_encoder`` returns). Other buffers are copied from the student.
+Under DDP each rank's teacher keeps statistics of its own batches; rank 0's are the ones checkpointed.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +34,30 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
+NORMALISATION_WITH_STATISTICS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _own_statistics(module: nn.Module) -> set[str]:
+    """Names of the buffers that hold normalisation statistics (BatchNorm running mean, variance, batch count)."""
+    return {
+        f"{name}.{buffer}" if name else buffer
+        for name, child in module.named_modules()
+        if isinstance(child, NORMALISATION_WITH_STATISTICS)
+        for buffer, _ in child.named_buffers(recurse=False)
+    }
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student; buffers (BN statistics) are copied."""
+    """teacher <- momentum * teacher + (1 - momentum) * student for the weights; the teacher's normalisation
+    statistics stay its own (see the module docstring), other buffers are copied."""
     teacher_params: list[torch.Tensor] = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     if len(teacher_params) != len(student_params):
         raise ValueError("teacher and student have different parameter lists")
     foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers(), strict=True):
-        teacher_buffer.copy_(student_buffer)
+    own = _own_statistics(teacher)
+    student_buffers = dict(student.named_buffers())
+    for name, teacher_buffer in teacher.named_buffers():
+        if name not in own:
+            teacher_buffer.copy_(student_buffers[name])

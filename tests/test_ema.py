@@ -26,4 +26,26 @@ def test_ema_update_moves_the_teacher_towards_the_student() -> None:
     before = teacher[0].weight.clone()
     ema_update(teacher, student, momentum=0.9)
     assert torch.allclose(teacher[0].weight, 0.9 * before + 0.1 * student[0].weight)
-    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    assert torch.equal(teacher[1].running_mean, torch.zeros(2))  # its own statistics, not the student's
+
+
+def test_the_teacher_keeps_batchnorm_statistics_of_unmasked_inputs() -> None:
+    """The student normalises masked views (30 % of pixels zeroed); copying its running statistics gave every
+    evaluated ResNet the statistics of masked images. The teacher, in train mode on the unmasked view, keeps its own."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    teacher = make_teacher(student)
+    reference = nn.BatchNorm2d(4)  # what statistics of the unmasked views alone look like
+    for _ in range(20):
+        images = torch.rand(8, 3, 16, 16) + 1.0
+        masked = images * (torch.rand(8, 1, 16, 16) > 0.3)
+        student(masked).sum().backward()
+        with torch.no_grad():
+            features = teacher[0](images)
+            teacher(images)
+            reference(features)
+        ema_update(teacher, student, momentum=1.0)  # weights frozen: only the statistics can differ
+    assert torch.allclose(teacher[1].running_mean, reference.running_mean, atol=1e-5)
+    assert torch.allclose(teacher[1].running_var, reference.running_var, atol=1e-5)
+    assert not torch.allclose(teacher[1].running_mean, student[1].running_mean, atol=1e-2)
+    assert teacher[1].num_batches_tracked == 20
