@@ -10,6 +10,11 @@ statistics gives first-layer activations of the same size as the RGB original (t
 ``adapt_input_conv`` uses the same rescaling). Without band names (e.g. Sentinel-1 VV/VH) every channel
 gets mean(R, G, B), rescaled the same way.
 
+A file whose first layer has Sentinel channels (13: L1C in SSL4EO-S12's order, as SoftCon's ``B13_*`` files; 12:
+L2A; 2: S1 VV, VH) is mapped by band name onto the encoder's bands (``map_bands``): each shared band keeps its
+filter exactly; a band the data lacks (B10 on L2A data) is left out, the same as feeding it at its mean (0 after
+normalisation); a band the file lacks gets the mean filter.
+
 Weight files read (``torch.load(weights_only=True)`` or safetensors, optionally under "state_dict"/"model"):
 
 - ResNet-50: torchvision (``torchvision.models.resnet50().state_dict()``) and timm use the same key names
@@ -33,10 +38,14 @@ import torch
 from torch import nn
 
 from softcon.compat.timm_dinov2 import convert_dinov2_state_dict
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS
 from softcon.models.masking import add_mask_token
 
 RGB_TO_S2: dict[str, int] = {"B04": 0, "B03": 1, "B02": 2}
 """Which RGB filter (0=R, 1=G, 2=B) initialises each visible Sentinel-2 band."""
+FILE_BANDS: dict[int, tuple[str, ...]] = {13: S2_L1C_BANDS, 12: S2_L2A_BANDS, 2: S1_POLARIZATIONS}
+"""The bands a weights file's first layer stands for, by its number of input channels: SoftCon's and SSL4EO-S12's
+13-band files are Sentinel-2 L1C in SSL4EO-S12's order, 12-band ones L2A (no B10), 2-band ones Sentinel-1 VV, VH."""
 
 
 def is_vit(model_or_name: nn.Module | str) -> bool:
@@ -150,6 +159,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def map_bands(weight: torch.Tensor, file_bands: Sequence[str], bands: Sequence[str]) -> torch.Tensor:
+    """(O, len(file_bands), k, k) first-layer filters as (O, len(bands), k, k) for the encoder's bands, by name.
+
+    A band in both keeps its filter exactly, wherever it sits in either order. A band of the file the encoder's
+    data lacks (B10 for L2A data) is left out, which is the same as feeding it at its mean (0 after
+    normalisation). A band the file lacks gets the mean of the file's filters.
+
+    Raises:
+        ValueError: when the two share no band (e.g. Sentinel-1 filters for Sentinel-2 bands).
+    """
+    index = {band: i for i, band in enumerate(file_bands)}
+    if not set(index) & set(bands):
+        raise ValueError(f"the weights' bands {list(file_bands)} share none with the encoder's {list(bands)}")
+    mean = weight.mean(dim=1)
+    return torch.stack([weight[:, index[band]] if band in index else mean for band in bands], dim=1)
+
+
 def adapt_first_conv(weight: torch.Tensor, in_chans: int, bands: Sequence[str] | None = None) -> torch.Tensor:
     """Map (O, 3, k, k) RGB filters to (O, in_chans, k, k) following the module docstring's rule."""
     if weight.shape[1] != 3:
@@ -182,14 +208,18 @@ def load_pretrained(model: nn.Module, path: str | Path, *, bands: Sequence[str] 
     first_conv = cfg.get("first_conv")
     conv_key = f"{first_conv}.weight" if isinstance(first_conv, str) else None
     if conv_key in state and conv_key in own:
-        in_chans = own[conv_key].shape[1]
-        if state[conv_key].shape[1] != in_chans:
-            if state[conv_key].shape[1] != 3:
+        in_chans, file_chans = own[conv_key].shape[1], state[conv_key].shape[1]
+        if file_chans != in_chans:
+            if file_chans == 3:
+                state[conv_key] = adapt_first_conv(state[conv_key], in_chans, bands)
+            elif file_chans in FILE_BANDS and bands is not None and len(bands) == in_chans:
+                state[conv_key] = map_bands(state[conv_key], FILE_BANDS[file_chans], bands)
+            else:
                 raise ValueError(
-                    f"{path}: first layer {conv_key} has {state[conv_key].shape[1]} input channels; "
-                    f"the model needs {in_chans} and only 3-channel RGB filters can be adapted"
+                    f"{path}: first layer {conv_key} has {file_chans} input channels; the model needs {in_chans}. "
+                    f"3-channel RGB filters are adapted, and {sorted(FILE_BANDS)}-channel Sentinel filters are "
+                    "mapped by band name when the encoder's bands are known"
                 )
-            state[conv_key] = adapt_first_conv(state[conv_key], in_chans, bands)
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         from timm.layers import resample_abs_pos_embed
 

@@ -32,6 +32,10 @@ S2_L2A_BANDS: tuple[S2Band, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
 )  # fmt: skip
 """Sentinel-2 L2A bands in the order the cube and the training store keep them (no B10 in L2A)."""
+S2_L1C_BANDS: tuple[str, ...] = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+)  # fmt: skip
+"""Sentinel-2 L1C bands in SSL4EO-S12's order (its ``s2c`` modality, and SoftCon's 13-band checkpoints)."""
 S1_POLARIZATIONS: tuple[str, ...] = ("VV", "VH")
 CollectionName = Literal["sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-rtc", "sentinel-1-grd"]
 """STAC collections the ingest stage knows how to read (see ``tasks/collections.py``)."""

@@ -9,14 +9,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from softcon.config import S2_L2A_BANDS
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS
 from softcon.models.encoder import build_encoder
 from softcon.models.heads import ProjectionHead
 
 torch.set_num_threads(2)
-
-S2_L1C_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
-"""Sentinel-2 L1C: 13 bands (with the cirrus band B10), SSL4EO-S12 order."""
 
 
 @pytest.mark.parametrize(
@@ -160,3 +157,70 @@ def test_weights_files_are_read_without_unpickling_code(tmp_path: Path) -> None:
     torch.save({"conv1.weight": NotATensor()}, tmp_path / "pickled.pth")
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
         build_encoder("resnet18", 12, tmp_path / "pickled.pth")
+
+
+def softcon_resnet50(in_chans: int) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of SoftCon's released ResNet-50 files (B13_rn50_softcon.pth, B2_rn50_softcon.pth):
+    torchvision's resnet50 keys without ``fc``, first layer (64, in_chans, 7, 7); random values."""
+    import torchvision
+
+    torch.manual_seed(in_chans)
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state["conv1.weight"] = torch.randn(64, in_chans, 7, 7)
+    return state
+
+
+def softcon_vit(name: str, dim: int, in_chans: int) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of SoftCon's released ViT files (B13_vits14_softcon.pth, B13_vitb14_softcon.pth):
+    DINOv2's original keys at 224 px (16x16 patches + class token), LayerScale (init_values 1e-5), no register
+    tokens, a (1, D) mask token, patch embedding (D, in_chans, 14, 14); random values."""
+    torch.manual_seed(dim)
+    state = timm.create_model(name, pretrained=False, img_size=224, init_values=1e-5).state_dict()
+    state["patch_embed.proj.weight"] = torch.randn(dim, in_chans, 14, 14)
+    state["mask_token"] = torch.randn(1, dim)
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "state", "bands"),
+    [
+        ("resnet50", lambda: softcon_resnet50(13), S2_L1C_BANDS),
+        ("resnet50", lambda: softcon_resnet50(13), S2_L2A_BANDS),
+        ("resnet50", lambda: softcon_resnet50(2), S1_POLARIZATIONS),
+        ("vit_small_patch14_dinov2", lambda: softcon_vit("vit_small_patch14_dinov2", 384, 13), S2_L1C_BANDS),
+        ("vit_small_patch14_dinov2", lambda: softcon_vit("vit_small_patch14_dinov2", 384, 13), S2_L2A_BANDS),
+        ("vit_base_patch14_dinov2", lambda: softcon_vit("vit_base_patch14_dinov2", 768, 13), S2_L2A_BANDS),
+    ],
+    ids=[
+        "rn50-13-on-L1C",
+        "rn50-13-on-L2A",
+        "rn50-2-on-S1",
+        "vits14-13-on-L1C",
+        "vits14-13-on-L2A",
+        "vitb14-13-on-L2A",
+    ],
+)
+def test_softcon_released_checkpoints_load_exactly_and_map_bands_by_name(
+    tmp_path: Path, backbone: str, state: object, bands: tuple[str, ...]
+) -> None:
+    """Every key of the published layout lands (a mismatch raises listing missing/unexpected keys); the first layer
+    keeps each band's filter by name: a 13-band file on 12-band L2A data leaves B10's filter out, the same as B10
+    fed at its mean (0 after normalisation), and never shifts B11/B12 onto B10's position."""
+    weights = state()  # type: ignore[operator]
+    path = tmp_path / "softcon.pth"
+    torch.save(weights, path)
+    vit = backbone.startswith("vit")
+    encoder = build_encoder(backbone, len(bands), path, bands=bands, **({"img_size": 224} if vit else {}))
+    first = "patch_embed.proj.weight" if vit else "conv1.weight"
+    file_bands = S2_L1C_BANDS if weights[first].shape[1] == 13 else S1_POLARIZATIONS
+    loaded = encoder.state_dict()[first]
+    for position, band in enumerate(bands):
+        assert torch.equal(loaded[:, position], weights[first][:, file_bands.index(band)]), band
+    if vit:
+        assert torch.equal(encoder.mask_token.view(1, -1), weights["mask_token"])
+        assert torch.equal(encoder.blocks[0].ls1.gamma, weights["blocks.0.ls1.gamma"])
+        assert torch.equal(encoder.pos_embed, weights["pos_embed"])  # 224 px: no resampling
+    else:
+        assert torch.equal(encoder.layer4[2].bn3.running_mean, weights["layer4.2.bn3.running_mean"])
