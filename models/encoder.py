@@ -62,6 +62,25 @@ def patch_size(model: nn.Module) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
+def fit_to_encoder(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images a ViT can take: a side that is not a multiple of its patch (264 or 120 px for patch 14) is brought to
+    the encoder's image size, centre-cropped when larger (as training crops 224 from 264) and resized (bilinear)
+    when smaller (as SoftCon resizes BigEarthNet's 120 px). CNNs, and ViT inputs in whole patches, pass unchanged.
+    """
+    if not is_vit(encoder):
+        return images
+    height, width = images.shape[-2:]
+    patch = patch_size(encoder)
+    if height % patch == 0 and width % patch == 0:
+        return images
+    embed: Any = encoder.patch_embed
+    target_h, target_w = (int(side) for side in embed.img_size)
+    if height >= target_h and width >= target_w:
+        top, left = (height - target_h) // 2, (width - target_w) // 2
+        return images[..., top : top + target_h, left : left + target_w]
+    return nn.functional.interpolate(images, size=(target_h, target_w), mode="bilinear", align_corners=False)
+
+
 def build_encoder(
     backbone: str,
     in_chans: int,

@@ -14,6 +14,8 @@ from sklearn.metrics import average_precision_score, f1_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from softcon.models.encoder import fit_to_encoder
+
 
 @dataclass(frozen=True)
 class Features:
@@ -109,7 +111,7 @@ def extract_features(
             continue
         image = batch["image"][keep].to(device)  # (b, C, H, W)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = encoder(image)  # (b, D)
+            x = encoder(fit_to_encoder(encoder, image))  # (b, D)
         features.append(x.float().cpu())
         targets.append(batch["labels"][keep].float())
         if "fractions" in batch:

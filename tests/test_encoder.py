@@ -224,3 +224,33 @@ def test_softcon_released_checkpoints_load_exactly_and_map_bands_by_name(
         assert torch.equal(encoder.pos_embed, weights["pos_embed"])  # 224 px: no resampling
     else:
         assert torch.equal(encoder.layer4[2].bn3.running_mean, weights["layer4.2.bn3.running_mean"])
+
+
+@pytest.mark.parametrize("side", [264, 120])
+def test_a_patch_14_vit_takes_store_and_bigearthnet_patches(side: int) -> None:
+    """Store patches (264 px) and BigEarthNet's (120 px) are no multiple of 14: evaluation crashed with "Input
+    height (264) should be divisible by patch size (14)". They are cropped (larger) or resized (smaller) to 224."""
+    from torch.utils.data import Dataset
+
+    from softcon.models.encoder import fit_to_encoder
+    from softcon.models.probe import extract_features
+
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_small_patch14_dinov2", 12, bands=S2_L2A_BANDS, img_size=224).eval()
+    images = torch.rand(2, 12, side, side)
+    fitted = fit_to_encoder(encoder, images)
+    assert fitted.shape[-2:] == (224, 224)
+    if side > 224:
+        assert torch.equal(fitted, images[..., 20:244, 20:244])  # the centre, as training crops it
+
+    class Patches(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+            return {"image": images[index], "labelled": torch.tensor(True), "labels": torch.zeros(3)}
+
+    features = extract_features(encoder, Patches(), batch_size=2)
+    assert features.x.shape == (2, 384) and torch.isfinite(features.x).all()
+    cnn = build_encoder("resnet18", 12)
+    assert fit_to_encoder(cnn, images) is images  # CNNs take any size
