@@ -22,14 +22,44 @@ evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encode
 report_task = task(name="comparison-report")(write_report)
 
 
+REGISTRY_PREFIX = "models:/"
+
+
+def registry_run_id(uri: str) -> str:
+    """The train run behind a registered model version: ``models:/name/version`` or ``models:/name@alias``.
+
+    Raises:
+        ValueError: a malformed URI, or a name, version or alias the registry does not hold (named).
+    """
+    reference = uri.removeprefix(REGISTRY_PREFIX)
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in reference:
+            name, alias = reference.rsplit("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = reference.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except ValueError:
+        raise ValueError(f"{uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS") from None
+    except Exception as error:  # MLflow raises its own exception types for an unknown name, version or alias
+        raise ValueError(f"the model registry at {mlflow.get_tracking_uri()} has no {uri!r}: {error}") from error
+    if not version.run_id:
+        raise ValueError(f"{uri!r} was registered without a run; evaluate needs the train run that made it")
+    return str(version.run_id)
+
+
 def resolve_checkpoint(model: str) -> Path:
-    """A checkpoint file, or the checkpoint logged by the MLflow train run with that id.
+    """A checkpoint file, the checkpoint logged by the MLflow train run with that id, or by the run behind a
+    registered model version (``models:/name/version``, ``models:/name@alias``).
 
     A run's checkpoint is downloaded once into ``<home>/checkpoints/<run id>`` and reused from there: MLflow's
     default is a new temporary folder per call, never removed, which filled /tmp with GBs of checkpoints.
     """
     from softcon.flows.train import CHECKPOINT_ARTIFACT
 
+    if model.startswith(REGISTRY_PREFIX):
+        model = registry_run_id(model)
     path = Path(model)
     if path.is_file():
         return path
@@ -82,10 +112,10 @@ def evaluate_flow(
 ) -> StageResult:
     """Probe the frozen encoder of ``config.model`` and the baselines on each dataset; log metrics, the
     cached features, the comparison table and the plots."""
-    if config.model is None:
-        raise ValueError("evaluate needs a model: pass --model MLFLOW_RUN_ID_OR_CHECKPOINT")
+    if config.model is None and config.weights is None:
+        raise ValueError("evaluate needs a model: pass --model (run id, checkpoint, models:/…) or --weights FILE")
     with run_stage("evaluate", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
-        checkpoint = resolve_checkpoint(config.model)
+        checkpoint = resolve_checkpoint(config.model) if config.model is not None else None
         baselines = [resolve_baseline(spec) for spec in config.baselines]
         result = stage.call(evaluate_task, config, checkpoint, baselines)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")

@@ -398,6 +398,9 @@ def train(
 @app.command()
 def evaluate(
     model: Annotated[str | None, field_option(EvaluateConfig, "model")] = None,
+    weights: Annotated[str | None, field_option(EvaluateConfig, "weights")] = None,
+    backbone: Annotated[str | None, field_option(EvaluateConfig, "backbone")] = None,
+    sensor: Annotated[str | None, field_option(EvaluateConfig, "sensor")] = None,
     store: Annotated[str | None, field_option(EvaluateConfig, "store")] = None,
     bigearthnet: Annotated[str | None, field_option(EvaluateConfig, "bigearthnet")] = None,
     baseline: Annotated[
@@ -413,6 +416,9 @@ def evaluate(
     """Linear probe and kNN of the frozen encoder (and baselines): mAP micro/macro and F1 on multi-label targets."""
     overrides = {
         "model": model,
+        "weights": weights,
+        "backbone": backbone,
+        "sensor": sensor,
         "store": store,
         "bigearthnet": bigearthnet,
         "baselines": baseline or None,
@@ -421,8 +427,11 @@ def evaluate(
         "out": out,
     }
     stage_config = _build(EvaluateConfig, "evaluate", config, overrides)
-    if stage_config.model is None:
-        err_console.print("[red]error:[/red] --model is required (an MLflow train run id or a checkpoint file)")
+    if stage_config.model is None and stage_config.weights is None:
+        err_console.print(
+            "[red]error:[/red] give the encoder: --model (an MLflow train run id, a checkpoint file, "
+            "models:/NAME/VERSION or models:/NAME@ALIAS) or --weights FILE --backbone NAME"
+        )
         raise typer.Exit(2)
     configure_runtime()
     from softcon.flows.evaluate import evaluate_flow
@@ -462,6 +471,9 @@ def compare(
         bigearthnet=bigearthnet,
         baseline=baselines,
         train_fraction=train_fraction,
+        weights=None,
+        backbone=None,
+        sensor=None,
         knn_k=None,
         out=None,
         as_json=False,

@@ -330,7 +330,20 @@ class TrainConfig(StageConfig):
 class EvaluateConfig(StageConfig):
     """Frozen-encoder linear probing and kNN on multi-label targets."""
 
-    model: str | None = Field(default=None, description="MLflow run id of a train stage, or a checkpoint file.")
+    model: str | None = Field(
+        default=None,
+        description="The encoder: an MLflow train run id, a checkpoint file, or a registered model version "
+        "(models:/NAME/VERSION, models:/NAME@ALIAS).",
+    )
+    weights: str | None = Field(
+        default=None,
+        description="Instead of model: a local weights file evaluated alone (e.g. a published SoftCon checkpoint), "
+        "built as backbone for the store's bands and normalised with the store's statistics.",
+    )
+    backbone: str | None = Field(
+        default=None, description="timm backbone of weights (resnet50, vit_small_patch14_dinov2 …)."
+    )
+    sensor: Literal["s2", "s1"] = Field(default="s2", description="Which modality weights take (with weights).")
     store: str | None = Field(default=None, description="Training store whose held-out split is evaluated.")
     bigearthnet: str | None = Field(default=None, description="BigEarthNet-format folder.")
     split: Literal["val", "test"] = Field(default="test", description="Held-out split of the store that is evaluated.")
@@ -368,6 +381,15 @@ class EvaluateConfig(StageConfig):
     def _check_dataset(self) -> Self:
         if self.store is None and self.bigearthnet is None:
             raise ValueError("give a dataset to evaluate on: store (a training store) or bigearthnet (a folder)")
+        if self.weights is not None:
+            if self.model is not None:
+                raise ValueError("give model (a project checkpoint or run) or weights (a weights file), not both")
+            if self.backbone is None:
+                raise ValueError("weights needs backbone: the timm model the file is for, e.g. resnet50")
+            if self.store is None:
+                raise ValueError(
+                    "weights needs a store: its bands and normalisation statistics are the encoder's input contract"
+                )
         return self
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, Subset
 
 from softcon.config import EvaluateConfig
 from softcon.models.data import StoreDataset
-from softcon.models.encoder import build_encoder
+from softcon.models.encoder import build_encoder, is_vit
 from softcon.models.probe import (
     BandStatistics,
     Features,
@@ -421,15 +421,32 @@ def flat_metrics(results: list[EncoderResult] | tuple[EncoderResult, ...], model
     return metrics
 
 
+def weights_reference(config: EvaluateConfig) -> dict[str, Any]:
+    """The input contract of a weights file evaluated alone: the store's bands, statistics and classes; ViTs at 224
+    px (other sizes are fitted: ``fit_to_encoder``), CNNs at the store's patch size."""
+    assert config.store is not None and config.backbone is not None  # EvaluateConfig requires both with weights
+    data = StoreDataset(config.store, "train", config.sensor, two_views=False, augment=False)
+    return {
+        "backbone": config.backbone,
+        "in_chans": data.in_chans,
+        "sensor": config.sensor,
+        "bands": data.channel_names,
+        "norm_stats": {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()},
+        "img_size": 224 if is_vit(config.backbone) else data.image_shape[1],
+        "class_names": data.class_names,
+    }
+
+
 def run_evaluation(
-    config: EvaluateConfig, checkpoint: str | Path, baselines: list[str] | None = None
+    config: EvaluateConfig, checkpoint: str | Path | None, baselines: list[str] | None = None
 ) -> EvaluationResult:
     """Linear probe and kNN of a checkpoint's frozen encoder, and of the baselines, on each dataset.
 
     Args:
         config: the evaluate stage configuration (store and/or bigearthnet, split, knn_k, probe_epochs,
             probe_lrs, baselines, train_fraction, out ...).
-        checkpoint: a training checkpoint file (``tasks.train.run_training``'s result).
+        checkpoint: a training checkpoint file (``tasks.train.run_training``'s result); None evaluates
+            ``config.weights`` as the model (``weights_reference``).
         baselines: baseline specs overriding ``config.baselines`` (the flow passes them with MLflow run ids
             resolved to checkpoint files).
 
@@ -448,15 +465,22 @@ def run_evaluation(
     started = time.perf_counter()
     specs = [parse_baseline(text) for text in (config.baselines if baselines is None else baselines)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_encoder, reference = load_encoder(checkpoint)
-    model = EncoderSpec(checkpoint_name(checkpoint), "checkpoint", str(checkpoint))
+    if checkpoint is not None:
+        model_encoder, reference = load_encoder(checkpoint)
+        model = EncoderSpec(checkpoint_name(checkpoint), "checkpoint", str(checkpoint))
+        identity = f"checkpoint:{_file_digest(checkpoint)}"
+    else:
+        assert config.weights is not None  # EvaluateConfig requires model or weights
+        reference = weights_reference(config)
+        model = EncoderSpec(f"weights {Path(config.weights).name}", "weights", config.weights)
+        model_encoder, _, identity = build_spec(model, reference, config.model_copy(update={"weights_backbone": None}))
     names = [model.name] + [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"encoder names must differ, got {names}; name rows with NAME=SPEC")
     data = EvaluationData(config, reference["sensor"])
 
     results: list[EncoderResult] = []
-    built_model = (model_encoder, reference, f"checkpoint:{_file_digest(checkpoint)}")
+    built_model = (model_encoder, reference, identity)
     for spec in [model, *specs]:
         built = built_model if spec is model else build_spec(spec, reference, config)
         for dataset in data.names:

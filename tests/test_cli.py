@@ -98,7 +98,7 @@ def test_ingest_refuses_bad_values_before_work(args: list[str], expected: str, t
 def test_evaluate_requires_a_model() -> None:
     result = runner.invoke(app, ["evaluate", "--store", "/nowhere.zarr"])
     assert result.exit_code == 2
-    assert "--model is required" in result.output
+    assert "give the encoder: --model" in result.output and "--weights FILE" in result.output
 
 
 def test_pipeline_refuses_a_bad_config_file(tmp_path: Path) -> None:

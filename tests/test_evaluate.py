@@ -201,3 +201,45 @@ def test_flow_logs_metrics_features_and_report(store: SyntheticStore, checkpoint
     assert {"report/comparison.md", "report/pr_curves-store.png", "report/embedding-store.png"} <= artifacts
     features = [a.path for a in client.list_artifacts(result.run_id, "features")]
     assert len(features) == 6 and all(path.endswith(".npz") for path in features)
+
+
+def test_a_registered_model_version_or_alias_resolves_to_its_train_run_s_checkpoint(checkpoint: Path) -> None:
+    """`--model models:/name/version` and `models:/name@alias` evaluate the train run the registry points at."""
+    import mlflow
+
+    from softcon.flows.evaluate import registry_run_id, resolve_checkpoint
+    from softcon.flows.tracking import use_experiment
+    from softcon.flows.train import CHECKPOINT_ARTIFACT
+
+    experiment = use_experiment("registry-test")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_artifact(str(checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("registry-test-encoder")
+    version = client.create_model_version(
+        "registry-test-encoder", source=f"runs:/{run.info.run_id}/{CHECKPOINT_ARTIFACT}", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias("registry-test-encoder", "best", version.version)
+    for uri in (f"models:/registry-test-encoder/{version.version}", "models:/registry-test-encoder@best"):
+        assert registry_run_id(uri) == run.info.run_id
+        resolved = resolve_checkpoint(uri)
+        assert resolved.name == checkpoint.name and resolved.read_bytes() == checkpoint.read_bytes()
+    with pytest.raises(ValueError, match="has no 'models:/registry-test-encoder@worst'"):
+        resolve_checkpoint("models:/registry-test-encoder@worst")
+    with pytest.raises(ValueError, match="is not models:/NAME/VERSION or models:/NAME@ALIAS"):
+        resolve_checkpoint("models:/no-version")
+
+
+def test_a_weights_file_is_evaluated_alone_without_a_project_checkpoint(store: SyntheticStore, tmp_path: Path) -> None:
+    """`softcon evaluate --weights FILE --backbone NAME --store STORE`: the store gives bands and statistics."""
+    torch.manual_seed(1)
+    weights = tmp_path / "published.pth"
+    torch.save(build_encoder("resnet18", 12).state_dict(), weights)
+    config = config_for(store, tmp_path, weights=str(weights), backbone="resnet18", probe_epochs=5)
+    result = run_evaluation(config, None)
+    (row,) = result.results
+    assert row.encoder == "weights published.pth" and 0 <= result.metrics["linear_map_micro"] <= 1
+    with pytest.raises(ValueError, match="weights needs backbone"):
+        config_for(store, tmp_path, weights=str(weights))
+    with pytest.raises(ValueError, match=r"model .* or weights .*, not both"):
+        config_for(store, tmp_path, weights=str(weights), backbone="resnet18", model="run")
