@@ -27,17 +27,17 @@ from pydantic_settings import EnvSettingsSource
 
 from softcon.settings import get_settings
 
-S2Band = Literal["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+S2Band = Literal["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
 S2_L2A_BANDS: tuple[S2Band, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12",
 )  # fmt: skip
-"""Sentinel-2 L2A bands in the order the cube and the training store keep them (no B10 in L2A)."""
+"""Sentinel-2 L2A bands in the order the cube and the training store keep them (no B10 in L2A); ingest's default."""
 S2_L1C_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
 )  # fmt: skip
 """Sentinel-2 L1C bands in SSL4EO-S12's order (its ``s2c`` modality, and SoftCon's 13-band checkpoints)."""
 S1_POLARIZATIONS: tuple[str, ...] = ("VV", "VH")
-CollectionName = Literal["sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-rtc", "sentinel-1-grd"]
+CollectionName = Literal["sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-2-l1c", "sentinel-1-rtc", "sentinel-1-grd"]
 """STAC collections the ingest stage knows how to read (see ``tasks/collections.py``)."""
 LabelScheme = Literal["worldcover", "dynamic-world", "io-lulc", "corine-bigearthnet19"]
 
@@ -121,7 +121,9 @@ class IngestConfig(StageConfig):
     )
     start: date = Field(description="First acquisition day (inclusive).")
     end: date = Field(description="Last acquisition day (inclusive).")
-    bands: list[S2Band] = Field(default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands.")
+    bands: list[S2Band] = Field(
+        default=list(S2_L2A_BANDS), min_length=1, description="Sentinel-2 bands (B10, cirrus: sentinel-2-l1c only)."
+    )
     resolution: float = Field(default=10.0, gt=0, description="Pixel size in metres.")
     tile_size: int = Field(
         default=1056, gt=0, description="Tile side in pixels (1056 = 4 x 264 px SSL4EO-S12 patches, 10.56 km at 10 m)."

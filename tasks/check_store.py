@@ -35,7 +35,7 @@ from xarray.coding.times import decode_cf_datetime
 
 from softcon.compat.zarr_internals import chunk_key, dimension_names, has_consolidated_metadata
 from softcon.compat.zarr_internals import sync as zarr_sync
-from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS
 from softcon.models.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
 from softcon.tasks.cube_store import (
     INGEST_AGAIN,
@@ -349,7 +349,7 @@ def check_tile(tile: zarr.Group, prefix: str, *, read_chunks: bool = True) -> tu
             if lost:
                 what = f"{len(lost)} chunk file(s) missing ({', '.join(lost[:3])}): they read as nodata"
                 problems.append(Problem(path, what, rebuild))
-    for coordinate, allowed in (("band", S2_L2A_BANDS), ("pol", S1_POLARIZATIONS)):
+    for coordinate, allowed in (("band", S2_L1C_BANDS), ("pol", S1_POLARIZATIONS)):
         if coordinate in values:
             names = [str(value) for value in values[coordinate]]
             unknown = [name for name in names if name not in allowed]

@@ -2,8 +2,11 @@
 
 Earth Search v1 names Sentinel-2 assets by common name (``red``, ``nir08``, ``scl``), Planetary Computer by
 band (``B04``, ``B8A``, ``SCL``); the provider is detected from the asset keys an item carries.
-Sentinel-2 processing baseline 04.00 and later adds 1000 to every reflectance (``BOA_ADD_OFFSET``), except
-in files Earth Search already harmonized (``earthsearch:boa_offset_applied``);
+Sentinel-2 processing baseline 04.00 and later adds 1000 to every reflectance (L2A ``BOA_ADD_OFFSET``, L1C
+``RADIO_ADD_OFFSET``: the same rule), except in files Earth Search already harmonized
+(``earthsearch:boa_offset_applied``). L1C (``sentinel-2-l1c``, Earth Search) has the cirrus band B10 and no scene
+classification: its SCL is written as 0 (unknown), so no tile-date or patch is dropped for cloud, only for nodata,
+and the items' ``eo:cloud_cover`` filter is the cloud screen;
 Planetary Computer ``sentinel-1-rtc`` is linear gamma-naught power, which the cube keeps in dB.
 """
 
@@ -20,6 +23,8 @@ S2_BAND_TO_EARTHSEARCH: dict[str, str] = {
     "SCL": "scl",
 }  # fmt: skip
 """Sentinel-2 band name to Earth Search v1 asset key."""
+S2_L1C_BAND_TO_EARTHSEARCH: dict[str, str] = {**S2_BAND_TO_EARTHSEARCH, "B10": "cirrus"}
+"""Earth Search v1 ``sentinel-2-l1c``: the L2A keys plus the cirrus band B10; its items carry no SCL."""
 S2_BAND_TO_PC: dict[str, str] = {band: band for band in S2_BAND_TO_EARTHSEARCH}
 """Sentinel-2 band name to Planetary Computer asset key (the band names themselves)."""
 S1_POL_TO_ASSET: dict[str, str] = {"VV": "vv", "VH": "vh"}
@@ -109,11 +114,12 @@ class CollectionSpec:
 
 EARTHSEARCH_S2_L2A = CollectionSpec("sentinel-2-l2a", "s2", S2_BAND_TO_EARTHSEARCH)
 EARTHSEARCH_S2_C1_L2A = CollectionSpec("sentinel-2-c1-l2a", "s2", S2_BAND_TO_EARTHSEARCH)
+EARTHSEARCH_S2_L1C = CollectionSpec("sentinel-2-l1c", "s2", S2_L1C_BAND_TO_EARTHSEARCH)
 PC_S2_L2A = CollectionSpec("sentinel-2-l2a", "s2", S2_BAND_TO_PC)
 PC_S1_RTC = CollectionSpec("sentinel-1-rtc", "s1", S1_POL_TO_ASSET, nodata=-32768, s1_scale="linear")
 S1_GRD = CollectionSpec("sentinel-1-grd", "s1", S1_POL_TO_ASSET, nodata=0, s1_scale="amplitude")
 
-KNOWN_COLLECTIONS = ("sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-rtc", "sentinel-1-grd")
+KNOWN_COLLECTIONS = ("sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-2-l1c", "sentinel-1-rtc", "sentinel-1-grd")
 
 
 def spec_for_item(item: Mapping[str, Any], collection: str | None = None) -> CollectionSpec:
@@ -128,6 +134,8 @@ def spec_for_item(item: Mapping[str, Any], collection: str | None = None) -> Col
         if "B04" in assets or "SCL" in assets:
             return PC_S2_L2A if name == "sentinel-2-l2a" else CollectionSpec(name, "s2", S2_BAND_TO_PC)
         return EARTHSEARCH_S2_L2A if name == "sentinel-2-l2a" else EARTHSEARCH_S2_C1_L2A
+    if name == "sentinel-2-l1c":
+        return EARTHSEARCH_S2_L1C
     if name == "sentinel-1-rtc":
         return PC_S1_RTC
     if name == "sentinel-1-grd":

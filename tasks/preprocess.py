@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from softcon import progress as stage_progress
-from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, PreprocessConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
@@ -65,6 +65,8 @@ class CubeIndex:
     s1_times: tuple[np.ndarray, ...]  # per tile, datetime64[ns], empty when the tile has no s1
     class_codes: tuple[int, ...]
     class_names: tuple[str, ...]
+    bands: tuple[str, ...] = S2_L2A_BANDS
+    """The cube's Sentinel-2 bands, in its order: any subset of the L1C and L2A bands, the same on every tile."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def read_cube_index(cube: str) -> CubeIndex:
         raise ValueError(f"cube {cube!r} has no tiles; run `softcon ingest --cube {cube}` first")
     shapes, times, s1_times = [], [], []
     scheme: tuple[tuple[int, ...], tuple[str, ...]] | None = None
+    cube_bands: tuple[str, ...] | None = None
     for tile_id in tile_ids:
         tile = _open_tile(cube, tile_id)
         if "s2" not in tile or "scl" not in tile:
@@ -148,8 +151,12 @@ def read_cube_index(cube: str) -> CubeIndex:
                 f"tile {tile_id!r} of cube {cube!r} has no landcover; run `softcon labels --cube {cube}` first"
             )
         bands = tuple(str(b) for b in tile["s2"]["band"].values)
-        if bands != S2_L2A_BANDS:
-            raise ValueError(f"tile {tile_id!r} has S2 bands {bands}; the store needs {S2_L2A_BANDS}")
+        unknown = [band for band in bands if band not in S2_L1C_BANDS]
+        if unknown or len(set(bands)) != len(bands):
+            raise ValueError(f"tile {tile_id!r} has S2 bands {bands}; the store takes distinct bands of {S2_L1C_BANDS}")
+        if cube_bands is not None and bands != cube_bands:
+            raise ValueError(f"tile {tile_id!r} has S2 bands {bands}, other tiles {cube_bands}: ingest one band set")
+        cube_bands = bands
         resolution = _tile_resolution(tile)
         if resolution is not None and not np.isclose(resolution, S2_RESOLUTION_M):
             raise ValueError(
@@ -173,7 +180,7 @@ def read_cube_index(cube: str) -> CubeIndex:
         times.append(tile["time"].values.astype("datetime64[ns]"))
         has_s1 = "s1" in tile and "time_s1" in tile.coords
         s1_times.append(tile["time_s1"].values.astype("datetime64[ns]") if has_s1 else np.array([], "M8[ns]"))
-    assert scheme is not None  # at least one tile was read
+    assert scheme is not None and cube_bands is not None  # at least one tile was read
     return CubeIndex(
         tiles=tuple(tile_ids),
         tile_shapes=tuple(shapes),
@@ -181,6 +188,7 @@ def read_cube_index(cube: str) -> CubeIndex:
         s1_times=tuple(s1_times),
         class_codes=scheme[0],
         class_names=scheme[1],
+        bands=cube_bands,
     )
 
 
@@ -206,6 +214,8 @@ def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_bl
         "s1_times": [[str(t) for t in times] for times in index.s1_times],
         "classes": [index.class_codes, index.class_names],
     }
+    if index.bands != S2_L2A_BANDS:  # stores of the full L2A set keep the fingerprint they were written under
+        payload["bands"] = index.bands
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -330,7 +340,13 @@ def empty_split_warning(config: PreprocessConfig, counts: Mapping[str, int]) -> 
 
 
 def read_block_images(
-    cube: str, tiles: tuple[str, ...], plan: SamplePlan, patch_size: int, s1_max_gap: np.timedelta64
+    cube: str,
+    tiles: tuple[str, ...],
+    plan: SamplePlan,
+    patch_size: int,
+    s1_max_gap: np.timedelta64,
+    *,
+    n_bands: int = len(S2_L2A_BANDS),
 ) -> tuple[np.ndarray, np.ndarray]:
     """S2 (uint16) and nearest-date S1 (float32 dB, NaN when none) patches of the samples of ``plan``.
 
@@ -338,7 +354,7 @@ def read_block_images(
     power (``units`` attribute) is converted to dB here.
     """
     n = len(plan)
-    s2_out = np.zeros((n, len(S2_L2A_BANDS), patch_size, patch_size), dtype=np.uint16)
+    s2_out = np.zeros((n, n_bands, patch_size, patch_size), dtype=np.uint16)
     s1_out = np.full((n, len(S1_POLARIZATIONS), patch_size, patch_size), np.nan, dtype=np.float32)
     for tile_index in np.unique(plan.tile):
         tile = _open_tile(cube, tiles[tile_index])
@@ -379,9 +395,10 @@ def write_sample_block(
     start: int,
     patch_size: int,
     s1_max_gap: np.timedelta64,
+    n_bands: int = len(S2_L2A_BANDS),
 ) -> int:
     """Pass 2 for one block: read its patches from the cube and write them at ``start``; returns start."""
-    s2, s1 = read_block_images(cube, tiles, plan, patch_size, s1_max_gap)
+    s2, s1 = read_block_images(cube, tiles, plan, patch_size, s1_max_gap, n_bands=n_bands)
     training_store.write_images(out, start, s2, s1)
     return start
 
@@ -500,7 +517,7 @@ def run_preprocess(
             done = set()
         bounds = training_store.block_bounds(len(plan), samples_per_block)
         written = _write_blocks(config, index, plan, bounds, done, dask_client, progress)
-        stats = _train_stats(config.out, bounds, dask_client, progress)
+        stats = _train_stats(config.out, bounds, dask_client, progress, index.bands)
         training_store.finish_store(config.out, {"norm_stats": stats})
     seconds = timer.perf_counter() - started
     logger.info("wrote %s: %s in %.1f s (%d blocks written now)", config.out, counts, seconds, written)
@@ -582,7 +599,7 @@ def _plan_store(
     training_store.create_store(
         config.out,
         plan,
-        n_bands=len(S2_L2A_BANDS),
+        n_bands=len(index.bands),
         n_pols=len(S1_POLARIZATIONS),
         patch_size=config.patch_size,
         samples_per_block=samples_per_block,
@@ -590,7 +607,7 @@ def _plan_store(
             "fingerprint": fingerprint,
             "class_names": list(index.class_names),
             "class_codes": list(index.class_codes),
-            "bands": list(S2_L2A_BANDS),
+            "bands": list(index.bands),
             "pols": list(S1_POLARIZATIONS),
             "tiles": list(index.tiles),
             "split_names": list(split.SPLIT_NAMES),
@@ -630,6 +647,7 @@ def _write_blocks(
             bounds[i][0],
             config.patch_size,
             s1_max_gap(config),
+            len(index.bands),
             pure=False,
         ): i
         for i in todo
@@ -644,7 +662,9 @@ def _write_blocks(
     return len(todo)
 
 
-def _train_stats(out: str, bounds: list[tuple[int, int]], client: Client, progress: ProgressCallback) -> dict[str, Any]:
+def _train_stats(
+    out: str, bounds: list[tuple[int, int]], client: Client, progress: ProgressCallback, bands: tuple[str, ...]
+) -> dict[str, Any]:
     """Pass 3: per-block partial statistics of the training split, tree-reduced on the workers."""
     partials = [client.submit(block_train_stats, out, start, stop, pure=False) for start, stop in bounds]
     fan_in = 8  # partials per reduction task: S2 histograms are 12 x 65536 int64 (6 MB) each
@@ -659,7 +679,7 @@ def _train_stats(out: str, bounds: list[tuple[int, int]], client: Client, progre
     s2, s1 = reduced
     return {
         "s2": {
-            "names": list(S2_L2A_BANDS),
+            "names": list(bands),
             **norm_stats.finalize_stats(s2, np.arange(norm_stats.S2_LEVELS, dtype=np.float64)),
         },
         "s1": {"names": list(S1_POLARIZATIONS), **norm_stats.finalize_stats(s1, norm_stats.s1_bin_centres())},

@@ -47,6 +47,7 @@ def write_cube(
     resolution: float = 10.0,
     s1_units: str | None = None,
     seed: int = 0,
+    bands: tuple[str, ...] = S2_L2A_BANDS,
 ) -> SyntheticCube:
     """Write a cube of ``n_tiles`` tiles of ``size`` px and ``n_dates`` S2 dates at ``path``.
 
@@ -59,11 +60,11 @@ def write_cube(
     times = pd.date_range("2024-06-01", periods=n_dates, freq="10D").values.astype("datetime64[ns]")
     s1_times = times[:-1] + np.timedelta64(1, "D")
     tile_ids = tuple(f"32632_{i:03d}_000" for i in range(n_tiles))
-    band_means = np.linspace(500, 3000, len(S2_L2A_BANDS)).astype(np.float64)
+    band_means = np.linspace(500, 3000, len(bands)).astype(np.float64)
     for tile_number, tile_id in enumerate(tile_ids):
         x = 500_000 + tile_number * size * resolution + resolution / 2 + resolution * np.arange(size)
         y = 5_000_000 - resolution / 2 - resolution * np.arange(size)
-        s2 = rng.normal(band_means[None, :, None, None], 200, (n_dates, len(S2_L2A_BANDS), size, size))
+        s2 = rng.normal(band_means[None, :, None, None], 200, (n_dates, len(bands), size, size))
         s2 = np.clip(s2, 1, 10_000).astype(np.uint16)
         scl = np.full((n_dates, size, size), 4, dtype=np.uint8)
         if tile_number == 0 and n_dates >= 3:
@@ -88,7 +89,7 @@ def write_cube(
                     "product": "synthetic",
                 },
             )
-        coords = {"time": times, "band": list(S2_L2A_BANDS), "x": x, "y": y}
+        coords = {"time": times, "band": list(bands), "x": x, "y": y}
         if with_s1:
             s1 = rng.normal(-12, 3, (len(s1_times), len(S1_POLARIZATIONS), size, size)).astype(np.float32)
             s1[:, :, :4, :4] = np.nan

@@ -33,10 +33,10 @@ def ingest_error(**changes: object) -> str:
         ({"bbox": [-190.0, 46.4, 11.1, 46.5]}, "outside lon [-180, 180]"),
         ({"bbox": [11.0, 46.4, 11.1, 95.0]}, "lat [-90, 90]"),
         ({"end": "2024-05-01"}, "end 2024-05-01 is before start 2024-06-01"),
-        ({"bands": ["B02", "B10"]}, "ingest.bands.1: Input should be 'B01', 'B02'"),
+        ({"bands": ["B02", "B13"]}, "ingest.bands.1: Input should be 'B01', 'B02'"),
         (
             {"collections": ["landsat-c2-l2"]},
-            "'sentinel-2-l2a', 'sentinel-2-c1-l2a', 'sentinel-1-rtc' or 'sentinel-1-grd'",
+            "'sentinel-2-l2a', 'sentinel-2-c1-l2a', 'sentinel-2-l1c', 'sentinel-1-rtc' or 'sentinel-1-grd'",
         ),
         ({"tile_size": 0}, "ingest.tile_size: Input should be greater than 0"),
         ({"resolution": -10}, "ingest.resolution: Input should be greater than 0"),

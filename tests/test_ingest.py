@@ -148,11 +148,13 @@ def test_unreadable_item_is_skipped_and_reported(data_sample: SampleData, tmp_pa
     assert report.tile_dates_written > 0
 
 
-def _virginia_items(folder: Path) -> dict:
-    from softcon.tasks.collections import S2_BAND_TO_EARTHSEARCH
+def _virginia_items(folder: Path, collection: str = "sentinel-2-l2a", baseline: str = "02.08") -> dict:
+    """A static ItemCollection of the real Virginia L1C crop, in Earth Search's asset naming for ``collection``."""
+    from softcon.tasks.collections import S2_BAND_TO_EARTHSEARCH, S2_L1C_BAND_TO_EARTHSEARCH
 
+    keys = S2_L1C_BAND_TO_EARTHSEARCH if collection == "sentinel-2-l1c" else S2_BAND_TO_EARTHSEARCH
     assets = {}
-    for band, key in S2_BAND_TO_EARTHSEARCH.items():
+    for band, key in keys.items():
         path = VIRGINIA / f"s2_{band}_crop.tif"
         if not path.exists():
             continue
@@ -170,11 +172,11 @@ def _virginia_items(folder: Path) -> dict:
     ring = [[lo, la] for lo, la in zip(lons, lats, strict=True)]
     item = {
         "type": "Feature", "stac_version": "1.0.0", "id": "S2A_18SUH_20200101_0_L1C-crop",
-        "collection": "sentinel-2-l2a",
+        "collection": collection,
         "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
         "bbox": [min(lons), min(lats), max(lons), max(lats)],
         "properties": {"datetime": "2020-01-01T15:50:00Z", "eo:cloud_cover": 0, "proj:epsg": crs.to_epsg(),
-                       "s2:processing_baseline": "02.08"},
+                       "s2:processing_baseline": baseline},
         "links": [], "assets": assets, "stac_extensions": [],
     }  # fmt: skip
     path = folder / "virginia.json"
@@ -262,3 +264,34 @@ def test_reading_a_cube_says_nothing_about_its_lock_folder(data_cube: tuple[Path
     with warnings.catch_warnings(record=True) as shown:  # the filters in force, registries reset
         assert array_digests(str(cube))
     assert not [w for w in shown if ".ingest-locks" in str(w.message)]
+
+
+@pytest.mark.parametrize(("baseline", "offset"), [("02.08", 0), ("05.11", 1000)])
+def test_l1c_ingests_all_13_bands_with_its_offset_rule(tmp_path: Path, baseline: str, offset: int) -> None:
+    """sentinel-2-l1c (Earth Search naming: cirrus = B10, no SCL) with every band; from baseline 04.00 the
+    RADIO_ADD_OFFSET of 1000 is removed as L2A's BOA offset is; SCL is written as 0 (no scene classification)."""
+    from softcon.config import S2_L1C_BANDS
+
+    catalog = _virginia_items(tmp_path, "sentinel-2-l1c", baseline)
+    west, south, east, north = catalog["lonlat"]
+    inner = (west + 0.3 * (east - west), south + 0.3 * (north - south), east - 0.3 * (east - west),
+             north - 0.3 * (north - south))  # fmt: skip
+    cube = tmp_path / "cube.zarr"
+    with serve_stac([catalog["file"]]) as url:
+        config = IngestConfig(
+            stac=url, collections=["sentinel-2-l1c"], bands=list(S2_L1C_BANDS), bbox=inner, start="2020-01-01",
+            end="2020-01-01", tile_size=64, max_tile_nodata=1.0, cube=str(cube),
+        )  # fmt: skip
+        report = run_ingest(config)
+    assert report.tile_dates_written == len(report.tiles) >= 1
+    ds = _open(cube, report.tiles[0]).isel(time=0)
+    assert list(ds.band.values) == list(S2_L1C_BANDS) and not ds.scl.values.any()
+    with rasterio.open(VIRGINIA / "s2_B04_crop.tif") as src:
+        source, left, top = src.read(1).astype(np.int64), src.transform.c, src.transform.f
+    cols = np.round((ds.x.values - 5 - left) / 10).astype(int)
+    rows = np.round((top - (ds.y.values + 5)) / 10).astype(int)
+    in_x, in_y = (cols >= 0) & (cols < source.shape[1]), (rows >= 0) & (rows < source.shape[0])
+    expected = np.clip(source[np.ix_(rows[in_y], cols[in_x])] - offset, 1, None)
+    np.testing.assert_array_equal(ds.s2.sel(band="B04").values[np.ix_(in_y, in_x)], expected)
+    cirrus = ds.s2.sel(band="B10").values
+    assert cirrus.any() and cirrus.dtype == np.uint16  # the 60 m cirrus band, read onto the 10 m grid

@@ -14,7 +14,7 @@ from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
 from distributed import Client
 
 from softcon import progress
-from softcon.config import S1_POLARIZATIONS, S2_L2A_BANDS, PreprocessConfig
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, PreprocessConfig
 from softcon.models import training_store
 from softcon.tasks import split
 from softcon.tasks.preprocess import PreprocessReport, run_preprocess
@@ -411,3 +411,30 @@ def test_an_empty_split_is_warned_with_what_to_change(tmp_path: Path) -> None:
         empty_split_warning(no_val, {"kept": 9, "train": 9, "val": 0, "test": 0}) or ""
     )
     assert "blocks of 64 px" in (empty_split_warning(no_val, {"kept": 9, "train": 9, "val": 0, "test": 0}) or "")
+
+
+@pytest.mark.parametrize(
+    "bands",
+    [("B02", "B03", "B04", "B08"), S2_L1C_BANDS],
+    ids=["4-band subset", "L1C 13 bands"],
+)
+def test_any_band_set_of_the_cube_goes_through_preprocess_and_training(
+    client, tmp_path: Path, bands: tuple[str, ...]
+) -> None:
+    """A cube ingested with --bands B02,B03,B04,B08 was refused ("the store needs B01…B12"): the store keeps the
+    cube's bands, its statistics name them, and training builds its first layer for them."""
+    from softcon.config import TrainConfig
+    from softcon.models.encoder import build_encoder
+    from softcon.tasks.train import load_encoder, run_training
+
+    cube = write_cube(tmp_path / "cube.zarr", n_tiles=2, size=64, n_dates=2, bands=bands)
+    config = _config(cube, tmp_path / "store.zarr")
+    report = run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    store = zarr.open_group(config.out, mode="r")
+    assert store.attrs["bands"] == list(bands) and store["s2"].shape[1] == len(bands)
+    assert report.norm_stats["s2"]["names"] == list(bands)
+    result = run_training(TrainConfig(store=config.out, out=str(tmp_path / "ckpt"), steps=2, batch_size=8,
+                                      backbone="resnet18", log_system_metrics=False))  # fmt: skip
+    encoder, meta = load_encoder(result.checkpoint)
+    assert meta["bands"] == list(bands) and encoder.conv1.weight.shape[1] == len(bands)
+    assert build_encoder("resnet18", len(bands), bands=bands).conv1.in_channels == len(bands)
