@@ -276,7 +276,7 @@ STAGE_POLICIES: dict[str, _Policy] = {
     # A checkpoint's path says nothing of its contents (a file rewritten in place; one run cached under each
     # project home): key on its bytes, not its path.
     "evaluate": _Policy(
-        data_fields=("store", "bigearthnet", "weights"),
+        data_fields=("store", "bigearthnet", "eurosat", "weights"),
         outputs=lambda result: [path for r in result.results for path in (*r.feature_files, r.scores_file)],
         exclude_inputs=("checkpoint",),
         path_args=("checkpoint",),

@@ -137,5 +137,5 @@ def evaluate_flow(
         stage.logger.info(
             "comparison table (MLflow artifact report/comparison.md):\n%s", comparison_table(result.results)
         )
-        dataset = config.store or config.bigearthnet or ""
+        dataset = config.store or config.bigearthnet or config.eurosat or ""
         return stage.result(dataset, result.metrics)

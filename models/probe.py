@@ -133,8 +133,10 @@ def train_linear_probe(
     batch_size: int = 256,
     weight_decay: float = 0.0,
     seed: int = 0,
+    single_label: bool = False,
 ) -> nn.Module:
-    """Multi-label logistic regression (one sigmoid per class, BCE, AdamW) on standardised features.
+    """Multi-label logistic regression (one sigmoid per class, BCE, AdamW) on standardised features; with
+    ``single_label`` (one-hot targets, e.g. EuroSAT) softmax regression (cross-entropy) instead.
 
     The standardisation uses the statistics of ``train``, so every encoder is probed on the same footing
     whatever its feature scale.
@@ -155,11 +157,20 @@ def train_linear_probe(
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
-            loss = F.binary_cross_entropy_with_logits(linear(x[index]), train.y[index])
+            logits = linear(x[index])
+            if single_label:
+                loss = F.cross_entropy(logits, train.y[index].argmax(1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, train.y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return StandardisedLinear(linear, mean, std).eval()
+
+
+def top1_accuracy(y: np.ndarray, scores: np.ndarray) -> float:
+    """Share of samples whose highest score is their (one-hot) class."""
+    return float((scores.argmax(1) == y.argmax(1)).mean()) if len(y) else math.nan
 
 
 class StandardisedLinear(nn.Module):

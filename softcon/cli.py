@@ -403,6 +403,7 @@ def evaluate(
     sensor: Annotated[str | None, field_option(EvaluateConfig, "sensor")] = None,
     store: Annotated[str | None, field_option(EvaluateConfig, "store")] = None,
     bigearthnet: Annotated[str | None, field_option(EvaluateConfig, "bigearthnet")] = None,
+    eurosat: Annotated[str | None, field_option(EvaluateConfig, "eurosat")] = None,
     baseline: Annotated[
         list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
@@ -421,6 +422,7 @@ def evaluate(
         "sensor": sensor,
         "store": store,
         "bigearthnet": bigearthnet,
+        "eurosat": eurosat,
         "baselines": baseline or None,
         "train_fraction": train_fraction,
         "knn_k": knn_k,
@@ -469,6 +471,7 @@ def compare(
         model=model,
         store=store,
         bigearthnet=bigearthnet,
+        eurosat=None,
         baseline=baselines,
         train_fraction=train_fraction,
         weights=None,

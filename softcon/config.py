@@ -348,6 +348,9 @@ class EvaluateConfig(StageConfig):
     sensor: Literal["s2", "s1"] = Field(default="s2", description="Which modality weights take (with weights).")
     store: str | None = Field(default=None, description="Training store whose held-out split is evaluated.")
     bigearthnet: str | None = Field(default=None, description="BigEarthNet-format folder.")
+    eurosat: str | None = Field(
+        default=None, description="EuroSAT MS folder (class folders of 13-band GeoTIFFs): single-label, top-1."
+    )
     split: Literal["val", "test"] = Field(default="test", description="Held-out split of the store that is evaluated.")
     knn_k: int = Field(default=10, gt=0, description="kNN neighbours (cosine similarity, weighted label votes).")
     probe_epochs: int = Field(default=100, gt=0, description="Linear probe training epochs.")
@@ -381,8 +384,10 @@ class EvaluateConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_dataset(self) -> Self:
-        if self.store is None and self.bigearthnet is None:
-            raise ValueError("give a dataset to evaluate on: store (a training store) or bigearthnet (a folder)")
+        if self.store is None and self.bigearthnet is None and self.eurosat is None:
+            raise ValueError(
+                "give a dataset to evaluate on: store (a training store), bigearthnet or eurosat (a folder)"
+            )
         if self.weights is not None:
             if self.model is not None:
                 raise ValueError("give model (a project checkpoint or run) or weights (a weights file), not both")

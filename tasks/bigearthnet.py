@@ -163,12 +163,12 @@ def band_mapping(source: tuple[str, ...] | list[str], target: tuple[str, ...] | 
     """
     mapping = [list(source).index(band) if band in source else None for band in target]
     if all(index is None for index in mapping):
-        raise ValueError(f"the encoder's bands {list(target)} share none with the BigEarthNet patch's {list(source)}")
+        raise ValueError(f"the encoder's bands {list(target)} share none with the patch's {list(source)}")
     return mapping
 
 
-def _split_of(name: str, val_fraction: float, test_fraction: float) -> str:
-    # a hash of the name, not a shuffle: a patch keeps its split when patches are added or removed
+def split_of_name(name: str, val_fraction: float, test_fraction: float) -> str:
+    """A patch's split from a hash of its name, not a shuffle: it keeps its split when patches come or go."""
     u = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
@@ -190,7 +190,7 @@ def assign_splits(
                 for row in csv.reader(file):
                     for cell in row:
                         listed[cell.strip()] = split
-    return np.array([listed.get(name) or _split_of(name, val_fraction, test_fraction) for name in names])
+    return np.array([listed.get(name) or split_of_name(name, val_fraction, test_fraction) for name in names])
 
 
 def subset_without_replacement(indices: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:

@@ -57,6 +57,7 @@ from softcon.models.probe import (
     mean_average_precision,
     probe_scores,
     save_features,
+    top1_accuracy,
     train_linear_probe,
 )
 from softcon.tasks.bigearthnet import (
@@ -66,6 +67,7 @@ from softcon.tasks.bigearthnet import (
     find_patches,
     subset_without_replacement,
 )
+from softcon.tasks.eurosat import EUROSAT_CLASSES, EuroSatDataset, EuroSatPatch, eurosat_splits, find_eurosat
 from softcon.tasks.schemes import CORINE_BIGEARTHNET19
 from softcon.tasks.train import load_encoder, read_checkpoint
 
@@ -227,18 +229,31 @@ class EvaluationData:
             self._patches = find_patches(config.bigearthnet, _sensor(sensor))
             self._splits = assign_splits(config.bigearthnet, [patch.name for patch in self._patches])
             self.names.append("bigearthnet")
+        self._eurosat: list[EuroSatPatch] = []
+        if config.eurosat is not None:
+            self._eurosat = find_eurosat(config.eurosat)
+            self._eurosat_splits = eurosat_splits(self._eurosat)
+            self.names.append("eurosat")
+
+    def single_label(self, dataset: str) -> bool:
+        """Whether a dataset has one class per sample (probed by softmax regression, scored by top-1 accuracy)."""
+        return dataset == "eurosat"
 
     def class_names(self, dataset: str, meta: dict[str, Any]) -> list[str]:
         if dataset == "bigearthnet":
             return list(CORINE_BIGEARTHNET19.class_names)
+        if dataset == "eurosat":
+            return list(EUROSAT_CLASSES)
         return list(meta.get("class_names") or [])
 
     def location(self, dataset: str) -> str:
-        return str(self.config.store if dataset == "store" else self.config.bigearthnet)
+        return str(
+            {"store": self.config.store, "bigearthnet": self.config.bigearthnet}.get(dataset, self.config.eurosat)
+        )
 
     def split(self, dataset: str, split: str, meta: dict[str, Any]) -> Dataset:
         """One split as a single-view dataset normalised for the encoder of ``meta``."""
-        data: StoreDataset | BigEarthNetDataset
+        data: StoreDataset | BigEarthNetDataset | EuroSatDataset
         if dataset == "store":
             assert self.config.store is not None  # "store" is a dataset when config.store is set
             data = StoreDataset(
@@ -253,6 +268,9 @@ class EvaluationData:
                 raise ValueError(
                     f"the store's {self.sensor} bands {data.channel_names} differ from the encoder's {meta['bands']}"
                 )
+        elif dataset == "eurosat":
+            chosen_patches = [p for p, name in zip(self._eurosat, self._eurosat_splits, strict=True) if name == split]
+            data = EuroSatDataset(chosen_patches, meta["bands"], meta["norm_stats"])
         else:
             assert self._patches is not None and self._splits is not None  # set when "bigearthnet" is a dataset
             chosen = [patch for patch, name in zip(self._patches, self._splits, strict=True) if name == split]
@@ -303,8 +321,11 @@ def cached_features(
     return features, save_features(path, features)
 
 
-def select_probe(config: EvaluateConfig, train: Features, selection: Features) -> tuple[float, nn.Module]:
-    """The probe, among one per learning rate of ``config.probe_lrs``, with the best micro mAP on ``selection``."""
+def select_probe(
+    config: EvaluateConfig, train: Features, selection: Features, *, single_label: bool = False
+) -> tuple[float, nn.Module]:
+    """The probe, among one per learning rate of ``config.probe_lrs``, with the best micro mAP on ``selection``
+    (top-1 accuracy for a single-label dataset, whose probe is a softmax regression)."""
     best: tuple[float, nn.Module] | None = None
     best_map = -math.inf
     for lr in config.probe_lrs:
@@ -315,8 +336,13 @@ def select_probe(config: EvaluateConfig, train: Features, selection: Features) -
             batch_size=config.batch_size,
             weight_decay=config.probe_weight_decay,
             seed=config.seed,
+            single_label=single_label,
         )
-        micro, _, _ = mean_average_precision(selection.y.numpy(), probe_scores(probe, selection))
+        scores = probe_scores(probe, selection)
+        if single_label:
+            micro = top1_accuracy(selection.y.numpy(), scores)
+        else:
+            micro, _, _ = mean_average_precision(selection.y.numpy(), scores)
         if best is None:
             best = (lr, probe)  # the first learning rate stands when no score is a number
         if micro > best_map:  # NaN (no positives) never wins
@@ -363,7 +389,8 @@ def evaluate_encoder(
         files.append(val_file)
         if len(val.x) > 0 and val.y.any():
             selection = _finite(val)
-    probe_lr, probe = select_probe(config, train, selection)
+    single_label = data.single_label(dataset)
+    probe_lr, probe = select_probe(config, train, selection, single_label=single_label)
 
     y = evaluated.y.numpy()
     linear = probe_scores(probe, evaluated)  # (N, K)
@@ -387,6 +414,8 @@ def evaluate_encoder(
         "n_train": float(len(train.x)),
         "n_eval": float(len(evaluated.x)),
     }
+    if single_label:
+        metrics |= {"linear_top1": top1_accuracy(y, linear), "knn_top1": top1_accuracy(y, knn)}
     scores_file = Path(config.out) / "scores" / f"{dataset}-{slug(spec.name)}.npz"
     scores_file.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"y": y, "linear": linear, "knn": knn, "x": evaluated.x.numpy()}

@@ -79,9 +79,15 @@ def test_install_adds_only_the_softcon_package(tmp_path: Path) -> None:
         ).stdout.strip()
     )  # fmt: skip
     before = set(os.listdir(fresh_site))
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ beside the sources it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("softcon", *FOLDERS):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip"]
-    build = [*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels), str(ROOT)]
+    build = [*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheels), str(source)]
     subprocess.run(build, check=True, timeout=600, capture_output=True)
     (wheel,) = wheels.glob("softcon_pipeline-*.whl")
     install = [*pip, "--python", str(python), "install", "--quiet", "--no-deps", str(wheel)]

@@ -243,3 +243,39 @@ def test_a_weights_file_is_evaluated_alone_without_a_project_checkpoint(store: S
         config_for(store, tmp_path, weights=str(weights))
     with pytest.raises(ValueError, match=r"model .* or weights .*, not both"):
         config_for(store, tmp_path, weights=str(weights), backbone="resnet18", model="run")
+
+
+def _eurosat_tree(root: Path, per_class: int = 24) -> Path:
+    """A miniature EuroSAT MS tree: three class folders of 13-band 64 px GeoTIFFs (B8A last), each class with
+    its own band means, as the release lays them out (no split files)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from softcon.tasks.eurosat import EUROSAT_BANDS, EUROSAT_CLASSES
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(EUROSAT_CLASSES[:3]):
+        folder = root / "ds" / "images" / "remote_sensing" / "otherDatasets" / "sentinel_2" / "tif" / name
+        folder.mkdir(parents=True)
+        means = np.linspace(800, 3000, len(EUROSAT_BANDS))[::-1] if label == 1 else np.linspace(800, 3000, 13)
+        means = means * (1 + 0.5 * label)
+        for i in range(per_class):
+            image = rng.normal(means[:, None, None], 150, (len(EUROSAT_BANDS), 64, 64)).clip(1, 10000)
+            profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 13, "dtype": "uint16",
+                       "crs": "EPSG:32632", "transform": from_origin(500000, 5000000, 10, 10)}  # fmt: skip
+            with rasterio.open(folder / f"{name}_{i + 1}.tif", "w", **profile) as dst:
+                dst.write(image.astype(np.uint16))
+    return root
+
+
+def test_eurosat_is_a_single_label_dataset_scored_by_top1(checkpoint: Path, tmp_path: Path) -> None:
+    """EuroSAT MS (13 bands, B8A last) mapped by band name onto the encoder's 12, a softmax probe, top-1 accuracy."""
+    root = _eurosat_tree(tmp_path / "eurosat")
+    config = EvaluateConfig(eurosat=str(root), out=str(tmp_path / "eval"), probe_epochs=30, knn_k=5)
+    result = run_evaluation(config, checkpoint)
+    metrics = result.metrics
+    assert {"eurosat/linear_top1", "eurosat/knn_top1", "eurosat/linear_map_micro"} <= set(metrics)
+    assert metrics["eurosat/linear_top1"] > 0.8  # three classes with distinct spectra: well above chance (1/3)
+    assert result.class_names["eurosat"][:3] == ["AnnualCrop", "Forest", "HerbaceousVegetation"]
+    n = metrics["eurosat/n_train"] + metrics["eurosat/n_eval"]
+    assert 0 < metrics["eurosat/n_eval"] < n <= 72
