@@ -81,6 +81,24 @@ def fit_to_encoder(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return nn.functional.interpolate(images, size=(target_h, target_w), mode="bilinear", align_corners=False)
 
 
+class Dinov2LinearFeatures(nn.Module):
+    """A timm ViT's features as DINOv2's linear evaluation takes them: the class tokens of the last ``blocks``
+    blocks and the mean patch token of the last, concatenated ((blocks + 1) x D), each after the final norm."""
+
+    def __init__(self, vit: nn.Module, blocks: int = 4) -> None:
+        super().__init__()
+        self.vit = vit
+        self.blocks = blocks
+        self.num_features = (blocks + 1) * int(getattr(vit, "num_features", 0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit: Any = self.vit  # a timm VisionTransformer
+        images = fit_to_encoder(vit, images)
+        layers = vit.get_intermediate_layers(images, n=self.blocks, return_prefix_tokens=True, norm=True)
+        class_tokens = [prefix[:, 0] for _, prefix in layers]  # (B, D) each
+        return torch.cat([*class_tokens, layers[-1][0].mean(dim=1)], dim=1)  # (B, (blocks + 1) D)
+
+
 def build_encoder(
     backbone: str,
     in_chans: int,

@@ -404,6 +404,8 @@ def evaluate(
     store: Annotated[str | None, field_option(EvaluateConfig, "store")] = None,
     bigearthnet: Annotated[str | None, field_option(EvaluateConfig, "bigearthnet")] = None,
     eurosat: Annotated[str | None, field_option(EvaluateConfig, "eurosat")] = None,
+    input_contract: Annotated[str | None, field_option(EvaluateConfig, "input_contract")] = None,
+    vit_features: Annotated[str | None, field_option(EvaluateConfig, "vit_features")] = None,
     baseline: Annotated[
         list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
@@ -423,6 +425,8 @@ def evaluate(
         "store": store,
         "bigearthnet": bigearthnet,
         "eurosat": eurosat,
+        "input_contract": input_contract,
+        "vit_features": vit_features,
         "baselines": baseline or None,
         "train_fraction": train_fraction,
         "knn_k": knn_k,
@@ -472,6 +476,8 @@ def compare(
         store=store,
         bigearthnet=bigearthnet,
         eurosat=None,
+        input_contract=None,
+        vit_features=None,
         baseline=baselines,
         train_fraction=train_fraction,
         weights=None,

@@ -351,6 +351,17 @@ class EvaluateConfig(StageConfig):
     eurosat: str | None = Field(
         default=None, description="EuroSAT MS folder (class folders of 13-band GeoTIFFs): single-label, top-1."
     )
+    input_contract: Literal["model", "ssl4eo"] = Field(
+        default="model",
+        description="How inputs are normalised: model = z-scores with the model's (checkpoint's or store's) "
+        "statistics; ssl4eo = SoftCon's: SSL4EO-S12 statistics, mean +- 2 std scaled to [0, 1], BigEarthNet "
+        "resized to 256 and centre-cropped to 224.",
+    )
+    vit_features: Literal["cls", "dinov2"] = Field(
+        default="cls",
+        description="ViT features: the class token, or DINOv2's linear-evaluation features (class tokens of the "
+        "last 4 blocks and the mean patch token).",
+    )
     split: Literal["val", "test"] = Field(default="test", description="Held-out split of the store that is evaluated.")
     knn_k: int = Field(default=10, gt=0, description="kNN neighbours (cosine similarity, weighted label votes).")
     probe_epochs: int = Field(default=100, gt=0, description="Linear probe training epochs.")

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, Subset
 
 from softcon.config import EvaluateConfig
 from softcon.models.data import StoreDataset
-from softcon.models.encoder import build_encoder, is_vit
+from softcon.models.encoder import Dinov2LinearFeatures, build_encoder, is_vit
 from softcon.models.probe import (
     BandStatistics,
     Features,
@@ -69,6 +69,7 @@ from softcon.tasks.bigearthnet import (
 )
 from softcon.tasks.eurosat import EUROSAT_CLASSES, EuroSatDataset, EuroSatPatch, eurosat_splits, find_eurosat
 from softcon.tasks.schemes import CORINE_BIGEARTHNET19
+from softcon.tasks.ssl4eo import ContractInputs, ssl4eo_norm_stats
 from softcon.tasks.train import load_encoder, read_checkpoint
 
 EncoderKind = Literal["checkpoint", "random", "weights", "image-stats"]
@@ -252,7 +253,25 @@ class EvaluationData:
         )
 
     def split(self, dataset: str, split: str, meta: dict[str, Any]) -> Dataset:
-        """One split as a single-view dataset normalised for the encoder of ``meta``."""
+        """One split as a single-view dataset normalised for the encoder of ``meta``, under the configured input
+        contract (``model``: z-scores with the encoder's statistics; ``ssl4eo``: SoftCon's, ``tasks/ssl4eo.py``)."""
+        if self.config.input_contract == "ssl4eo":
+            meta = {**meta, "norm_stats": ssl4eo_norm_stats(meta["bands"])}
+        data: StoreDataset | BigEarthNetDataset | EuroSatDataset | Subset | ContractInputs
+        data = self._normalised(dataset, split, meta)
+        if self.config.input_contract == "ssl4eo":
+            resize_crop = (256, 224) if dataset == "bigearthnet" else (None, None)
+            data = ContractInputs(data, resize=resize_crop[0], crop=resize_crop[1])
+        if split == "train" and self.config.train_fraction < 1:
+            positions = subset_without_replacement(
+                np.arange(len(data)), self.config.train_fraction, seed=self.config.seed
+            )
+            return Subset(data, positions.tolist())
+        return data
+
+    def _normalised(
+        self, dataset: str, split: str, meta: dict[str, Any]
+    ) -> StoreDataset | BigEarthNetDataset | EuroSatDataset | Subset:
         data: StoreDataset | BigEarthNetDataset | EuroSatDataset
         if dataset == "store":
             assert self.config.store is not None  # "store" is a dataset when config.store is set
@@ -279,11 +298,6 @@ class EvaluationData:
             data = BigEarthNetDataset(
                 chosen, meta["bands"], meta["norm_stats"], image_size=self.config.bigearthnet_size
             )
-        if split == "train" and self.config.train_fraction < 1:
-            positions = subset_without_replacement(
-                np.arange(len(data)), self.config.train_fraction, seed=self.config.seed
-            )
-            return Subset(data, positions.tolist())
         return data
 
 
@@ -310,6 +324,9 @@ def cached_features(
             "bands": list(meta.get("bands") or []),
             "norm_stats": meta.get("norm_stats"),
             "image_size": config.bigearthnet_size if dataset == "bigearthnet" else None,
+            # keys of the newer options only when they differ from the default, so earlier caches stay valid
+            **({"input_contract": config.input_contract} if config.input_contract != "model" else {}),
+            **({"vit_features": config.vit_features} if config.vit_features != "cls" else {}),
         },
         sort_keys=True,
     )
@@ -317,6 +334,8 @@ def cached_features(
     path = Path(config.out) / "features" / f"{dataset}-{split}-{slug(name)}-{digest}.npz"
     if path.is_file():
         return load_features(path), path
+    if config.vit_features == "dinov2" and is_vit(encoder):
+        encoder = Dinov2LinearFeatures(encoder)
     features = extract_features(encoder, data.split(dataset, split, meta), batch_size=config.batch_size, device=device)
     return features, save_features(path, features)
 

@@ -279,3 +279,49 @@ def test_eurosat_is_a_single_label_dataset_scored_by_top1(checkpoint: Path, tmp_
     assert result.class_names["eurosat"][:3] == ["AnnualCrop", "Forest", "HerbaceousVegetation"]
     n = metrics["eurosat/n_train"] + metrics["eurosat/n_eval"]
     assert 0 < metrics["eurosat/n_eval"] < n <= 72
+
+
+def test_softcon_s_input_contract_maps_mean_plus_minus_2_std_to_0_1() -> None:
+    """(x - (m - 2s)) / 4s, clipped to [0, 1]: SSL4EO-S12's normalize, from its statistics (L1C when B10 is in)."""
+    from softcon.tasks.ssl4eo import S1, S2A, S2C, ContractInputs, ssl4eo_norm_stats
+
+    stats = ssl4eo_norm_stats(["B04", "B10"])
+    (m4, s4), (m10, s10) = S2C["B04"], S2C["B10"]
+    assert stats == {"mean": [m4, m10], "std": [4 * s4, 4 * s10]}
+    assert ssl4eo_norm_stats(["B04"])["mean"] == [S2A["B04"][0]] and ssl4eo_norm_stats(["VV"])["mean"] == [S1["VV"][0]]
+    raw = torch.tensor([[[m4 - 2 * s4, m4, m4 + s4, m4 + 3 * s4]]])  # (1, 1, 4): one band
+    zscores = (raw - stats["mean"][0]) / stats["std"][0]
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": zscores, "labels": torch.zeros(1)}
+
+    image = ContractInputs(One())[0]["image"]
+    assert torch.allclose(image, torch.tensor([[[0.0, 0.5, 0.75, 1.0]]]))
+    with pytest.raises(ValueError, match="no statistics for bands"):
+        ssl4eo_norm_stats(["B13"])
+
+
+def test_bigearthnet_under_the_ssl4eo_contract_and_dinov2_features(
+    checkpoint: Path, bigearthnet: Path, tmp_path
+) -> None:
+    """BigEarthNet resized to 256 and centre-cropped to 224, inputs in [0, 1]; a ViT gives DINOv2's features."""
+    from softcon.models.encoder import Dinov2LinearFeatures
+    from softcon.tasks.evaluate import EvaluationData
+
+    config = EvaluateConfig(bigearthnet=str(bigearthnet), out=str(tmp_path), input_contract="ssl4eo")
+    data = EvaluationData(config, "s2")
+    item = data.split("bigearthnet", "train", {"bands": list(S2_L2A_BANDS), "norm_stats": None})[0]
+    assert item["image"].shape == (12, 224, 224) and item["image"].min() >= 0 and item["image"].max() <= 1
+    result = run_evaluation(config.model_copy(update={"probe_epochs": 5}), checkpoint)
+    assert 0 <= result.metrics["bigearthnet/linear_map_micro"] <= 1
+
+    vit = build_encoder("vit_small_patch14_dinov2", 12, img_size=56).eval()
+    with torch.no_grad():
+        images = torch.rand(2, 12, 56, 56)
+        features = Dinov2LinearFeatures(vit)(images)
+        assert features.shape == (2, 5 * 384)
+        assert torch.allclose(features[:, 3 * 384 : 4 * 384], vit.forward_features(images)[:, 0], atol=1e-5)
