@@ -160,11 +160,15 @@ class ProgressLog:
 
     run_id: str
     logger: logging.Logger | logging.LoggerAdapter
+    quiet: frozenset[str] = frozenset()
+    """Steps the flow logs itself (train's per-window loss lines): not repeated here."""
     last_logged: dict[str, int] = field(default_factory=dict)
 
     def on_progress(self, step: str, done: int, total: int) -> None:
         every = max(total // 10, 1)
-        if done == total or done - self.last_logged.get(step, -every) >= every:
+        if step in self.quiet:
+            return
+        if done == total or done // every > self.last_logged.get(step, 0) // every:
             self.last_logged[step] = done
             self.logger.info("%s %d/%d", step, done, total)
 
@@ -208,6 +212,7 @@ def run_stage(
     parent_run_id: str | None = None,
     experiment: str | None = None,
     refresh: bool = False,
+    quiet_progress: frozenset[str] = frozenset(),
 ) -> Iterator[Stage]:
     """The skeleton of a stage flow: its MLflow run (``stage_run``) with the work's progress in the flow-run log.
 
@@ -219,6 +224,6 @@ def run_stage(
     """
     logger = get_run_logger()
     with stage_run(name, config, parent_run_id=parent_run_id, experiment=experiment) as run:
-        log = ProgressLog(run.info.run_id, logger)
+        log = ProgressLog(run.info.run_id, logger, quiet_progress)
         with progress.listen(log.on_progress, log.on_link):
             yield Stage(name=name, run_id=run.info.run_id, logger=logger, refresh=refresh)

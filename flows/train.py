@@ -110,7 +110,10 @@ def train_flow(
     config: TrainConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
 ) -> StageResult:
     """Pretrain on the training store; log loss terms per step, the checkpoint and the encoder."""
-    with run_stage("train", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
+    with run_stage(
+        "train", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh,
+        quiet_progress=frozenset({"steps"}),  # StepLogger logs every tenth with the loss terms
+    ) as stage:  # fmt: skip
         with system_metrics(stage.run_id, enabled=config.log_system_metrics):
             result = stage.call(train_task, config, on_metrics=StepLogger(stage.run_id, config.steps, stage.logger))
         mlflow.log_metrics(

@@ -51,3 +51,22 @@ def test_under_torchrun_only_rank_0_runs_the_flow(tmp_path, monkeypatch: pytest.
     monkeypatch.setenv("RANK", "0")
     train_flow_module.train_on_this_rank(config)
     assert calls == ["loop", "flow refresh=True"]
+
+
+def test_the_flow_log_gets_about_every_tenth_of_a_step_and_not_the_quiet_ones() -> None:
+    from softcon.flows.tracking import ProgressLog
+
+    class Lines(logging.Logger):
+        def __init__(self) -> None:
+            super().__init__("lines")
+            self.lines: list[str] = []
+
+        def info(self, message: object, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            self.lines.append(str(message) % args)
+
+    logger = Lines()
+    log = ProgressLog("run", logger, frozenset({"steps"}))
+    for done in range(1, 101):
+        log.on_progress("blocks", done, 100)
+        log.on_progress("steps", done, 100)
+    assert logger.lines == [f"blocks {n}/100" for n in range(10, 101, 10)]
