@@ -34,6 +34,13 @@ def data_stac_url(data_sample: SampleData) -> Iterator[str]:
         yield url
 
 
+def widened(bbox: tuple[float, float, float, float], factor: float) -> tuple[float, float, float, float]:
+    """The bbox grown by ``factor`` times its width and height on every side (an area the scenes cover little of)."""
+    west, south, east, north = bbox
+    width, height = east - west, north - south
+    return (west - factor * width, south - factor * height, east + factor * width, north + factor * height)
+
+
 def sample_ingest_config(sample: SampleData, stac: str, cube: Path, **overrides: object) -> IngestConfig:
     values: dict[str, object] = {
         "stac": stac, "bbox": sample.bbox, "start": sample.start, "end": sample.end,

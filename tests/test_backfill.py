@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import xarray as xr
 import zarr
+from data_fixtures import widened
 
 from softcon.config import IngestConfig
 from softcon.tasks.backfill import (
@@ -341,13 +342,7 @@ def test_backfill_over_an_area_the_scenes_miss_records_nothing_and_the_form_defa
 
     # An area many times the scenes: every tile-date is mostly nodata over it, so nothing is written or recorded.
     cube = tmp_path / "cube.zarr"
-    west, south, east, north = small_sample.bbox
-    wide = (
-        west - 3 * (east - west),
-        south - 3 * (north - south),
-        east + 3 * (east - west),
-        north + 3 * (north - south),
-    )
+    wide = widened(small_sample.bbox, 3)
     wrong = _sample_request(small_sample, cube, bbox=wide, tile_size=1056)
     result = backfill_flow(wrong, period="month", experiment="backfill-test")
     (period,) = result.windows

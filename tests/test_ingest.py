@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config
+from data_fixtures import SAMPLE_TILE_SIZE, sample_ingest_config, widened
 from pyproj import Transformer
 from real_data import REAL
 
@@ -79,13 +79,7 @@ def test_a_run_that_writes_nothing_says_what_was_skipped_and_what_to_change(
     data_sample: SampleData, data_stac_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An area several times the size of the scenes: every tile-date is mostly nodata over it."""
-    west, south, east, north = data_sample.bbox
-    wide = (
-        west - 2 * (east - west),
-        south - 2 * (north - south),
-        east + 2 * (east - west),
-        north + 2 * (north - south),
-    )
+    wide = widened(data_sample.bbox, 2)
     config = sample_ingest_config(data_sample, data_stac_url, tmp_path / "cube.zarr", bbox=wide, tile_size=1056)
     with caplog.at_level("WARNING", logger="softcon.tasks.ingest"):
         report = run_ingest(config)

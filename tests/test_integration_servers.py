@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xarray as xr
@@ -96,6 +97,17 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _wait_until_final(client: Any, run: Any, timeout: float) -> Any:
+    """The flow run once its state is final (or as it is after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run.id)
+        if run.state is not None and run.state.is_final():
+            break
+        time.sleep(2)
+    return run
+
+
 def _backfill_through_the_api(
     api_url: str, sample: SampleData, cube: Path, experiment: str, timeout: float
 ) -> tuple[object, list[object]]:
@@ -121,13 +133,9 @@ def _backfill_through_the_api(
     }
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("backfill/backfill")
-        parent = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            parent = client.read_flow_run(parent.id)
-            if parent.state is not None and parent.state.is_final():
-                break
-            time.sleep(2)
+        parent = _wait_until_final(
+            client, client.create_flow_run_from_deployment(deployment.id, parameters=parameters), timeout
+        )
         ingest = client.read_deployment_by_name("ingest/ingest")
         children = [
             run
@@ -160,13 +168,7 @@ def _daily_through_the_api(api_url: str, sample: SampleData, cube: Path, experim
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters=parameters, state=Scheduled(scheduled_time=scheduled)
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = client.read_flow_run(run.id)
-            if run.state is not None and run.state.is_final():
-                break
-            time.sleep(2)
-    return run
+        return _wait_until_final(client, run, timeout)
 
 
 def _cube_days(cube: Path) -> list[date]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from data_fixtures import widened
 from store_factory import write_store
 
 from softcon.config import IngestConfig, TrainConfig
@@ -128,13 +129,7 @@ def test_reproducing_an_ingest_that_wrote_nothing_is_identical_and_warned(tmp_pa
     from softcon.flows.reproduce import reproduce_run
 
     sample = write_sample_data(tmp_path / "sample", tiles=1, tile_size=64, dates=4)
-    west, south, east, north = sample.bbox  # an area many times the scenes: every tile-date mostly nodata
-    wide = (
-        west - 3 * (east - west),
-        south - 3 * (north - south),
-        east + 3 * (east - west),
-        north + 3 * (north - south),
-    )
+    wide = widened(sample.bbox, 3)  # an area many times the scenes: every tile-date mostly nodata
     config = IngestConfig(
         stac=str(sample.items_file), collections=["sentinel-2-l2a"], bbox=wide, start=sample.start,
         end=sample.end, tile_size=1056, cube=str(tmp_path / "cube.zarr"),
