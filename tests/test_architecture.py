@@ -99,6 +99,7 @@ def test_install_adds_only_the_softcon_package(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": sysconfig.get_path("purelib")}
     check = (
         "import importlib, softcon, softcon.tasks.grid, softcon.flows.result, softcon.models.loss\n"
+        "import softcon.compat.zarr_internals\n"
         f"assert softcon.__file__.startswith({str(fresh_site)!r}), softcon.__file__\n"
         "for name in ('tasks', 'flows', 'models'):\n"
         "    try:\n"
