@@ -406,6 +406,7 @@ def evaluate(
     eurosat: Annotated[str | None, field_option(EvaluateConfig, "eurosat")] = None,
     input_contract: Annotated[str | None, field_option(EvaluateConfig, "input_contract")] = None,
     vit_features: Annotated[str | None, field_option(EvaluateConfig, "vit_features")] = None,
+    protocol: Annotated[str | None, field_option(EvaluateConfig, "protocol")] = None,
     baseline: Annotated[
         list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
@@ -427,6 +428,7 @@ def evaluate(
         "eurosat": eurosat,
         "input_contract": input_contract,
         "vit_features": vit_features,
+        "protocol": protocol,
         "baselines": baseline or None,
         "train_fraction": train_fraction,
         "knn_k": knn_k,
@@ -478,6 +480,7 @@ def compare(
         eurosat=None,
         input_contract=None,
         vit_features=None,
+        protocol=None,
         baseline=baselines,
         train_fraction=train_fraction,
         weights=None,

@@ -357,6 +357,15 @@ class EvaluateConfig(StageConfig):
         "statistics; ssl4eo = SoftCon's: SSL4EO-S12 statistics, mean +- 2 std scaled to [0, 1], BigEarthNet "
         "resized to 256 and centre-cropped to 224.",
     )
+    protocol: Literal["project", "ssl4eo"] = Field(
+        default="project",
+        description="project = cached features, probe lr chosen on val, report on the evaluated split; ssl4eo adds "
+        "SSL4EO-S12's linear evaluation (a head trained on the fly with their SGD schedule and augmentation, "
+        "reported on val as ssl4eo_* metrics).",
+    )
+    protocol_epochs: int | None = Field(
+        default=None, gt=0, description="Epochs of the ssl4eo protocol; default theirs (50)."
+    )
     vit_features: Literal["cls", "dinov2"] = Field(
         default="cls",
         description="ViT features: the class token, or DINOv2's linear-evaluation features (class tokens of the "

@@ -70,6 +70,7 @@ from softcon.tasks.bigearthnet import (
 from softcon.tasks.eurosat import EUROSAT_CLASSES, EuroSatDataset, EuroSatPatch, eurosat_splits, find_eurosat
 from softcon.tasks.schemes import CORINE_BIGEARTHNET19
 from softcon.tasks.ssl4eo import ContractInputs, ssl4eo_norm_stats
+from softcon.tasks.ssl4eo_linear import PROTOCOLS, run_linear_protocol
 from softcon.tasks.train import load_encoder, read_checkpoint
 
 EncoderKind = Literal["checkpoint", "random", "weights", "image-stats"]
@@ -252,7 +253,7 @@ class EvaluationData:
             {"store": self.config.store, "bigearthnet": self.config.bigearthnet}.get(dataset, self.config.eurosat)
         )
 
-    def split(self, dataset: str, split: str, meta: dict[str, Any]) -> Dataset:
+    def split(self, dataset: str, split: str, meta: dict[str, Any], *, raw_size: bool = False) -> Dataset:
         """One split as a single-view dataset normalised for the encoder of ``meta``, under the configured input
         contract (``model``: z-scores with the encoder's statistics; ``ssl4eo``: SoftCon's, ``tasks/ssl4eo.py``)."""
         if self.config.input_contract == "ssl4eo":
@@ -260,7 +261,7 @@ class EvaluationData:
         data: StoreDataset | BigEarthNetDataset | EuroSatDataset | Subset | ContractInputs
         data = self._normalised(dataset, split, meta)
         if self.config.input_contract == "ssl4eo":
-            resize_crop = (256, 224) if dataset == "bigearthnet" else (None, None)
+            resize_crop = (256, 224) if dataset == "bigearthnet" and not raw_size else (None, None)
             data = ContractInputs(data, resize=resize_crop[0], crop=resize_crop[1])
         if split == "train" and self.config.train_fraction < 1:
             positions = subset_without_replacement(
@@ -435,6 +436,17 @@ def evaluate_encoder(
     }
     if single_label:
         metrics |= {"linear_top1": top1_accuracy(y, linear), "knn_top1": top1_accuracy(y, knn)}
+    if config.protocol == "ssl4eo" and int(getattr(encoder, "num_features", 0) or 0) > 0:
+        metrics |= run_linear_protocol(
+            encoder,
+            data.split(dataset, "train", meta, raw_size=True),  # cropped and flipped on the fly
+            data.split(dataset, "val", meta),
+            PROTOCOLS.get(dataset, PROTOCOLS["bigearthnet"]),
+            single_label=single_label,
+            device=device,
+            seed=config.seed,
+            epochs=config.protocol_epochs,
+        )
     scores_file = Path(config.out) / "scores" / f"{dataset}-{slug(spec.name)}.npz"
     scores_file.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"y": y, "linear": linear, "knn": knn, "x": evaluated.x.numpy()}

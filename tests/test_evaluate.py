@@ -325,3 +325,40 @@ def test_bigearthnet_under_the_ssl4eo_contract_and_dinov2_features(
         features = Dinov2LinearFeatures(vit)(images)
         assert features.shape == (2, 5 * 384)
         assert torch.allclose(features[:, 3 * 384 : 4 * 384], vit.forward_features(images)[:, 0], atol=1e-5)
+
+
+def test_the_ssl4eo_linear_protocol_trains_a_head_on_the_fly_and_reports_on_val(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSL4EO-S12's protocol beside the project's: a head trained with their SGD step schedule on random resized
+    crops, the backbone frozen but in train mode (on a copy: the encoder itself is untouched)."""
+    import softcon.tasks.ssl4eo_linear as protocol_module
+    from softcon.tasks.ssl4eo_linear import LinearProtocol, random_resized_crop, run_linear_protocol
+
+    crops = random_resized_crop(torch.rand(3, 12, 120, 120), 224, torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 12, 224, 224)
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", 4)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    labels = torch.eye(2)[torch.arange(32) % 2]  # (32, 2) one-hot, two classes
+    images = torch.rand(32, 4, 64, 64) + labels[:, 1, None, None, None] * 2  # class 1 is brighter
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": images[i], "labels": labels[i], "labelled": torch.tensor(True)}
+
+    protocol = LinearProtocol(lr=0.1, epochs=4, milestones=(2,), batch_size=8)
+    metrics = run_linear_protocol(encoder, Pairs(), Pairs(), protocol, single_label=True, device=torch.device("cpu"))
+    assert metrics["ssl4eo_top1"] > 0.9 and metrics["ssl4eo_epochs"] == 4
+    assert {"ssl4eo_map_micro_batched", "ssl4eo_map_micro", "ssl4eo_map_macro"} <= set(metrics)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())  # BN statistics included
+
+    root = _eurosat_tree(tmp_path / "eurosat")
+    monkeypatch.setitem(protocol_module.PROTOCOLS, "eurosat", LinearProtocol(0.1, 2, (1,), 4))
+    config = EvaluateConfig(eurosat=str(root), out=str(tmp_path / "eval"), probe_epochs=5, protocol="ssl4eo")
+    result = run_evaluation(config, checkpoint)
+    assert 0 <= result.metrics["eurosat/ssl4eo_top1"] <= 1 and "eurosat/linear_top1" in result.metrics
