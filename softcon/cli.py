@@ -7,6 +7,7 @@ run id it logged to.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -148,18 +149,20 @@ def _quiet_known_errors() -> None:
                 handler.addFilter(_WithoutKnownErrors())
 
 
-def run_stage_flow(stage_flow: Any, config: Any, **options: Any) -> Any:
+def run_stage_flow(stage_flow: Any, config: Any, *, as_json: bool = False, **options: Any) -> Any:
     """Run a stage flow, turning the errors users can fix into a message instead of a traceback.
 
     Exit codes: 1 for an error the project raises on purpose (bad input, a missing file, a full disk), printed as
     one ``error:`` line (``--verbose`` or ``SOFTCON_DEBUG=1`` adds the traceback); anything else is a bug and
-    propagates with its traceback.
+    propagates with its traceback. With ``as_json`` whatever the run writes to stdout (MLflow prints "View run …
+    at" there for a tracking server) goes to stderr, so stdout holds only the JSON outcome.
     """
     from softcon.flows.caching import LASTING_ERRORS
 
     _quiet_known_errors()
     try:
-        result = stage_flow(config, **options)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            result = stage_flow(config, **options)
     except Exception as error:
         full_disk = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         if not isinstance(error, LASTING_ERRORS) and not full_disk:  # a full disk's message says what to do
@@ -280,7 +283,7 @@ def ingest(
     from softcon.flows.ingest import ingest_flow
 
     with progress_bars("ingest"):
-        result = run_stage_flow(ingest_flow, stage_config, refresh=refresh)
+        result = run_stage_flow(ingest_flow, stage_config, refresh=refresh, as_json=as_json)
     _print_result(result, as_json=as_json)
 
 
@@ -325,7 +328,7 @@ def labels(
     configure_runtime()
     from softcon.flows.labels import labels_flow
 
-    _print_result(run_stage_flow(labels_flow, stage_config, refresh=refresh), as_json=as_json)
+    _print_result(run_stage_flow(labels_flow, stage_config, refresh=refresh, as_json=as_json), as_json=as_json)
 
 
 @app.command()
@@ -358,7 +361,7 @@ def preprocess(
     from softcon.flows.preprocess import preprocess_flow
 
     with progress_bars("preprocess"):
-        result = run_stage_flow(preprocess_flow, stage_config, refresh=refresh)
+        result = run_stage_flow(preprocess_flow, stage_config, refresh=refresh, as_json=as_json)
     _print_result(result, as_json=as_json)
 
 
@@ -390,7 +393,7 @@ def train(
     from softcon.flows.train import train_on_this_rank
 
     with progress_bars("train"):
-        result = run_stage_flow(train_on_this_rank, stage_config, refresh=refresh)
+        result = run_stage_flow(train_on_this_rank, stage_config, refresh=refresh, as_json=as_json)
     if result is not None:
         _print_result(result, as_json=as_json)
 
@@ -444,7 +447,7 @@ def evaluate(
     configure_runtime()
     from softcon.flows.evaluate import evaluate_flow
 
-    result = run_stage_flow(evaluate_flow, stage_config, refresh=refresh)
+    result = run_stage_flow(evaluate_flow, stage_config, refresh=refresh, as_json=as_json)
     _print_result(result, as_json=as_json)
     table = Path(stage_config.out) / "reports" / result.run_id / "comparison.md"
     if table.is_file() and not as_json:

@@ -29,6 +29,7 @@ of its day are loaded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import rasterio.features
+import shapely
 import shapely.ops
 from pyproj import Transformer
 from shapely.geometry import box, shape
@@ -195,10 +197,17 @@ def tiles_for_area(area: BaseGeometry, *, resolution: float, tile_size: int, eps
     return [tile for tile in tiles if box(*tile.lonlat_bounds).intersects(area)]
 
 
+@functools.lru_cache(maxsize=8)
+def area_in_crs(area: BaseGeometry, epsg: int) -> BaseGeometry:
+    """The lon/lat ``area`` in a tile CRS, once per CRS of a run (its edges densified to ~1 km first, since a
+    straight lon/lat edge is curved in UTM)."""
+    to_tile = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
+    return shapely.ops.transform(to_tile.transform, shapely.segmentize(area, 0.01))
+
+
 def area_mask(tile: Tile, area: BaseGeometry) -> np.ndarray | None:
     """The tile's pixels whose centre lies in the lon/lat ``area``; None when that is every pixel."""
-    to_tile = Transformer.from_crs("EPSG:4326", f"EPSG:{tile.epsg}", always_xy=True)
-    projected = shapely.ops.transform(to_tile.transform, area)
+    projected = area_in_crs(area, tile.epsg)
     if projected.contains(box(*tile.bounds)):
         return None
     return rasterio.features.geometry_mask(

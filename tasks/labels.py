@@ -356,7 +356,9 @@ def map_product(product: WarpedProduct, scheme: ClassScheme) -> MappedCodes:
     return MappedCodes(land_cover=land_cover, nodata_pixels=nodata, excluded=mapped.excluded, unknown=mapped.unknown)
 
 
-def check_unknown_codes(config: LabelsConfig, scheme: ClassScheme, unknown: Mapping[str, int], labelled: int) -> None:
+def check_unknown_codes(
+    config: LabelsConfig, scheme: ClassScheme, unknown: Mapping[str, int], labelled: int, *, vector: bool = False
+) -> None:
     """Stop before writing when codes outside the scheme say the scheme does not fit the product; else log them.
 
     With ``unknown_codes="auto"`` the run stops when unknown codes cover more pixels than the scheme's classes
@@ -380,7 +382,7 @@ def check_unknown_codes(config: LabelsConfig, scheme: ClassScheme, unknown: Mapp
         "name the classes in this scheme skeleton, save it as scheme.yaml and pass --scheme scheme.yaml:\n"
         + scheme_skeleton(unknown)
     ]
-    if source_kind(config.source) == "vector":
+    if vector:
         ways.append(f"or take the classes from the attribute itself: --scheme {FIELD_SCHEME} (names from another "
                     "attribute with --name-field)")  # fmt: skip
     ways.append("or write them as nodata on purpose: --unknown-codes report")
@@ -432,12 +434,12 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
     """
     started = time.perf_counter()
     kind = source_kind(config.source)
+    info = rasterize.read_vector_info(config.source, config.class_field) if kind == "vector" else None
     if config.scheme == FIELD_SCHEME:
-        if kind != "vector":
+        if info is None:
             raise ValueError(f"scheme {FIELD_SCHEME!r} takes its classes from a vector source's class attribute; "
                              f"{config.source} is a {kind} source: give a scheme name or a YAML file")  # fmt: skip
-        field_info = rasterize.read_vector_info(config.source, config.class_field)
-        values = rasterize.read_class_values(field_info, config.class_field or "", config.name_field)
+        values = rasterize.read_class_values(info, config.class_field or "", config.name_field)
         scheme = scheme_from_values(f"{FIELD_SCHEME}:{config.class_field}", values, values)
     else:
         scheme = get_scheme(config.scheme, collection=config.collection if kind == "stac" else None)
@@ -452,8 +454,7 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
         for tile in tiles:
             if not _overlaps(extent, tile.lonlat_bounds):
                 raise _no_overlap(config.source, [round(v, 5) for v in extent], tile)
-    elif kind == "vector":
-        info = rasterize.read_vector_info(config.source, config.class_field)
+    elif info is not None:
         vector_extent = _vector_extent(info)
         for tile in tiles:
             if vector_extent is not None and not _overlaps(vector_extent, tile.lonlat_bounds):
@@ -471,7 +472,7 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
     # 2. Land cover per tile, through the scheme.
     results: dict[str, MappedCodes] = {}
     totals = _Totals()
-    if kind == "vector":
+    if info is not None:
         union = _union_lonlat(tiles)
         frame = rasterize.read_polygons(info, config.class_field or "", union)
         burnt = rasterize.rasterize_tiles(frame, config.class_field or "", scheme, tiles,
@@ -505,7 +506,7 @@ def run_labels(config: LabelsConfig) -> LabelsReport:
     for mapped in results.values():
         unknown_all.update({str(k): v for k, v in mapped.unknown.items()})
         labelled += int(np.count_nonzero(mapped.land_cover))
-    check_unknown_codes(config, scheme, unknown_all, labelled)
+    check_unknown_codes(config, scheme, unknown_all, labelled, vector=kind == "vector")
 
     # 4. Write.
     for tile in tiles:

@@ -103,17 +103,12 @@ class ClassScheme:
 
         Returns 0 for nodata and excluded values, None for a value outside the scheme.
         """
-        if isinstance(value, (int, np.integer)) or (
-            isinstance(value, (float, np.floating)) and float(value).is_integer()
-        ):
-            code = int(value)
+        code = _integer(value)
+        if code is not None:
             if code in self.source_codes:
                 return self.source_codes[code]
             return 0 if code in self.nodata_codes or code in self.excluded_codes else None
-        text = str(value).strip()
-        if re.fullmatch(r"-?\d+", text):
-            return self.code_of_value(int(text))
-        key = normalize_name(text)
+        key = normalize_name(str(value).strip())
         by_name = self._names_to_codes()
         if key in by_name:
             return by_name[key]
@@ -428,14 +423,14 @@ def scheme_from_values(
     as_int = {value: _integer(value) for value in distinct}
     integer_codes = {value: code for value, code in as_int.items() if code is not None and 1 <= code <= 255}
     code_of = integer_codes if len(integer_codes) == len(distinct) else {v: i + 1 for i, v in enumerate(distinct)}
+    ordered = sorted(distinct, key=code_of.__getitem__)
     class_names: list[str] = []
     seen = Counter[str]()
-    for value in sorted(distinct, key=code_of.__getitem__):
+    for value in ordered:
         as_text = str(as_int[value]) if as_int[value] is not None else str(value)
         label = str((names or {}).get(value, as_text)).strip() or as_text
         seen[label] += 1
         class_names.append(label if seen[label] == 1 else f"{label} ({value})")
-    ordered = sorted(distinct, key=code_of.__getitem__)
     source_codes = {code: code_of[value] for value, code in as_int.items() if code is not None}
     source_names = {str(value): class_names[i] for i, value in enumerate(ordered) if as_int[value] is None}
     return ClassScheme(
@@ -459,9 +454,8 @@ def scheme_skeleton(unknown: Mapping[str, int], name: str = "my-scheme") -> str:
     """A YAML scheme for codes a scheme did not know, one class per code with its pixel count, to be named."""
     lines = [f"name: {name}", "nodata: [0]", "classes:"]
     for code, pixels in sorted(unknown.items(), key=lambda kv: -kv[1]):
-        value = code if re.fullmatch(r"-?\d+", code) else f'"{code}"'
-        key = "source_codes" if re.fullmatch(r"-?\d+", code) else "source_names"
-        lines += [f"  - name: class {code}    # {pixels} pixels", f"    {key}: [{value}]"]
+        entry = f"source_codes: [{code}]" if _integer(code) is not None else f'source_names: ["{code}"]'
+        lines += [f"  - name: class {code}    # {pixels} pixels", f"    {entry}"]
     return "\n".join(lines) + "\n"
 
 

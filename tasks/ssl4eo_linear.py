@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from softcon.models.encoder import fit_to_encoder
 from softcon.models.probe import mean_average_precision, top1_accuracy
 
 
@@ -122,7 +123,7 @@ def run_linear_protocol(
     scores, targets, batched = [], [], []
     with torch.no_grad():
         for batch in DataLoader(val, batch_size=protocol.batch_size, shuffle=False, drop_last=True):
-            logits = head(backbone(batch["image"].to(device)))
+            logits = head(backbone(fit_to_encoder(backbone, batch["image"].to(device))))
             score = (logits.softmax(1) if single_label else torch.sigmoid(logits)).cpu().numpy()
             y = batch["labels"].numpy()
             scores.append(score)

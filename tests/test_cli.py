@@ -142,6 +142,7 @@ def _fake_labels(monkeypatch: pytest.MonkeyPatch, outcome: object) -> None:
     import softcon.flows.labels as labels_flow_module
 
     def labels_flow(config: object, **_: object) -> object:
+        print("🏃 View run labels at: http://127.0.0.1:5000/#/experiments/1/runs/abc123")  # as MLflow does, on stdout
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -161,6 +162,7 @@ def test_json_prints_the_outcome_as_one_object_on_stdout(monkeypatch: pytest.Mon
     result = CliRunner().invoke(app, [*LABELS_ARGS, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == outcome.model_dump(mode="json")
+    assert "View run labels" in result.stderr  # what the run printed moved to stderr: stdout is the JSON alone
     plain = CliRunner().invoke(app, LABELS_ARGS)
     assert "MLflow run id: abc123" in plain.stdout and "warning: hm" in plain.stderr
 
