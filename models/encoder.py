@@ -196,6 +196,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def weights_bands(path: str | Path) -> tuple[str, ...]:
+    """The bands a weights file was trained on, from its first layer's input channels (``FILE_BANDS``).
+
+    Raises:
+        ValueError: the file has no first layer this reads (conv1 or patch_embed.proj), or its channel count
+            stands for no Sentinel band set (naming the count).
+    """
+    state = read_state_dict(path)
+    first = next((state[key] for key in ("conv1.weight", "patch_embed.proj.weight") if key in state), None)
+    if first is None:
+        raise ValueError(f"{path}: no first layer conv1.weight or patch_embed.proj.weight to read its bands from")
+    channels = int(first.shape[1])
+    if channels not in FILE_BANDS:
+        raise ValueError(
+            f"{path}: a first layer of {channels} channels stands for no known band set ({sorted(FILE_BANDS)} do); "
+            "give a store, whose bands the encoder is built for"
+        )
+    return FILE_BANDS[channels]
+
+
 def map_bands(weight: torch.Tensor, file_bands: Sequence[str], bands: Sequence[str]) -> torch.Tensor:
     """(O, len(file_bands), k, k) first-layer filters as (O, len(bands), k, k) for the encoder's bands, by name.
 

@@ -28,6 +28,7 @@ from softcon import progress
 from softcon.config import (
     ConfigError,
     EvaluateConfig,
+    ImportSSL4EOConfig,
     IngestConfig,
     LabelsConfig,
     PipelineConfig,
@@ -365,6 +366,54 @@ def preprocess(
     _print_result(result, as_json=as_json)
 
 
+def _read_locations(text: str | None) -> list[str] | None:
+    """``--locations``: location folders as a comma list, or ``@FILE`` with one per line."""
+    if text and text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} is not a file (one location folder per line)", param_hint="--locations")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return _split_list(text)
+
+
+@app.command(name="import-ssl4eo")
+def import_ssl4eo(
+    root: Annotated[str, typer.Argument(help=ImportSSL4EOConfig.model_fields["root"].description)],
+    labels: Annotated[str | None, field_option(ImportSSL4EOConfig, "labels")] = None,
+    out: Annotated[str | None, field_option(ImportSSL4EOConfig, "out")] = None,
+    s2: Annotated[str | None, field_option(ImportSSL4EOConfig, "s2")] = None,
+    with_s1: Annotated[bool | None, field_option(ImportSSL4EOConfig, "with_s1", "--s1/--no-s1")] = None,
+    locations: Annotated[
+        str | None,
+        typer.Option(help="Only these location folders: a comma list (0000042,0000043) or @FILE, one per line."),
+    ] = None,
+    patch_size: Annotated[int | None, field_option(ImportSSL4EOConfig, "patch_size")] = None,
+    dask_address: Annotated[str | None, field_option(ImportSSL4EOConfig, "dask_address")] = None,
+    n_workers: Annotated[int | None, field_option(ImportSSL4EOConfig, "n_workers")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """SSL4EO-S12 (s2c/s2a/s1 folders) + SSL4EO-S12-ML labels → training store, with Dask; resumable."""
+    overrides = {
+        "root": root,
+        "labels": labels,
+        "out": out,
+        "s2": s2,
+        "with_s1": with_s1,
+        "locations": _read_locations(locations),
+        "patch_size": patch_size,
+        "dask_address": dask_address,
+        "n_workers": n_workers,
+    }
+    stage_config = _build(ImportSSL4EOConfig, "import_ssl4eo", config, overrides)
+    configure_runtime()
+    from softcon.flows.import_ssl4eo import import_ssl4eo_flow
+
+    with progress_bars("import"):
+        result = run_stage_flow(import_ssl4eo_flow, stage_config, as_json=as_json)
+    _print_result(result, as_json=as_json)
+
+
 @app.command()
 def train(
     store: Annotated[str | None, field_option(TrainConfig, "store")] = None,
@@ -410,6 +459,7 @@ def evaluate(
     input_contract: Annotated[str | None, field_option(EvaluateConfig, "input_contract")] = None,
     vit_features: Annotated[str | None, field_option(EvaluateConfig, "vit_features")] = None,
     protocol: Annotated[str | None, field_option(EvaluateConfig, "protocol")] = None,
+    split: Annotated[str | None, field_option(EvaluateConfig, "split")] = None,
     baseline: Annotated[
         list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
@@ -432,6 +482,7 @@ def evaluate(
         "input_contract": input_contract,
         "vit_features": vit_features,
         "protocol": protocol,
+        "split": split,
         "baselines": baseline or None,
         "train_fraction": train_fraction,
         "knn_k": knn_k,

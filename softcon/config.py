@@ -413,10 +413,51 @@ class EvaluateConfig(StageConfig):
                 raise ValueError("give model (a project checkpoint or run) or weights (a weights file), not both")
             if self.backbone is None:
                 raise ValueError("weights needs backbone: the timm model the file is for, e.g. resnet50")
-            if self.store is None:
+            if self.store is None and self.input_contract != "ssl4eo":
                 raise ValueError(
-                    "weights needs a store: its bands and normalisation statistics are the encoder's input contract"
+                    "weights needs a store (its bands and normalisation statistics are the encoder's input contract) "
+                    "or input_contract ssl4eo (the file's own bands with SSL4EO-S12's statistics)"
                 )
+        return self
+
+
+class ImportSSL4EOConfig(StageConfig):
+    """Turn an extracted SSL4EO-S12 tree (and SSL4EO-S12-ML labels) into a training store."""
+
+    root: str = Field(description="SSL4EO-S12 folder holding s2c/, s2a/ and/or s1/ (one folder per location).")
+    out: str = Field(default_factory=lambda: _default_path("ssl4eo_store.zarr"), description="Training store.")
+    s2: Literal["s2c", "s2a"] = Field(
+        default="s2c", description="Sentinel-2 modality: s2c (L1C, 13 bands, as SoftCon pretrained) or s2a (L2A, 12)."
+    )
+    with_s1: bool = Field(default=True, description="Import s1 (VV, VH dB) beside S2 where the tree has it.")
+    labels: str | None = Field(
+        default=None, description="SSL4EO-S12-ML multi-label file (JSON or CSV); none: every sample unlabelled."
+    )
+    locations: list[str] | None = Field(
+        default=None, description="Only these location folders (e.g. 0000042); none: every location of the tree."
+    )
+    patch_size: int = Field(default=264, gt=0, description="Side in pixels every band is resized to (SSL4EO-S12: 264).")
+    s1_max_gap_days: float = Field(
+        default=60, ge=0, description="An S1 season pairs with the nearest S2 season of its location within this gap."
+    )
+    val_fraction: float = Field(default=0.02, ge=0, lt=1, description="Fraction of locations held out for validation.")
+    test_fraction: float = Field(default=0.02, ge=0, lt=1, description="Fraction of locations held out for testing.")
+    seed: int = Field(default=0, description="Seed of the location split.")
+    samples_per_block: int = Field(
+        default=64, gt=0, description="Samples per write block = per Zarr shard: one shard read is one batch."
+    )
+    dask_address: str | None = Field(
+        default_factory=lambda: get_settings().dask_address,
+        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
+    )
+    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
+
+    @model_validator(mode="after")
+    def _check_split(self) -> Self:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no training split"
+            )
         return self
 
 

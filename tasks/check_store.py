@@ -516,11 +516,13 @@ def _check_store_values(
     tile_index = values.get("tile", np.zeros(0, np.int32))
     if tiles is not None and tile_index.size and (int(tile_index.min()) < 0 or int(tile_index.max()) >= len(tiles)):
         problems.append(Problem("tile", f"indices outside the {len(tiles)} tiles of attrs tiles", REBUILD_STORE))
-    keys = [values[name] for name in ("tile", "time", "row", "col") if name in values]
-    if len(keys) == 4 and len(keys[0]):
+    # A sample is one location at one time; a cube's location is its (tile, row, col), an imported corpus's its own.
+    key_names = ("location", "tile", "time", "row", "col")
+    keys = [values[name] for name in key_names if name in values]
+    if len(keys) == len(key_names) and len(keys[0]):
         table = np.rec.fromarrays([np.asarray(k).astype(np.int64) for k in keys])
         _, counts = np.unique(table, return_counts=True)
         if (counts > 1).any():
-            what = f"{int((counts > 1).sum())} (tile, time, row, col) sample(s) stored more than once"
+            what = f"{int((counts > 1).sum())} (location, tile, time, row, col) sample(s) stored more than once"
             problems.append(Problem("", what, REBUILD_STORE))
     return problems

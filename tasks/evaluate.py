@@ -43,9 +43,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from softcon.config import EvaluateConfig
+from softcon.config import S1_POLARIZATIONS, EvaluateConfig
 from softcon.models.data import StoreDataset
-from softcon.models.encoder import Dinov2LinearFeatures, build_encoder, is_vit
+from softcon.models.encoder import Dinov2LinearFeatures, build_encoder, is_vit, weights_bands
 from softcon.models.probe import (
     BandStatistics,
     Features,
@@ -60,6 +60,7 @@ from softcon.models.probe import (
     top1_accuracy,
     train_linear_probe,
 )
+from softcon.models.training_store import read_store_attrs
 from softcon.tasks.bigearthnet import (
     BigEarthNetDataset,
     Sensor,
@@ -248,6 +249,22 @@ class EvaluationData:
             return list(EUROSAT_CLASSES)
         return list(meta.get("class_names") or [])
 
+    def members(self, dataset: str, split: str) -> str:
+        """Digest of what a split holds (patch names and labels; a store's fingerprint), so cached features of a
+        folder whose split lists or labels changed, or of a store rebuilt in place, are not reused."""
+        chosen: list[Any]
+        if dataset == "bigearthnet":
+            assert self._patches is not None and self._splits is not None  # set when "bigearthnet" is a dataset
+            chosen = [(p.name, p.corine_labels) for p, name in zip(self._patches, self._splits, strict=True)
+                      if name == split]  # fmt: skip
+        elif dataset == "eurosat":
+            chosen = [(str(p.path), p.label) for p, name in zip(self._eurosat, self._eurosat_splits, strict=True)
+                      if name == split]  # fmt: skip
+        else:
+            assert self.config.store is not None  # "store" is a dataset when config.store is set
+            chosen = [(read_store_attrs(self.config.store) or {}).get("fingerprint")]
+        return hashlib.sha256(json.dumps(chosen, default=str).encode()).hexdigest()[:16]
+
     def location(self, dataset: str) -> str:
         return str(
             {"store": self.config.store, "bigearthnet": self.config.bigearthnet}.get(dataset, self.config.eurosat)
@@ -320,6 +337,7 @@ def cached_features(
             "dataset": dataset,
             "location": str(Path(data.location(dataset)).resolve()),
             "split": split,
+            "members": data.members(dataset, split),
             "train_fraction": config.train_fraction if split == "train" else 1.0,
             "seed": config.seed if split == "train" and config.train_fraction < 1 else 0,
             "bands": list(meta.get("bands") or []),
@@ -395,9 +413,13 @@ def evaluate_encoder(
     if len(train.x) == 0:
         raise ValueError(f"the train split of {where} has no labelled samples to fit a probe on")
     if len(evaluated.x) == 0:
+        fix = (
+            "re-run preprocess with a smaller split block (split_block, in pixels) or over a larger area"
+            if dataset == "store"
+            else f"give the folder its split lists ({config.split}.csv: one patch name per row) or more patches"
+        )
         raise ValueError(
-            f"the {config.split} split of {where} has no labelled samples to evaluate: re-run preprocess with a "
-            "smaller split block (split_block, in pixels) or over a larger area, or evaluate --split val"
+            f"the {config.split} split of {where} has no labelled samples to evaluate: {fix}, or evaluate --split val"
         )
     sanity = feature_sanity(evaluated.x, collapse_threshold=config.collapse_threshold)
     train, evaluated = _finite(train), _finite(evaluated)
@@ -482,9 +504,26 @@ def flat_metrics(results: list[EncoderResult] | tuple[EncoderResult, ...], model
 
 
 def weights_reference(config: EvaluateConfig) -> dict[str, Any]:
-    """The input contract of a weights file evaluated alone: the store's bands, statistics and classes; ViTs at 224
-    px (other sizes are fitted: ``fit_to_encoder``), CNNs at the store's patch size."""
-    assert config.store is not None and config.backbone is not None  # EvaluateConfig requires both with weights
+    """The input contract of a weights file evaluated alone: the store's bands, statistics and classes, or without a
+    store (input contract ``ssl4eo``) the file's own bands (``weights_bands``) with SSL4EO-S12's statistics; ViTs
+    at 224 px (other sizes are fitted: ``fit_to_encoder``), CNNs at the store's patch size (any size without one).
+    """
+    assert config.backbone is not None  # EvaluateConfig requires it with weights
+    vit_size = 224 if is_vit(config.backbone) else None
+    if config.store is None:
+        assert config.weights is not None and config.input_contract == "ssl4eo"  # EvaluateConfig's rule
+        bands = list(weights_bands(config.weights))
+        if (config.sensor == "s1") != (bands == list(S1_POLARIZATIONS)):
+            raise ValueError(f"{config.weights} holds {bands} filters; sensor {config.sensor!r} does not take them")
+        return {
+            "backbone": config.backbone,
+            "in_chans": len(bands),
+            "sensor": config.sensor,
+            "bands": bands,
+            "norm_stats": ssl4eo_norm_stats(bands),
+            "img_size": vit_size,
+            "class_names": [],
+        }
     data = StoreDataset(config.store, "train", config.sensor, two_views=False, augment=False)
     return {
         "backbone": config.backbone,
@@ -492,7 +531,7 @@ def weights_reference(config: EvaluateConfig) -> dict[str, Any]:
         "sensor": config.sensor,
         "bands": data.channel_names,
         "norm_stats": {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist()},
-        "img_size": 224 if is_vit(config.backbone) else data.image_shape[1],
+        "img_size": vit_size or data.image_shape[1],
         "class_names": data.class_names,
     }
 

@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 
 from softcon import progress as stage_progress
-from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, PreprocessConfig
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, ImportSSL4EOConfig, PreprocessConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
@@ -423,7 +423,7 @@ def _add_partials(*partials: Any) -> Any:
 
 
 @contextlib.contextmanager
-def open_dask_client(config: PreprocessConfig, client: Client | None) -> Iterator[Client]:
+def open_dask_client(config: PreprocessConfig | ImportSSL4EOConfig, client: Client | None) -> Iterator[Client]:
     """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
     if client is not None:
         yield client
@@ -499,7 +499,7 @@ def run_preprocess(
     samples_per_block = config.samples_per_block
     index = read_cube_index(config.cube)
     fingerprint = store_fingerprint(config, index, samples_per_block)
-    attrs, damage = _existing_store(config, fingerprint)
+    attrs, damage = existing_store(config.out, fingerprint, source=f"the cube {config.cube}")
     if attrs is not None and attrs.get("complete"):
         logger.info("training store %s is complete with the same parameters and matches its manifest; reusing it",
                     config.out)  # fmt: skip
@@ -517,7 +517,7 @@ def run_preprocess(
             done = set()
         bounds = training_store.block_bounds(len(plan), samples_per_block)
         written = _write_blocks(config, index, plan, bounds, done, dask_client, progress)
-        stats = _train_stats(config.out, bounds, dask_client, progress, index.bands)
+        stats = train_stats(config.out, bounds, dask_client, progress, index.bands)
         training_store.finish_store(config.out, {"norm_stats": stats})
     seconds = timer.perf_counter() - started
     logger.info("wrote %s: %s in %.1f s (%d blocks written now)", config.out, counts, seconds, written)
@@ -532,34 +532,34 @@ def run_preprocess(
     )
 
 
-def _existing_store(
-    config: PreprocessConfig, fingerprint: str
+def existing_store(
+    out: str, fingerprint: str, *, source: str
 ) -> tuple[dict[str, Any] | None, training_store.StoreDamage]:
-    """The attributes of the store at ``config.out`` to reuse or resume (None: write a new one), once what the
-    listing and metadata show wrong with it is repaired, and that damage.
+    """The attributes of the store at ``out`` to reuse or resume (None: write a new one), once what the listing
+    and metadata show wrong with it is repaired, and that damage.
 
     Lost or changed image shards are marked not done (resuming writes them again); any other damage means a
-    rebuild. Both are logged.
+    rebuild from ``source`` (named in the log). Both are logged.
 
     Raises:
-        ValueError: when ``config.out`` holds something that is not a training store.
+        ValueError: when ``out`` holds something that is not a training store.
     """
-    attrs = training_store.read_store_attrs(config.out)
+    attrs = training_store.read_store_attrs(out)
     if attrs is None or attrs.get("fingerprint") != fingerprint:
-        training_store.check_replaceable(config.out)
+        training_store.check_replaceable(out)
         return None, training_store.StoreDamage()
-    damage = training_store.find_damage(config.out, attrs)
+    damage = training_store.find_damage(out, attrs)
     if damage.rebuild:
         logger.warning(
-            "training store %s is damaged (%s); rebuilding it from the cube %s (the store is derived data; the cube "
-            "is only read)", config.out, damage.describe(), config.cube,
+            "training store %s is damaged (%s); rebuilding it from %s (the store is derived data; its source "
+            "is only read)", out, damage.describe(), source,
         )  # fmt: skip
         return None, damage
     if damage.shards:
-        logger.warning("training store %s: %s; writing blocks %s again", config.out, damage.describe(),
+        logger.warning("training store %s: %s; writing blocks %s again", out, damage.describe(),
                        list(damage.lost_blocks))  # fmt: skip
-        training_store.reopen_blocks(config.out, damage.lost_blocks)
-        attrs = training_store.read_store_attrs(config.out)
+        training_store.reopen_blocks(out, damage.lost_blocks)
+        attrs = training_store.read_store_attrs(out)
     return attrs, damage
 
 
@@ -662,7 +662,7 @@ def _write_blocks(
     return len(todo)
 
 
-def _train_stats(
+def train_stats(
     out: str, bounds: list[tuple[int, int]], client: Client, progress: ProgressCallback, bands: tuple[str, ...]
 ) -> dict[str, Any]:
     """Pass 3: per-block partial statistics of the training split, tree-reduced on the workers."""

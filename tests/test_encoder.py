@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from published_layouts import softcon_resnet50, softcon_vit
 from safetensors.torch import save_file
 
 from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS
@@ -157,29 +158,6 @@ def test_weights_files_are_read_without_unpickling_code(tmp_path: Path) -> None:
     torch.save({"conv1.weight": NotATensor()}, tmp_path / "pickled.pth")
     with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
         build_encoder("resnet18", 12, tmp_path / "pickled.pth")
-
-
-def softcon_resnet50(in_chans: int) -> dict[str, torch.Tensor]:
-    """A state dict in the layout of SoftCon's released ResNet-50 files (B13_rn50_softcon.pth, B2_rn50_softcon.pth):
-    torchvision's resnet50 keys without ``fc``, first layer (64, in_chans, 7, 7); random values."""
-    import torchvision
-
-    torch.manual_seed(in_chans)
-    state = torchvision.models.resnet50(weights=None).state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    state["conv1.weight"] = torch.randn(64, in_chans, 7, 7)
-    return state
-
-
-def softcon_vit(name: str, dim: int, in_chans: int) -> dict[str, torch.Tensor]:
-    """A state dict in the layout of SoftCon's released ViT files (B13_vits14_softcon.pth, B13_vitb14_softcon.pth):
-    DINOv2's original keys at 224 px (16x16 patches + class token), LayerScale (init_values 1e-5), no register
-    tokens, a (1, D) mask token, patch embedding (D, in_chans, 14, 14); random values."""
-    torch.manual_seed(dim)
-    state = timm.create_model(name, pretrained=False, img_size=224, init_values=1e-5).state_dict()
-    state["patch_embed.proj.weight"] = torch.randn(dim, in_chans, 14, 14)
-    state["mask_token"] = torch.randn(1, dim)
-    return state
 
 
 @pytest.mark.slow

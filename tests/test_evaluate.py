@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from published_layouts import eurosat_tree
 from real_data import REAL
 from store_factory import SyntheticStore, write_store
 
@@ -167,6 +168,24 @@ def test_bigearthnet_metrics_are_prefixed(bigearthnet: Path, checkpoint: Path, t
     assert half.metrics["bigearthnet/n_train"] == 2
 
 
+def test_cached_features_follow_a_folder_s_split_lists(bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """Features are cached per split; a changed split list must not serve the old split's features (it did: the
+    key named the folder and the split, not what the split held)."""
+    folder = tmp_path / "ben"
+    folder.mkdir()
+    for entry in bigearthnet.iterdir():
+        if entry.is_dir():
+            (folder / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    s2 = sorted(p.name for p in folder.iterdir() if p.name.startswith("S2"))
+    config = EvaluateConfig(bigearthnet=str(folder), probe_epochs=2, knn_k=1, out=str(tmp_path / "eval"),
+                            bigearthnet_size=32, plots=False)  # fmt: skip
+    for n_test in (2, 1):
+        (folder / "train.csv").write_text("\n".join(s2[: 6 - n_test]) + "\n")
+        (folder / "test.csv").write_text("\n".join(s2[6 - n_test :]) + "\n")
+        result = run_evaluation(config, checkpoint)
+        assert result.metrics["bigearthnet/n_eval"] == n_test
+
+
 @pytest.mark.slow
 def test_report_has_table_and_plots(store: SyntheticStore, bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
     config = config_for(
@@ -245,32 +264,9 @@ def test_a_weights_file_is_evaluated_alone_without_a_project_checkpoint(store: S
         config_for(store, tmp_path, weights=str(weights), backbone="resnet18", model="run")
 
 
-def _eurosat_tree(root: Path, per_class: int = 24) -> Path:
-    """A miniature EuroSAT MS tree: three class folders of 13-band 64 px GeoTIFFs (B8A last), each class with
-    its own band means, as the release lays them out (no split files)."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    from softcon.tasks.eurosat import EUROSAT_BANDS, EUROSAT_CLASSES
-
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(EUROSAT_CLASSES[:3]):
-        folder = root / "ds" / "images" / "remote_sensing" / "otherDatasets" / "sentinel_2" / "tif" / name
-        folder.mkdir(parents=True)
-        means = np.linspace(800, 3000, len(EUROSAT_BANDS))[::-1] if label == 1 else np.linspace(800, 3000, 13)
-        means = means * (1 + 0.5 * label)
-        for i in range(per_class):
-            image = rng.normal(means[:, None, None], 150, (len(EUROSAT_BANDS), 64, 64)).clip(1, 10000)
-            profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 13, "dtype": "uint16",
-                       "crs": "EPSG:32632", "transform": from_origin(500000, 5000000, 10, 10)}  # fmt: skip
-            with rasterio.open(folder / f"{name}_{i + 1}.tif", "w", **profile) as dst:
-                dst.write(image.astype(np.uint16))
-    return root
-
-
 def test_eurosat_is_a_single_label_dataset_scored_by_top1(checkpoint: Path, tmp_path: Path) -> None:
     """EuroSAT MS (13 bands, B8A last) mapped by band name onto the encoder's 12, a softmax probe, top-1 accuracy."""
-    root = _eurosat_tree(tmp_path / "eurosat")
+    root = eurosat_tree(tmp_path / "eurosat")
     config = EvaluateConfig(eurosat=str(root), out=str(tmp_path / "eval"), probe_epochs=30, knn_k=5)
     result = run_evaluation(config, checkpoint)
     metrics = result.metrics
@@ -357,7 +353,7 @@ def test_the_ssl4eo_linear_protocol_trains_a_head_on_the_fly_and_reports_on_val(
     assert {"ssl4eo_map_micro_batched", "ssl4eo_map_micro", "ssl4eo_map_macro"} <= set(metrics)
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())  # BN statistics included
 
-    root = _eurosat_tree(tmp_path / "eurosat")
+    root = eurosat_tree(tmp_path / "eurosat")
     monkeypatch.setitem(protocol_module.PROTOCOLS, "eurosat", LinearProtocol(0.1, 2, (1,), 4))
     config = EvaluateConfig(eurosat=str(root), out=str(tmp_path / "eval"), probe_epochs=5, protocol="ssl4eo")
     result = run_evaluation(config, checkpoint)
