@@ -1,24 +1,17 @@
 """SSL4EO-S12 → training store: the paper's own corpus in the store layout preprocess writes.
 
-The tree (SSL4EO-S12 v1.0 as released on mediaTUM and Hugging Face, ``zhu-xlab/SSL4EO-S12``)::
+Two releases are read: v1.0's folder tree (GeoTIFF per band; ``tasks/ssl4eo_layout.py``) and v1.1's Zarr files
+(``tasks/ssl4eo_zarr.py``), told apart by the root's folders. S2 is kept as digital numbers (uint16; v1.1's int16
+values clipped at 0) and S1 as dB (float32), every band at ``patch_size``.
 
-    ROOT/s2c/0000042/20200311T160021_20200311T160021_T17SQA/B1.tif … B8A.tif … B12.tif   (L1C, 13 bands)
-    ROOT/s2a/0000042/<season>/B1.tif … B12.tif                                          (L2A, 12 bands, no B10)
-    ROOT/s1/0000042/S1A_IW_GRDH_1SDV_20200309T…/VV.tif, VH.tif                           (dB, float32)
-
-one folder per location, one per season inside it (the source product's id, which starts with or holds the
-acquisition time), one GeoTIFF per band at its own resolution: 264 px at 10 m, 132 px at 20 m, 44 px at 60 m.
-Each band is resized to ``patch_size`` (bilinear, as SSL4EO-S12's own loader does with ``cv2.resize``), S2 kept
-as digital numbers (uint16) and S1 as dB (float32).
-
-A sample is one (location, S2 season); its S1 image is the location's S1 season nearest in time (within
+A sample is one (location, S2 image); its S1 image is the location's S1 image nearest in time (within
 ``s1_max_gap_days``; NaN when there is none). The location is the split unit: all seasons of a location go to
 one split. Targets are the SSL4EO-S12-ML multi-labels (see ``ssl4eo_labels``), in the Dynamic World scheme.
 
 Writing is preprocess's: the plan first, then one block of samples per Dask task (one shard each), blocks
 marked done by the driver, statistics of the training split, then ``complete``. A killed run resumes: the tree
-is scanned again, and a store with the same fingerprint (parameters and the scanned tree) is completed, not
-rewritten. Season folders without every band file are skipped and reported, not fatal.
+is scanned again, and a store with the same fingerprint (parameters and the scanned images) is completed, not
+rewritten. Images without every band file or without a time are skipped and reported, not fatal.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time as timer
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,129 +26,51 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import rasterio
-from rasterio.enums import Resampling
 
 from softcon import progress as stage_progress
-from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, ImportSSL4EOConfig
+from softcon.config import S1_POLARIZATIONS, ImportSSL4EOConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
-from softcon.tasks import split
+from softcon.tasks import split, ssl4eo_zarr
 from softcon.tasks.preprocess import DASHBOARD_LINK, existing_store, open_dask_client, train_stats
 from softcon.tasks.schemes import DYNAMIC_WORLD
 from softcon.tasks.ssl4eo_labels import SeasonLabels, read_ssl4eo_labels
+from softcon.tasks.ssl4eo_layout import (
+    MODALITY_BANDS,
+    LocationScan,
+    Season,
+    list_locations,
+    read_folder,
+    scan_locations,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
 
-MODALITY_BANDS: dict[str, tuple[str, ...]] = {"s2c": S2_L1C_BANDS, "s2a": S2_L2A_BANDS, "s1": S1_POLARIZATIONS}
-"""Bands of each SSL4EO-S12 modality, in the project's names and SSL4EO-S12's order."""
 RESOLUTION_M = 10
 LOCATIONS_PER_SCAN_TASK = 256
-_ACQUISITION = re.compile(r"(\d{8}T\d{6})")
-
-
-def band_file(band: str) -> str:
-    """SSL4EO-S12's file name of a band: ``B01`` → ``B1.tif``, ``B8A`` → ``B8A.tif``, ``VV`` → ``VV.tif``."""
-    return (band[0] + band[2:] if re.fullmatch(r"B0\d", band) else band) + ".tif"
-
-
-def season_time(season: str) -> np.datetime64:
-    """Acquisition time of a season folder, from the first ``YYYYMMDDTHHMMSS`` in its name.
-
-    Raises:
-        ValueError: the name holds no such time (naming the folder).
-    """
-    match = _ACQUISITION.search(season)
-    if match is None:
-        raise ValueError(f"season folder {season!r} holds no acquisition time YYYYMMDDTHHMMSS")
-    text = match.group(1)
-    return np.datetime64(f"{text[:4]}-{text[4:6]}-{text[6:8]}T{text[9:11]}:{text[11:13]}:{text[13:15]}", "ns")
-
-
-@dataclass(frozen=True)
-class LocationScan:
-    """What one location folder holds: its complete seasons per modality, and the incomplete ones."""
-
-    location: str
-    seasons: dict[str, list[str]]
-    """modality → season folders with every band file, sorted by time."""
-    incomplete: list[str] = field(default_factory=list)
-    """``modality/location/season`` folders missing a band file (or without a time in their name)."""
-
-
-def scan_locations(root: str, locations: Sequence[str], modalities: Sequence[str]) -> list[LocationScan]:
-    """The seasons of ``locations`` in each of ``modalities`` (one listing per folder, no file opened)."""
-    scans = []
-    for location in locations:
-        seasons: dict[str, list[str]] = {}
-        incomplete: list[str] = []
-        for modality in modalities:
-            folder = Path(root, modality, location)
-            if not folder.is_dir():
-                seasons[modality] = []
-                continue
-            needed = {band_file(band) for band in MODALITY_BANDS[modality]}
-            complete = []
-            for season in sorted(entry.name for entry in folder.iterdir() if entry.is_dir()):
-                has_time = _ACQUISITION.search(season) is not None
-                if has_time and needed <= {entry.name for entry in (folder / season).iterdir()}:
-                    complete.append(season)
-                else:
-                    incomplete.append(f"{modality}/{location}/{season}")
-            seasons[modality] = sorted(complete, key=season_time)
-        scans.append(LocationScan(location, seasons, incomplete))
-    return scans
-
-
-def list_locations(root: str, modality: str, only: Sequence[str] | None) -> list[str]:
-    """The location folders of ``modality`` (numbered, sorted by number), or ``only`` checked against them.
-
-    Raises:
-        ValueError: the tree has no ``modality`` folder, a folder name is not a location number, or a location
-            asked for is not in the tree (each naming what to pass instead).
-    """
-    folder = Path(root, modality)
-    if not folder.is_dir():
-        present = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
-        raise ValueError(
-            f"{root} has no {modality}/ folder (it holds {present or 'nothing'}); pass the folder that holds "
-            f"SSL4EO-S12's s2c/, s2a/ and s1/, or choose the S2 modality it has with --s2"
-        )
-    found = [entry.name for entry in folder.iterdir() if entry.is_dir()]
-    if only is not None:
-        missing = sorted(set(only) - set(found))
-        if missing:
-            raise ValueError(f"locations {missing[:5]} are not folders of {folder} ({len(found)} locations there)")
-        found = list(dict.fromkeys(only))
-    odd = [name for name in found if not name.isdigit()]
-    if odd:
-        raise ValueError(f"{folder}: folders {odd[:5]} are not SSL4EO-S12 location numbers (e.g. 0000042)")
-    if not found:
-        raise ValueError(f"{folder} holds no location folder")
-    return sorted(found, key=int)
 
 
 @dataclass(frozen=True)
 class ImportPlan:
-    """The samples to write: the store's plan plus, per sample, the season folders to read."""
+    """The samples to write: the store's plan plus, per sample, the images to read."""
 
     plan: SamplePlan
-    s2_folders: list[str]
-    """``modality/location/season`` of each sample's S2 image, relative to the root."""
-    s1_folders: list[str | None]
+    s2_sources: list[str]
+    """Where each sample's S2 image is, relative to the root (``Season.source``)."""
+    s1_sources: list[str | None]
     counts: dict[str, int]
     incomplete: list[str]
 
 
-def nearest_season(time: np.datetime64, seasons: Sequence[str], max_gap: np.timedelta64) -> str | None:
+def nearest_season(time: np.datetime64, seasons: Sequence[Season], max_gap: np.timedelta64) -> Season | None:
     """The season of ``seasons`` nearest to ``time``, if within ``max_gap``."""
     if not seasons:
         return None
-    gaps = [abs(season_time(season) - time) for season in seasons]
+    gaps = [abs(season.time - time) for season in seasons]
     best = int(np.argmin(gaps))
     return seasons[best] if gaps[best] <= max_gap else None
 
@@ -164,9 +78,10 @@ def nearest_season(time: np.datetime64, seasons: Sequence[str], max_gap: np.time
 def build_import_plan(
     config: ImportSSL4EOConfig, scans: Sequence[LocationScan], labels: SeasonLabels | None
 ) -> ImportPlan:
-    """One sample per (location, complete S2 season), locations in number order, seasons in time order."""
+    """One sample per (location, S2 season), locations in number order, seasons in time order."""
     n_classes = len(DYNAMIC_WORLD.class_names)
     max_gap = np.timedelta64(int(config.s1_max_gap_days * 86400), "s")
+    scans = sorted(scans, key=lambda scan: int(scan.location))
     splits = split.assign_splits(
         [scan.location for scan in scans if scan.seasons[config.s2]],
         config.val_fraction,
@@ -174,8 +89,8 @@ def build_import_plan(
         config.seed,
     )
     rows: list[tuple[int, np.datetime64, int, np.ndarray, bool]] = []
-    s2_folders: list[str] = []
-    s1_folders: list[str | None] = []
+    s2_sources: list[str] = []
+    s1_sources: list[str | None] = []
     counts = {"locations": 0, "samples": 0, "labelled": 0, "without_s1": 0, "locations_without_s2": 0}
     for scan in scans:
         s2_seasons = scan.seasons[config.s2]
@@ -183,16 +98,16 @@ def build_import_plan(
             counts["locations_without_s2"] += 1
             continue
         counts["locations"] += 1
+        keys = [season.key for season in s2_seasons]
         for season in s2_seasons:
-            time = season_time(season)
-            s1 = nearest_season(time, scan.seasons.get("s1", []), max_gap)
-            names = labels.lookup(scan.location, season, time, s2_seasons) if labels is not None else None
+            s1 = nearest_season(season.time, scan.seasons.get("s1", []), max_gap)
+            names = labels.lookup(scan.location, season.key, season.time, keys) if labels is not None else None
             hot = np.zeros(n_classes, np.uint8)
             if names:
                 hot[[DYNAMIC_WORLD.class_names.index(name) for name in names]] = 1
-            rows.append((int(scan.location), time, splits[scan.location], hot, bool(names)))
-            s2_folders.append(f"{config.s2}/{scan.location}/{season}")
-            s1_folders.append(None if s1 is None else f"s1/{scan.location}/{s1}")
+            rows.append((int(scan.location), season.time, splits[scan.location], hot, bool(names)))
+            s2_sources.append(season.source)
+            s1_sources.append(None if s1 is None else s1.source)
             counts["samples"] += 1
             counts["labelled"] += bool(names)
             counts["without_s1"] += s1 is None
@@ -212,42 +127,36 @@ def build_import_plan(
         fractions=np.divide(hot, sums, out=np.zeros(hot.shape, np.float32), where=sums > 0).astype(np.float32),
         labelled=np.array([row[4] for row in rows], bool),
     )
-    for name, code in zip(split.SPLIT_NAMES, range(len(split.SPLIT_NAMES)), strict=True):
+    for code, name in enumerate(split.SPLIT_NAMES):
         counts[name] = int((plan.split == code).sum())
     incomplete = [folder for scan in scans for folder in scan.incomplete]
     counts["incomplete_seasons"] = len(incomplete)
-    return ImportPlan(plan, s2_folders, s1_folders, counts, incomplete)
-
-
-def read_band(path: Path, size: int) -> np.ndarray:
-    """One band file resized to ``size`` x ``size`` (bilinear; a file already that size is read as it is)."""
-    with rasterio.open(path) as dataset:
-        if dataset.shape == (size, size):
-            return dataset.read(1)
-        return dataset.read(1, out_shape=(size, size), resampling=Resampling.bilinear)
-
-
-def read_season(root: str, folder: str, bands: Sequence[str], size: int) -> np.ndarray:
-    """(band, size, size) image of one season folder."""
-    return np.stack([read_band(Path(root, folder, band_file(band)), size) for band in bands])
+    return ImportPlan(plan, s2_sources, s1_sources, counts, incomplete)
 
 
 def write_import_block(
     root: str,
     out: str,
     start: int,
-    s2_folders: Sequence[str],
-    s1_folders: Sequence[str | None],
+    s2_sources: Sequence[str],
+    s1_sources: Sequence[str | None],
     s2_bands: Sequence[str],
     size: int,
 ) -> int:
-    """Read one block's season folders and write its S2 and S1 images at sample ``start``; returns start."""
-    s2 = np.zeros((len(s2_folders), len(s2_bands), size, size), np.uint16)
-    s1 = np.full((len(s2_folders), len(S1_POLARIZATIONS), size, size), np.nan, np.float32)
-    for i, (s2_folder, s1_folder) in enumerate(zip(s2_folders, s1_folders, strict=True)):
-        s2[i] = np.clip(read_season(root, s2_folder, s2_bands, size), 0, np.iinfo(np.uint16).max)
-        if s1_folder is not None:
-            s1[i] = read_season(root, s1_folder, S1_POLARIZATIONS, size)
+    """Read one block's images and write its S2 and S1 patches at sample ``start``; returns start."""
+    s2 = np.zeros((len(s2_sources), len(s2_bands), size, size), np.uint16)
+    s1 = np.full((len(s2_sources), len(S1_POLARIZATIONS), size, size), np.nan, np.float32)
+    opened: dict = {}  # v1.1 files this block reads, opened once
+
+    def read(source: str, bands: Sequence[str]) -> np.ndarray:
+        if ssl4eo_zarr.is_zarr_source(source):
+            return ssl4eo_zarr.read_image(root, source, bands, size, opened)
+        return read_folder(root, source, bands, size)
+
+    for i, (s2_source, s1_source) in enumerate(zip(s2_sources, s1_sources, strict=True)):
+        s2[i] = np.clip(read(s2_source, s2_bands), 0, np.iinfo(np.uint16).max)
+        if s1_source is not None:
+            s1[i] = read(s1_source, S1_POLARIZATIONS)
     training_store.write_images(out, start, s2, s1)
     return start
 
@@ -284,24 +193,45 @@ def import_fingerprint(config: ImportSSL4EOConfig, plan: ImportPlan, labels_dige
     """Digest of what decides the store's content: the parameters, the season folders read and the labels."""
     params = config.model_dump(mode="json", exclude={"out", "dask_address", "n_workers", "root", "labels"})
     payload = json.dumps(
-        {"params": params, "s2": plan.s2_folders, "s1": plan.s1_folders, "labels": labels_digest}, sort_keys=True
+        {"params": params, "s2": plan.s2_sources, "s1": plan.s1_sources, "labels": labels_digest}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _scan(config: ImportSSL4EOConfig, locations: list[str], client: Client, progress: ProgressCallback) -> list:
-    """Scan the location folders on the cluster, in batches, reporting progress per location."""
+def _scan(config: ImportSSL4EOConfig, client: Client, progress: ProgressCallback) -> list[LocationScan]:
+    """Scan the release on the cluster (batches of v1.0 location folders, or v1.1 files), reporting progress."""
     from distributed import as_completed
 
-    modalities = [config.s2, *(["s1"] if config.with_s1 and Path(config.root, "s1").is_dir() else [])]
-    batches = [locations[i : i + LOCATIONS_PER_SCAN_TASK] for i in range(0, len(locations), LOCATIONS_PER_SCAN_TASK)]
-    futures = client.map(scan_locations, [config.root] * len(batches), batches, modalities=modalities, pure=False)
+    if ssl4eo_zarr.is_zarr_release(config.root):
+        files = ssl4eo_zarr.list_files(config.root, config.s2)
+        futures = client.map(
+            ssl4eo_zarr.scan_files,
+            [config.root] * len(files),
+            [[file] for file in files],
+            s2_modality=config.s2,
+            with_s1=config.with_s1,
+            only=config.locations,
+            pure=False,
+        )
+        unit, total = "files", len(files)
+    else:
+        locations = list_locations(config.root, config.s2, config.locations)
+        modalities = [config.s2, *(["s1"] if config.with_s1 and Path(config.root, "s1").is_dir() else [])]
+        step = LOCATIONS_PER_SCAN_TASK
+        batches = [locations[i : i + step] for i in range(0, len(locations), step)]
+        futures = client.map(scan_locations, [config.root] * len(batches), batches, modalities=modalities, pure=False)
+        unit, total = "locations", len(locations)
     done = 0
-    progress("scan", 0, len(locations))
+    progress("scan", 0, total)
     for future in as_completed(futures):
-        done += len(future.result())
-        progress("scan", done, len(locations))
-    return [scan for batch in client.gather(futures) for scan in batch]
+        done += 1 if unit == "files" else len(future.result())
+        progress("scan", done, total)
+    scans = [scan for batch in client.gather(futures) for scan in batch]
+    if config.locations is not None and unit == "files":
+        missing = sorted(set(config.locations) - {scan.location for scan in scans})
+        if missing:
+            raise ValueError(f"locations {missing[:5]} are in no {ssl4eo_zarr.ZARR_MODALITIES[config.s2]} file")
+    return scans
 
 
 def run_import_ssl4eo(config: ImportSSL4EOConfig, *, client: Client | None = None) -> ImportReport:
@@ -320,15 +250,14 @@ def run_import_ssl4eo(config: ImportSSL4EOConfig, *, client: Client | None = Non
     progress = stage_progress.report
     if not Path(config.root).is_dir():
         raise FileNotFoundError(f"SSL4EO-S12 root {config.root} is not a folder")
-    locations = list_locations(config.root, config.s2, config.locations)
     labels = read_ssl4eo_labels(config.labels) if config.labels else None
     with open_dask_client(config, client) as dask_client:
         stage_progress.announce(DASHBOARD_LINK, dask_client.dashboard_link)
-        scans = _scan(config, locations, dask_client, progress)
+        scans = _scan(config, dask_client, progress)
         plan = build_import_plan(config, scans, labels)
         if plan.counts["samples"] == 0:
             raise ValueError(
-                f"no location of {config.root}/{config.s2} has a season folder with every band file "
+                f"no location of {config.root} has an {config.s2} image with every band and a time "
                 f"({len(plan.incomplete)} incomplete, e.g. {plan.incomplete[:3]})"
             )
         fingerprint = import_fingerprint(config, plan, labels.digest if labels else None)
@@ -406,8 +335,8 @@ def _write_blocks(
             config.root,
             config.out,
             start,
-            plan.s2_folders[start:stop],
-            plan.s1_folders[start:stop],
+            plan.s2_sources[start:stop],
+            plan.s1_sources[start:stop],
             bands,
             config.patch_size,
             pure=False,

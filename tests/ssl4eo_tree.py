@@ -20,7 +20,7 @@ import rasterio
 from rasterio.windows import Window
 from real_data import REAL
 
-from softcon.tasks.ssl4eo_import import band_file
+from softcon.tasks.ssl4eo_layout import band_file
 
 L1C = REAL / "sentinel2_l1c_virginia"
 BEN_S2 = REAL / "bigearthnet" / "BigEarthNet-S2-Example"
@@ -88,4 +88,49 @@ def build_tree(root: Path) -> Path:
     broken = root / "s2c" / "0000004" / s2_season(SEASON_DATES[0])
     _l1c_quadrant(broken, QUADRANTS[0])
     (broken / "B10.tif").unlink()
+    return root
+
+
+def build_zarr_release(root: Path, tree: Path) -> Path:
+    """The same locations and images as the v1.0 ``tree``, in v1.1's Zarr release layout under ``root``: Zarr v2
+    zip files with ``bands (sample, time, band, y, x)`` (S2 int16, S1 float16 dB), ``time_`` and ``file_id``
+    (``tasks/ssl4eo_zarr.py``); locations 0-1 in ``train/``, 2-3 in ``val/``; location 3's S1 times are NaT (none)."""
+    import warnings
+
+    import xarray as xr
+    import zarr
+
+    from softcon.tasks.ssl4eo_layout import read_folder, season_time
+
+    l1c = list(L1C_BANDS)
+    for split, locations in (("train", LOCATIONS[:2]), ("val", LOCATIONS[2:])):
+        for folder, modality, bands, dtype in (
+            ("S2L1C", "s2c", l1c, np.int16),
+            ("S1GRD", "s1", ["VV", "VH"], np.float16),
+        ):
+            images, times, names = [], [], []
+            for location in locations:
+                seasons = (
+                    sorted((tree / modality / location).iterdir()) if (tree / modality / location).is_dir() else []
+                )
+                per_time = [read_folder(str(tree), f"{modality}/{location}/{s.name}", bands, PATCH) for s in seasons]
+                images.append(per_time or [np.zeros((len(bands), PATCH, PATCH))] * len(SEASON_DATES))
+                times.append([season_time(s.name) for s in seasons] or [np.datetime64("NaT", "ns")] * len(SEASON_DATES))
+                names.append([s.name for s in seasons] or [""] * len(SEASON_DATES))
+            dataset = xr.Dataset(
+                {
+                    "bands": (("sample", "time", "band", "y", "x"), np.asarray(images).astype(dtype)),
+                    "time_": (("sample", "time"), np.asarray(times, "datetime64[ns]")),
+                    "file_id": (("sample", "time"), np.asarray(names)),
+                },
+                coords={"sample": list(locations), "time": np.arange(len(SEASON_DATES)),
+                        "band": [band.lower() for band in bands] if modality == "s1" else bands},
+            )  # fmt: skip
+            path = root / split / folder / f"ssl4eos12_{split}_seasonal_data_000001.zarr.zip"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zipfile warns of duplicate names when zarr rewrites a key
+                store = zarr.storage.ZipStore(path, mode="w")
+                dataset.to_zarr(store, zarr_format=2, consolidated=True)
+                store.close()
     return root

@@ -15,14 +15,15 @@ import pytest
 import rasterio
 import zarr
 from distributed import Client
-from ssl4eo_tree import BEN_S1, L1C, LOCATIONS, PATCH, SEASON_DATES, build_tree, s2_season
+from ssl4eo_tree import BEN_S1, L1C, LOCATIONS, PATCH, SEASON_DATES, build_tree, build_zarr_release, s2_season
 from typer.testing import CliRunner
 
 from softcon.cli import app
 from softcon.config import ImportSSL4EOConfig, TrainConfig
 from softcon.tasks.check_store import check_store
-from softcon.tasks.ssl4eo_import import band_file, run_import_ssl4eo, season_time
+from softcon.tasks.ssl4eo_import import run_import_ssl4eo
 from softcon.tasks.ssl4eo_labels import read_ssl4eo_labels
+from softcon.tasks.ssl4eo_layout import band_file, season_time
 from softcon.tasks.train import run_training
 
 LABELS = {
@@ -210,6 +211,29 @@ def test_cli_imports_with_progress_and_records_an_mlflow_run(tree: Path, labels_
 
     run = MlflowClient(get_settings().tracking_uri).get_run(outcome["run_id"])
     assert run.data.tags["softcon.stage"] == "import-ssl4eo" and run.data.params["s2"] == "s2c"
+
+
+def test_the_v1_1_zarr_release_imports_to_the_same_store(
+    tree: Path, labels_file: Path, imported: Path, client: Client, tmp_path: Path
+) -> None:
+    """The same images in v1.1's Zarr files give the same samples, labels (keyed by file_id) and splits; S1 as
+    float16 dB in the file; a location whose S1 times are NaT has none."""
+    release = build_zarr_release(tmp_path / "SSL4EO-S12-v1.1", tree)
+    config = _config(release, tmp_path / "v11.zarr", labels=str(labels_file))
+    report = run_import_ssl4eo(config, client=client)
+    assert report.counts["samples"] == 8 and report.counts["without_s1"] == 2
+    assert report.warning is not None and "val/S1GRD/ssl4eos12_val_seasonal_data_000001.zarr.zip::1::" in report.warning
+    v11, v10 = zarr.open_group(config.out, mode="r"), zarr.open_group(str(imported), mode="r")
+    for name in ("s2", "labels", "labelled", "location", "time", "split"):
+        np.testing.assert_array_equal(v11[name][:], v10[name][:], err_msg=name)
+    np.testing.assert_allclose(v11["s1"][:], v10["s1"][:], rtol=1e-3, atol=1e-2)  # float16 in the file
+    assert check_store(config.out).problems == []
+    subset = run_import_ssl4eo(config.model_copy(update={"out": str(tmp_path / "sub.zarr"), "locations": ["0000002"]}),
+                               client=client)  # fmt: skip
+    assert subset.counts["samples"] == 2
+    with pytest.raises(ValueError, match=r"0000042.*in no S2L1C file"):
+        run_import_ssl4eo(config.model_copy(update={"out": str(tmp_path / "x.zarr"), "locations": ["0000042"]}),
+                          client=client)  # fmt: skip
 
 
 def test_band_file_names_follow_ssl4eo() -> None:
