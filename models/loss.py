@@ -9,13 +9,25 @@ the project's own reading of the paper, written out here and kept configurable:
         S_ij      = <z_i, z'_j> / tau
         instance  = 1/2 * [ mean_i CE(S_i,:, i) + mean_j CE(S_:,j, j) ]
     Both directions are kept (as in CLIP / MoCo v3): the gradient reaches the student through rows and
-    columns; the teacher is an EMA copy, so it receives no gradient either way.
+    columns; the teacher branch (an EMA copy, or the student under no_grad) receives no gradient either way.
 
-    Soft term (SigLIP-style sigmoid over all pairs, soft targets from the labels):
+    Soft term, over the pairs (i, j) with both i and j labelled (M_ij = 1), soft targets from the labels:
         T_ij = sim(y_i, y_j)                      cosine of multi-hot vectors (default), Jaccard,
                                                   or cosine of class-fraction vectors ("fractions")
-        P_ij = sigmoid(exp(s) * <z_i, z'_j> + b)  learnable log-scale s (init log 10) and bias b
-        soft = mean over pairs (i, j) with both i and j labelled of BCE(P_ij, T_ij)
+        C_ij = <z_i, z'_j>                        embedding cosine similarity
+    in one of three forms (``soft_loss``); "sigmoid" is the project's reading of the paper, the other two
+    are ablations of it:
+        "sigmoid" (SigLIP-style, default):
+            P_ij = sigmoid(exp(s) * C_ij + b)     learnable log-scale s (init log 10) and bias b
+            soft = mean over M of BCE(P_ij, T_ij)
+        "mse":
+            soft = mean over M of (C_ij - T_ij)^2
+        "soft_ce" (soft-target cross-entropy, row-wise over M):
+            q_ij = T_ij / sum_j M_ij T_ij         target distribution of row i
+            p_ij = softmax_j over M of (C_ij / tau)   tau: the instance term's temperature
+            soft = mean over rows with sum_j M_ij T_ij > 0 of -sum_j M_ij q_ij log p_ij
+    "mse" and "soft_ce" do not use s and b; they stay in the graph with a zero gradient, so checkpoints and
+    the logged loss_scale / loss_bias keep one shape whatever the form.
     Scenes without labels are masked out of the soft term (their rows and columns), so they contribute
     only to the instance term. An all-zero label vector has similarity 0 to everything (also itself).
 
@@ -38,6 +50,8 @@ from torch import nn
 
 LabelSimilarity = Literal["cosine", "jaccard", "fractions"]
 LABEL_SIMILARITIES: tuple[str, ...] = ("cosine", "jaccard", "fractions")
+SoftLoss = Literal["sigmoid", "mse", "soft_ce"]
+SOFT_LOSSES: tuple[str, ...] = ("sigmoid", "mse", "soft_ce")
 
 
 def label_similarity(labels: torch.Tensor, *, kind: LabelSimilarity = "cosine") -> torch.Tensor:
@@ -59,15 +73,50 @@ def label_similarity(labels: torch.Tensor, *, kind: LabelSimilarity = "cosine") 
     return (y @ y.T).clamp(0, 1)  # (B, B)
 
 
+def sigmoid_soft_term(
+    similarity: torch.Tensor, target: torch.Tensor, pair_mask: torch.Tensor, *, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Mean BCE(sigmoid(scale * similarity + bias), target) over the pairs in ``pair_mask`` (all (B, B))."""
+    pair_logits = scale * similarity + bias  # (B, B)
+    bce = F.binary_cross_entropy_with_logits(pair_logits, target, reduction="none")  # (B, B)
+    # with no labelled pair the soft term is 0 but stays in the graph (DDP wants every parameter used)
+    return (bce * pair_mask).sum() / pair_mask.sum().clamp_min(1)
+
+
+def mse_soft_term(similarity: torch.Tensor, target: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+    """Mean (similarity - target)^2 over the pairs in ``pair_mask`` (all (B, B)); 0 when there is none."""
+    squared = (similarity - target).square()  # (B, B)
+    return (squared * pair_mask).sum() / pair_mask.sum().clamp_min(1)
+
+
+def soft_ce_term(
+    similarity: torch.Tensor, target: torch.Tensor, pair_mask: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """Row-wise cross-entropy between the targets normalised to sum 1 and softmax(similarity / temperature), both
+    over the pairs in ``pair_mask`` (all (B, B)); the mean over rows with target mass, 0 when there is none."""
+    target = target * pair_mask  # (B, B)
+    mass = target.sum(1, keepdim=True)  # (B, 1)
+    # a finite fill rather than -inf: a row without pairs would otherwise give NaN (0 * -inf) and NaN gradients
+    logits = (similarity / temperature).masked_fill(~pair_mask, torch.finfo(similarity.dtype).min)  # (B, B)
+    log_p = F.log_softmax(logits, dim=1)  # (B, B)
+    cross_entropy = -(target / mass.clamp_min(1e-12) * log_p).sum(1)  # (B,), 0 for rows without mass
+    has_mass = (mass.squeeze(1) > 0).float()  # (B,)
+    return (cross_entropy * has_mass).sum() / has_mass.sum().clamp_min(1)
+
+
 class SoftConLoss(nn.Module):
-    """Instance InfoNCE + lambda_soft * label-guided sigmoid BCE (formula in the module docstring).
+    """Instance InfoNCE + lambda_soft * label-guided soft term (formulas in the module docstring).
 
     Args:
-        temperature: InfoNCE temperature tau.
+        temperature: InfoNCE temperature tau (also the softmax temperature of the "soft_ce" form).
         lambda_soft: weight of the soft term; 0 gives pure InfoNCE.
         label_similarity: "cosine" (multi-hot), "jaccard" (multi-hot) or "fractions" (class fractions).
+        soft_loss: form of the soft term: "sigmoid" (BCE with learnable scale and bias), "mse" or "soft_ce".
         init_scale: initial value of the sigmoid scale (stored as its log, learnable).
         init_bias: initial value of the sigmoid bias (learnable).
+
+    Raises:
+        ValueError: an unknown label_similarity or soft_loss, or a temperature <= 0.
     """
 
     def __init__(
@@ -76,17 +125,21 @@ class SoftConLoss(nn.Module):
         temperature: float = 0.1,
         lambda_soft: float = 1.0,
         label_similarity: LabelSimilarity = "cosine",
+        soft_loss: SoftLoss = "sigmoid",
         init_scale: float = 10.0,
         init_bias: float = 0.0,
     ) -> None:
         super().__init__()
         if label_similarity not in LABEL_SIMILARITIES:
             raise ValueError(f"label_similarity {label_similarity!r} is not one of {LABEL_SIMILARITIES}")
+        if soft_loss not in SOFT_LOSSES:
+            raise ValueError(f"soft_loss {soft_loss!r} is not one of {SOFT_LOSSES}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.lambda_soft = lambda_soft
         self.label_similarity = label_similarity
+        self.soft_loss = soft_loss
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
 
@@ -136,15 +189,17 @@ class SoftConLoss(nn.Module):
         else:
             soft = self.soft_term(similarity, target, pair_mask)
             loss = instance + self.lambda_soft * soft
+            if self.soft_loss != "sigmoid":  # scale and bias unused: in the graph with a zero gradient, as above
+                loss = loss + 0.0 * (self.log_scale + self.bias)
         return {"loss": loss, "instance": instance.detach(), "soft": soft.detach()}
 
     def soft_term(self, similarity: torch.Tensor, target: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
-        """Mean BCE(sigmoid(exp(s) * similarity + b), target) over the pairs in ``pair_mask`` (all (B, B))."""
-        pair_logits = self.log_scale.exp() * similarity + self.bias  # (B, B)
-        bce = F.binary_cross_entropy_with_logits(pair_logits, target, reduction="none")  # (B, B)
-        n_pairs = pair_mask.sum()
-        # with no labelled pair the soft term is 0 but stays in the graph (DDP wants every parameter used)
-        return (bce * pair_mask).sum() / n_pairs.clamp_min(1)
+        """The soft term of the configured form over the pairs in ``pair_mask`` (all (B, B))."""
+        if self.soft_loss == "mse":
+            return mse_soft_term(similarity, target, pair_mask)
+        if self.soft_loss == "soft_ce":
+            return soft_ce_term(similarity, target, pair_mask, temperature=self.temperature)
+        return sigmoid_soft_term(similarity, target, pair_mask, scale=self.log_scale.exp(), bias=self.bias)
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:

@@ -286,6 +286,19 @@ class TrainConfig(StageConfig):
         default="cosine",
         description="Label similarity of the soft term: cosine or jaccard of multi-hot labels, or cosine of fractions.",
     )
+    soft_loss: Literal["sigmoid", "mse", "soft_ce"] = Field(
+        default="sigmoid",
+        description="Form of the soft term (ablation; the paper's loss code is unpublished): sigmoid = BCE between "
+        "the scaled and biased embedding similarity and the label similarity (the project's reading of the paper); "
+        "mse = squared error between embedding and label similarity; soft_ce = cross-entropy between each row's "
+        "label similarities normalised to sum 1 and the softmax of its embedding similarities / temperature.",
+    )
+    teacher: Literal["ema", "stop_gradient"] = Field(
+        default="ema",
+        description="Target branch (ablation): ema = an EMA copy of the student (ema_momentum), the evaluated "
+        "encoder; stop_gradient = the student itself on the unmasked view without gradient (SimSiam), no copy, "
+        "so the evaluated encoder is the student.",
+    )
     temperature: float = Field(default=0.1, gt=0, description="InfoNCE temperature.")
     mask_ratio: float = Field(default=0.3, ge=0, lt=1, description="Siamese masking ratio of the student view.")
     mask_patch: int = Field(default=8, gt=0, description="Side in pixels of the masked squares.")

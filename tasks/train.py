@@ -25,6 +25,11 @@ values only, so ``torch.load(..., weights_only=True)`` reads it):
 
 The evaluation encoder is the EMA teacher (``load_encoder``): as in BYOL/DINO it is the smoother,
 usually better model, and it is what the student was trained to agree with.
+
+Ablations (``TrainConfig``): ``soft_loss`` picks the form of the soft term (``models.loss``); ``teacher=
+"stop_gradient"`` drops the EMA copy and embeds the unmasked view with the student itself under ``no_grad``
+(SimSiam): ``Trainer.teacher`` is then the student, nothing is moved after a step (logged ema_momentum 0), and
+a checkpoint's teacher entries equal its student entries, so the evaluated encoder is the student.
 """
 
 from __future__ import annotations
@@ -202,10 +207,12 @@ class Trainer:
         self.cuda = device.type == "cuda"
         self.supervised = config.objective == "supervised"
         self.student: Student = student.to(device)
-        self.teacher = cast(Student, make_teacher(student))  # a frozen copy of the same class
+        # the target branch: a frozen copy of the same class, or (stop_gradient) the student itself under no_grad
+        self.teacher = cast(Student, make_teacher(student)) if config.teacher == "ema" else self.student
         self.loss_fn = SoftConLoss(
-            temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity
-        ).to(device)
+            temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity,
+            soft_loss=config.soft_loss,
+        ).to(device)  # fmt: skip
         if self.cuda:  # convolutions run faster in NHWC under bf16
             self.student.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
@@ -278,8 +285,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        momentum = ema_momentum(step, config.steps, config.ema_momentum)
-        ema_update(self.teacher, self.student, momentum)
+        if config.teacher == "ema":
+            momentum = ema_momentum(step, config.steps, config.ema_momentum)
+            ema_update(self.teacher, self.student, momentum)
+        else:
+            momentum = 0.0  # stop_gradient: the teacher is the student, as an EMA with momentum 0 would make it
         # collapse shows as embedding_std -> 0; a healthy spread on the unit sphere is ~1/sqrt(D)
         embedding_std = z.detach().float().std(dim=0).mean()
         return {
@@ -309,13 +319,16 @@ class Trainer:
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's state; a stop_gradient trainer (teacher = student) loads the student entries only."""
         self.student.encoder.load_state_dict(state["student"])
         self.student.projector.load_state_dict(state["projector"])
-        self.teacher.encoder.load_state_dict(state["teacher"])
-        self.teacher.projector.load_state_dict(state["teacher_projector"])
-        if self.student.classifier is not None and self.teacher.classifier is not None:
+        if self.student.classifier is not None:
             self.student.classifier.load_state_dict(state["classifier"])
-            self.teacher.classifier.load_state_dict(state["teacher_classifier"])
+        if self.teacher is not self.student:
+            self.teacher.encoder.load_state_dict(state["teacher"])
+            self.teacher.projector.load_state_dict(state["teacher_projector"])
+            if self.teacher.classifier is not None:
+                self.teacher.classifier.load_state_dict(state["teacher_classifier"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -336,7 +349,8 @@ def build_trainer(
     device: torch.device | None = None,
     dist_ctx: DistributedContext | None = None,
 ) -> Trainer:
-    """Student (encoder from ``config.weights`` when given), EMA teacher, loss, AdamW and schedule."""
+    """Student (encoder from ``config.weights`` when given), teacher (EMA copy or the student), loss, AdamW and
+    schedule."""
     device = device or resolve_device(config.device)
     encoder = build_encoder(config.backbone, in_chans, config.weights, bands=bands, img_size=img_size)
     if config.objective == "supervised" and not n_classes:
@@ -634,7 +648,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_encoder(checkpoint: str | Path, *, which: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
-    """The EMA teacher encoder (eval mode, CPU) of a checkpoint and its metadata.
+    """The teacher encoder (eval mode, CPU) of a checkpoint and its metadata.
+
+    The teacher is the EMA copy, or with ``teacher="stop_gradient"`` the student itself (the checkpoint's teacher
+    entries are then the student's).
 
     Args:
         checkpoint: a ``step_*.pt`` file written by ``run_training``.

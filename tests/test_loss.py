@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softcon.config import TrainConfig
 from softcon.models.heads import ProjectionHead
-from softcon.models.loss import SoftConLoss, label_similarity, multilabel_loss
+from softcon.models.loss import SOFT_LOSSES, SoftConLoss, label_similarity, multilabel_loss
 
 torch.set_num_threads(2)
 
@@ -113,11 +114,15 @@ def test_unlabelled_scenes_contribute_only_the_instance_term() -> None:
     assert after["loss"].item() == before["loss"].item()
 
 
-def test_no_labelled_scene_gives_zero_soft_term() -> None:
+@pytest.mark.parametrize("soft_loss", SOFT_LOSSES)
+def test_no_labelled_scene_gives_zero_soft_term(soft_loss: str) -> None:
     batch = random_batch(4)
-    terms = SoftConLoss()(batch["z"], batch["z_teacher"], batch["labels"], torch.zeros(6, dtype=torch.bool))
+    z = batch["z"].clone().requires_grad_()
+    terms = SoftConLoss(soft_loss=soft_loss)(z, batch["z_teacher"], batch["labels"], torch.zeros(6, dtype=torch.bool))
+    terms["loss"].backward()
     assert terms["soft"].item() == 0.0
     assert terms["loss"].item() == pytest.approx(terms["instance"].item())
+    assert torch.isfinite(z.grad).all()  # soft_ce's rows without pairs give no NaN
 
 
 def test_lambda_zero_is_pure_infonce() -> None:
@@ -169,3 +174,86 @@ def test_lambda_zero_logs_the_soft_term_without_its_gradient() -> None:
     terms["loss"].backward()
     assert terms["soft"].item() > 0  # still measured, for comparing runs
     assert loss_fn.log_scale.grad.item() == 0.0 and loss_fn.bias.grad.item() == 0.0
+
+
+def test_default_soft_loss_reproduces_the_sigmoid_value() -> None:
+    """The default config's loss on a fixed batch is the value the sigmoid form gave before soft_loss existed."""
+    config = TrainConfig()
+    loss_fn = SoftConLoss(
+        temperature=config.temperature, lambda_soft=config.lambda_soft, label_similarity=config.label_similarity,
+        soft_loss=config.soft_loss,
+    )  # fmt: skip
+    batch = random_batch(0)
+    terms = loss_fn(batch["z"], batch["z_teacher"], batch["labels"], batch["labelled"])
+    assert config.soft_loss == "sigmoid"
+    assert terms["loss"].item() == pytest.approx(7.479748725891113, rel=1e-6)
+    assert terms["instance"].item() == pytest.approx(5.804638385772705, rel=1e-6)
+    assert terms["soft"].item() == pytest.approx(1.6751103401184082, rel=1e-6)
+
+
+def three_scene_batch() -> dict[str, torch.Tensor]:
+    """Scene 2 is unlabelled (its labels would change the soft term if they were read).
+
+    Cosine C = z @ z_teacher.T over the labelled block: [[1, 0], [0.6, 0.8]]; cosine label similarity
+    T = [[1, a], [a, 1]] with a = 1/sqrt(2).
+    """
+    return {
+        "z": torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]),
+        "z_teacher": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+        "labels": torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]),
+        "labelled": torch.tensor([True, True, False]),
+    }
+
+
+A = 1 / math.sqrt(2)
+# soft_ce at temperature 0.5, row 0: logits [2, 0], targets [1, a] / (1 + a)
+_SOFT_CE_ROW_0 = (math.log1p(math.exp(-2)) + A * math.log1p(math.exp(2))) / (1 + A)
+# row 1: logits [1.2, 1.6], targets [a, 1] / (1 + a); log p = logits - logsumexp(logits)
+_LOGSUMEXP_ROW_1 = math.log(math.exp(1.2) + math.exp(1.6))
+_SOFT_CE_ROW_1 = (A * (_LOGSUMEXP_ROW_1 - 1.2) + (_LOGSUMEXP_ROW_1 - 1.6)) / (1 + A)
+HAND_SOFT_TERMS = {
+    "mse": (0.0**2 + A**2 + (0.6 - A) ** 2 + 0.2**2) / 4,  # mean of (C - T)^2 over the four labelled pairs
+    "soft_ce": (_SOFT_CE_ROW_0 + _SOFT_CE_ROW_1) / 2,  # row 2 (unlabelled) has no pairs
+}
+
+
+@pytest.mark.parametrize("soft_loss", ["mse", "soft_ce"])
+def test_soft_term_matches_a_hand_computation(soft_loss: str) -> None:
+    batch = three_scene_batch()
+    terms = SoftConLoss(temperature=0.5, lambda_soft=0.5, soft_loss=soft_loss)(
+        batch["z"], batch["z_teacher"], batch["labels"], batch["labelled"]
+    )
+    assert terms["soft"].item() == pytest.approx(HAND_SOFT_TERMS[soft_loss], rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(terms["instance"].item() + 0.5 * HAND_SOFT_TERMS[soft_loss], rel=1e-6)
+
+
+@pytest.mark.parametrize("soft_loss", SOFT_LOSSES)
+def test_soft_term_gradient_reaches_the_labelled_pairs_only(soft_loss: str) -> None:
+    batch = random_batch(7)
+    similarity = (batch["z"] @ batch["z_teacher"].T).requires_grad_()  # (B, B)
+    target = label_similarity(batch["labels"])
+    pair_mask = batch["labelled"][:, None] & batch["labelled"][None, :]
+    SoftConLoss(soft_loss=soft_loss).soft_term(similarity, target, pair_mask).backward()
+    assert (similarity.grad[~pair_mask] == 0).all()
+    assert (similarity.grad[pair_mask] != 0).any()
+
+
+@pytest.mark.parametrize("soft_loss", SOFT_LOSSES)
+def test_every_soft_form_trains_the_embeddings(soft_loss: str) -> None:
+    """The soft term adds to the embeddings' gradient; only the sigmoid form trains the scale and bias."""
+    batch = random_batch(8)
+    grads = {}
+    for lambda_soft in (0.0, 1.0):
+        z = batch["z"].clone().requires_grad_()
+        loss_fn = SoftConLoss(lambda_soft=lambda_soft, soft_loss=soft_loss)
+        loss_fn(z, batch["z_teacher"], batch["labels"], batch["labelled"])["loss"].backward()
+        grads[lambda_soft] = z.grad
+    assert torch.isfinite(grads[1.0]).all()
+    assert not torch.allclose(grads[1.0], grads[0.0])
+    scale_and_bias = (loss_fn.log_scale.grad.item(), loss_fn.bias.grad.item())
+    assert (scale_and_bias != (0.0, 0.0)) == (soft_loss == "sigmoid")
+
+
+def test_unknown_soft_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"soft_loss 'hinge' is not one of \('sigmoid', 'mse', 'soft_ce'\)"):
+        SoftConLoss(soft_loss="hinge")  # type: ignore[arg-type]
