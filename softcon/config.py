@@ -434,6 +434,23 @@ class EvaluateConfig(StageConfig):
         return self
 
 
+class EmbedConfig(StageConfig):
+    """Embeddings of a training store's patches with a trained encoder, as GeoParquet."""
+
+    model: str = Field(
+        description="The encoder: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS."
+    )
+    store: str = Field(default_factory=lambda: _default_path("store.zarr"), description="Training store to embed.")
+    out: str = Field(
+        default_factory=lambda: _default_path("embeddings.parquet"), description="GeoParquet file to write."
+    )
+    dask_address: str | None = Field(
+        default_factory=lambda: get_settings().dask_address,
+        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
+    )
+    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
+
+
 class ImportSSL4EOConfig(StageConfig):
     """Turn an extracted SSL4EO-S12 tree (and SSL4EO-S12-ML labels) into a training store."""
 

@@ -28,7 +28,14 @@ import numpy as np
 import xarray as xr
 
 from softcon import progress as stage_progress
-from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, ImportSSL4EOConfig, PreprocessConfig
+from softcon.config import (
+    S1_POLARIZATIONS,
+    S2_L1C_BANDS,
+    S2_L2A_BANDS,
+    EmbedConfig,
+    ImportSSL4EOConfig,
+    PreprocessConfig,
+)
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
@@ -423,7 +430,9 @@ def _add_partials(*partials: Any) -> Any:
 
 
 @contextlib.contextmanager
-def open_dask_client(config: PreprocessConfig | ImportSSL4EOConfig, client: Client | None) -> Iterator[Client]:
+def open_dask_client(
+    config: PreprocessConfig | ImportSSL4EOConfig | EmbedConfig, client: Client | None
+) -> Iterator[Client]:
     """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
     if client is not None:
         yield client

@@ -1,0 +1,107 @@
+"""``softcon embed``: a store's patches as GeoParquet rows with footprints on the tile grid and the encoder's
+features, read back with geopandas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas
+import numpy as np
+import pytest
+import shapely
+import torch
+from cube_factory import write_cube
+from distributed import Client
+from pyproj import Transformer
+from ssl4eo_tree import PATCH as SSL4EO_PATCH
+from ssl4eo_tree import build_tree
+
+from softcon.config import EmbedConfig, ImportSSL4EOConfig, PreprocessConfig, TrainConfig
+from softcon.models.data import StoreDataset
+from softcon.tasks.embed import run_embed
+from softcon.tasks.grid import tile_from_id
+from softcon.tasks.preprocess import run_preprocess
+from softcon.tasks.ssl4eo_import import run_import_ssl4eo
+from softcon.tasks.train import load_encoder, run_training
+
+PATCH = 16
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as dask:
+        yield dask
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> str:
+    cube = write_cube(tmp_path_factory.mktemp("cube") / "cube.zarr")
+    out = str(tmp_path_factory.mktemp("store") / "store.zarr")
+    config = PreprocessConfig(cube=cube.path, out=out, patch_size=PATCH, split_block=32, val_fraction=0.2,
+                              test_fraction=0.2, max_nodata_fraction=0.5, samples_per_block=8)  # fmt: skip
+    run_preprocess(config, client=client)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    config = TrainConfig(store=store, out=str(tmp_path_factory.mktemp("ckpt")), steps=2, batch_size=8,
+                         warmup_steps=1, mask_patch=4, embed_dim=16, device="cpu")  # fmt: skip
+    return str(run_training(config).checkpoint)
+
+
+def test_rows_footprints_and_embeddings(store: str, checkpoint: str, client: Client, tmp_path: Path) -> None:
+    out = tmp_path / "embeddings.parquet"
+    report = run_embed(EmbedConfig(model=checkpoint, store=store, out=str(out)), checkpoint, client=client)
+    frame = geopandas.read_parquet(out)
+    assert frame.crs.to_epsg() == 4326 and len(frame) == report.rows == report.with_footprint
+    assert list(frame["sample"]) == list(range(len(frame)))
+    assert {"tile", "time", "split", "labelled", "embedding"} <= set(frame.columns)
+    assert any(column.startswith("label_") for column in frame.columns)
+    assert not Path(f"{out}.partial").exists()
+
+    # footprints: the patch window on its tile of the grid, in lon/lat
+    for i in (0, len(frame) - 1):
+        row = frame.iloc[i]
+        tile = tile_from_id(row["tile"], resolution=10.0, size=PATCH)
+        left, top = tile.x0 + row["col"] * 10.0, tile.y0 - row["row"] * 10.0
+        to_lonlat = Transformer.from_crs(f"EPSG:{tile.epsg}", "EPSG:4326", always_xy=True)
+        corners = [to_lonlat.transform(x, y) for x, y in ((left, top), (left + 160, top), (left, top - 160))]
+        polygon = row["geometry"]
+        assert polygon.is_valid
+        for corner in corners:
+            assert shapely.Point(corner).distance(polygon.exterior) < 1e-9
+
+    # embeddings: the encoder's features of those patches, normalised as the loader normalises them
+    encoder, meta = load_encoder(checkpoint)
+    for split in ("train", "test"):
+        dataset = StoreDataset(store, split, "s2", two_views=False, augment=False, norm_stats=meta["norm_stats"])
+        sample = int(dataset.indices[0])
+        with torch.no_grad():
+            expected = encoder(dataset[0]["image"][None])[0].numpy()
+        np.testing.assert_allclose(np.asarray(frame.iloc[sample]["embedding"]), expected, rtol=1e-4, atol=1e-5)
+        assert frame.iloc[sample]["split"] == split
+
+
+def test_a_store_without_a_grid_has_no_footprints(client: Client, tmp_path: Path) -> None:
+    tree = build_tree(tmp_path / "SSL4EO-S12")
+    store = str(tmp_path / "ssl4eo.zarr")
+    config = ImportSSL4EOConfig(root=str(tree), out=store, s2="s2a", patch_size=SSL4EO_PATCH, samples_per_block=4,
+                                val_fraction=0.25, test_fraction=0.25)  # fmt: skip
+    run_import_ssl4eo(config, client=client)
+    train = TrainConfig(store=store, out=str(tmp_path / "ckpt"), steps=1, batch_size=4, warmup_steps=1,
+                        mask_patch=4, embed_dim=8, device="cpu", crop_size=32)  # fmt: skip
+    checkpoint = str(run_training(train).checkpoint)
+    out = tmp_path / "e.parquet"
+    report = run_embed(EmbedConfig(model=checkpoint, store=store, out=str(out)), checkpoint, client=client)
+    frame = geopandas.read_parquet(out)
+    assert report.rows == 8 and report.with_footprint == 0 and frame.geometry.isna().all()
+    assert sorted(set(frame["location"])) == [0, 1, 2, 3]
+
+
+def test_refuses_what_it_cannot_embed(store: str, checkpoint: str, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_embed(EmbedConfig(model="x", store=store, out=str(tmp_path / "e.parquet")), str(tmp_path / "none.pt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_embed(EmbedConfig(model="x", store=str(tmp_path / "none.zarr"), out=str(tmp_path / "e.parquet")),
+                  checkpoint)  # fmt: skip
