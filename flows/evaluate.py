@@ -12,6 +12,7 @@ from prefect import flow, task
 
 from softcon.config import EvaluateConfig
 from softcon.flows.caching import stage_task
+from softcon.flows.registry import REGISTRY_PREFIX, record_evaluation, registry_run_id
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
 from softcon.settings import get_settings
@@ -20,33 +21,6 @@ from softcon.tasks.evaluate import run_evaluation
 
 evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encoder")
 report_task = task(name="comparison-report")(write_report)
-
-
-REGISTRY_PREFIX = "models:/"
-
-
-def registry_run_id(uri: str) -> str:
-    """The train run behind a registered model version: ``models:/name/version`` or ``models:/name@alias``.
-
-    Raises:
-        ValueError: a malformed URI, or a name, version or alias the registry does not hold (named).
-    """
-    reference = uri.removeprefix(REGISTRY_PREFIX)
-    client = mlflow.MlflowClient()
-    try:
-        if "@" in reference:
-            name, alias = reference.rsplit("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = reference.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except ValueError:
-        raise ValueError(f"{uri!r} is not models:/NAME/VERSION or models:/NAME@ALIAS") from None
-    except Exception as error:  # MLflow raises its own exception types for an unknown name, version or alias
-        raise ValueError(f"the model registry at {mlflow.get_tracking_uri()} has no {uri!r}: {error}") from error
-    if not version.run_id:
-        raise ValueError(f"{uri!r} was registered without a run; evaluate needs the train run that made it")
-    return str(version.run_id)
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -137,5 +111,7 @@ def evaluate_flow(
         stage.logger.info(
             "comparison table (MLflow artifact report/comparison.md):\n%s", comparison_table(result.results)
         )
+        if config.model is not None:
+            record_evaluation(config.model, result.metrics, stage.run_id, config.best_metric)
         dataset = config.store or config.bigearthnet or config.eurosat or ""
         return stage.result(dataset, result.metrics)

@@ -28,6 +28,7 @@ import mlflow
 from pydantic import BaseModel
 
 from softcon.config import EvaluateConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
+from softcon.flows.registry import REGISTRY_PREFIX, registry_run_id
 from softcon.settings import get_settings
 from softcon.tasks.digest import array_digests, compare_digests, state_dict_digests
 from softcon.tasks.stac_access import is_url
@@ -116,12 +117,15 @@ def reproduce_run(run_id: str, *, workdir: Path | None = None) -> Reproduction:
     """Run the stage of MLflow run ``run_id`` again with the same configuration and compare the outputs.
 
     Args:
-        run_id: an MLflow stage run (ingest, labels, preprocess, train or evaluate).
+        run_id: an MLflow stage run (ingest, labels, preprocess, train or evaluate), or ``models:/NAME/VERSION``
+            / ``models:/NAME@ALIAS`` for the train run of a registered encoder.
         workdir: where fresh outputs go; default ``<home>/data/reproductions/<run_id>``.
 
     Raises:
         ValueError: for an unknown run id, a run that is not a stage run, or params that do not validate.
     """
+    if run_id.startswith(REGISTRY_PREFIX):  # a registered encoder: its train run
+        run_id = registry_run_id(run_id)
     if not re.fullmatch(r"[A-Za-z0-9][\w-]{0,255}", run_id):  # MLflow's run id rule; it becomes a folder name
         raise ValueError(f"{run_id!r} is not an MLflow run id (letters, digits, '_' and '-' only)")
     client = mlflow.MlflowClient()

@@ -13,16 +13,19 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import mlflow
+import timm
 import torch
 from prefect import flow
 
 from softcon.config import TrainConfig
 from softcon.flows.caching import stage_task
 from softcon.flows.result import StageResult
-from softcon.flows.tracking import run_stage
-from softcon.tasks.train import load_encoder, run_training
+from softcon.flows.tracking import code_version, run_stage
+from softcon.models.training_store import read_store_attrs
+from softcon.tasks.train import load_encoder, read_checkpoint, run_training
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 """Artifact folder of the final checkpoint in a train run; the evaluate stage reads it from there."""
@@ -99,10 +102,33 @@ def log_encoder(checkpoint: str, registered_model_name: str | None = None) -> st
         name="encoder",
         signature=signature,
         input_example=example.numpy(),
-        pip_requirements=["torch", "timm"],
+        pip_requirements=[f"torch=={torch.__version__}", f"timm=={timm.__version__}"],
+        metadata=model_metadata(meta, read_checkpoint(checkpoint)["config"]),
         registered_model_name=registered_model_name,
     )
     return info.model_uri
+
+
+def model_metadata(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What a user of the MLflow model needs to feed it and trace it: input contract (from the checkpoint's meta)
+    and lineage (its training config's store, and what that store records of its source)."""
+    store = config.get("store")
+    attrs = read_store_attrs(store) if store else None
+    return {
+        "backbone": meta.get("backbone"),
+        "sensor": meta.get("sensor"),
+        "bands": list(meta.get("bands") or []),
+        "normalisation": {"rule": "z-score per band; nodata (S2 0, S1 NaN) -> 0 after it", **meta["norm_stats"]},
+        "image_size": meta.get("img_size"),
+        "class_names": list(meta.get("class_names") or []),
+        "lineage": {
+            "store": store,
+            "store_fingerprint": (attrs or {}).get("fingerprint"),
+            "cube": (attrs or {}).get("cube"),
+            "source": (attrs or {}).get("source", "cube"),
+            "code_version": code_version(),
+        },
+    }
 
 
 @flow(name="train")

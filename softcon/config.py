@@ -414,6 +414,11 @@ class EvaluateConfig(StageConfig):
         default_factory=lambda: _default_path("evaluation"), description="Feature cache and report folder."
     )
     seed: int = Field(default=0, description="Seed of the train subset and the probes.")
+    best_metric: str = Field(
+        default="linear_map_micro",
+        description="Metric that moves a registered model's 'best' alias to the evaluated version when higher "
+        "(the model's own value; a dataset's, e.g. bigearthnet/linear_map_micro, when the store is not evaluated).",
+    )
 
     @model_validator(mode="after")
     def _check_dataset(self) -> Self:

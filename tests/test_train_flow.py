@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from store_factory import write_store
 
 from softcon.config import TrainConfig
@@ -46,3 +47,35 @@ def test_train_run_records_params_metrics_system_metrics_and_a_registered_encode
     assert len(versions) == 1 and versions[0].run_id == result.run_id
     model = mlflow.models.get_model_info(f"models:/softcon-encoder-test/{versions[0].version}")
     assert list(model.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 12, 16, 16]
+    # the model carries its input contract, lineage and pinned requirements; "latest" is the new version
+    from softcon.flows.registry import registry_version
+
+    for latest in ("models:/softcon-encoder-test@latest", "models:/softcon-encoder-test/latest"):
+        assert registry_version(latest) == ("softcon-encoder-test", str(versions[0].version))
+    assert model.metadata["bands"][:3] == ["B01", "B02", "B03"] and len(model.metadata["normalisation"]["mean"]) == 12
+    assert model.metadata["lineage"]["store"] == str(store.path) and model.metadata["image_size"] == 16
+    requirements = mlflow.pyfunc.get_model_dependencies(f"models:/softcon-encoder-test/{versions[0].version}")
+    pinned = Path(requirements).read_text()
+    assert f"torch=={torch.__version__}" in pinned and "timm==" in pinned
+
+    # an evaluation of the registered version tags it with its results and moves "best" when it is better
+    from softcon.flows.registry import record_evaluation
+
+    uri = f"models:/softcon-encoder-test/{versions[0].version}"
+    record_evaluation(
+        uri, {"linear_map_micro": 0.5, "baselines/random-init/linear_map_micro": 0.9}, "r1", "linear_map_micro"
+    )
+    tagged = client.get_model_version("softcon-encoder-test", versions[0].version)
+    assert (
+        tagged.tags["eval.linear_map_micro"] == "0.5"
+        and "eval.baselines/random-init/linear_map_micro" not in tagged.tags
+    )
+    assert str(client.get_model_version_by_alias("softcon-encoder-test", "best").version) == str(versions[0].version)
+    second = client.create_model_version("softcon-encoder-test", source=versions[0].source, run_id=result.run_id)
+    record_evaluation(f"models:/softcon-encoder-test/{second.version}", {"linear_map_micro": 0.4}, "r2",
+                      "linear_map_micro")  # fmt: skip
+    assert client.get_model_version_by_alias("softcon-encoder-test", "best").version == versions[0].version  # worse
+    record_evaluation(result.run_id, {"bigearthnet/linear_map_micro": 0.7}, "r3", "linear_map_micro")  # the run id
+    assert client.get_model_version_by_alias("softcon-encoder-test", "best").version in {versions[0].version,
+                                                                                         second.version}  # fmt: skip
+    assert client.get_model_version("softcon-encoder-test", second.version).tags["eval.run_id"] == "r3"
