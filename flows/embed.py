@@ -7,6 +7,7 @@ from prefect import flow, task
 
 from softcon.config import EmbedConfig
 from softcon.flows.caching import retry_unless_lasting
+from softcon.flows.datasets import data_dataset, log_datasets
 from softcon.flows.evaluate import resolve_checkpoint
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
@@ -29,6 +30,7 @@ def embed_flow(
     with run_stage("embed", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
         checkpoint = resolve_checkpoint(config.model)
         report = embed_task(config, str(checkpoint))
+        log_datasets([data_dataset(config.store, "store")], [data_dataset(config.out, "embeddings")])
         mlflow.set_tag("softcon.embeddings", config.out)
         stage.logger.info("wrote %s: %d rows, %d-d", config.out, report.rows, report.dimension)
         return stage.result(config.out, report.metrics())

@@ -12,6 +12,7 @@ from prefect import flow, task
 
 from softcon.config import EvaluateConfig
 from softcon.flows.caching import stage_task
+from softcon.flows.datasets import data_dataset, folder_dataset, log_datasets
 from softcon.flows.registry import REGISTRY_PREFIX, record_evaluation, registry_run_id
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
@@ -92,6 +93,12 @@ def evaluate_flow(
         checkpoint = resolve_checkpoint(config.model) if config.model is not None else None
         baselines = [resolve_baseline(spec) for spec in config.baselines]
         result = stage.call(evaluate_task, config, checkpoint, baselines)
+        read = [data_dataset(config.store, "store")] if config.store else []
+        for kind, location in (("bigearthnet", config.bigearthnet), ("eurosat", config.eurosat)):
+            if location:  # thousands of files: identified by location and patch counts, not walked
+                counts = {key: value for key, value in result.metrics.items() if key.startswith(f"{kind}/n_")}
+                read.append(folder_dataset(location, kind, {"location": location, **counts}))
+        log_datasets(read)
         mlflow.log_dict(result.per_class_ap, "per_class_ap.json")
         for path in sorted({path for r in result.results for path in r.feature_files}):
             mlflow.log_artifact(str(path), artifact_path="features")

@@ -7,6 +7,7 @@ from prefect import flow, task
 
 from softcon.config import ImportSSL4EOConfig
 from softcon.flows.caching import retry_unless_lasting
+from softcon.flows.datasets import data_dataset, folder_dataset, log_datasets
 from softcon.flows.preprocess import norm_stat_metrics
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
@@ -30,6 +31,11 @@ def import_ssl4eo_flow(
         "import-ssl4eo", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh
     ) as stage:
         report = import_task(config)
+        corpus = folder_dataset(
+            config.root, "ssl4eo-s12", {"root": config.root, "s2": config.s2, "counts": report.counts}
+        )
+        inputs = [corpus, *([data_dataset(config.labels, "labels")] if config.labels else [])]
+        log_datasets(inputs, [data_dataset(config.out, "store")])
         mlflow.log_metrics(norm_stat_metrics(report.norm_stats))
         mlflow.log_dict(report.norm_stats, "norm_stats.json")
         if report.incomplete:

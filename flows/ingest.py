@@ -12,6 +12,7 @@ from prefect import State, flow
 
 from softcon.config import IngestConfig
 from softcon.flows.caching import retry_unless_lasting, stage_task
+from softcon.flows.datasets import data_dataset, log_datasets, stac_dataset
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
 from softcon.tasks.cube_store import CubeDamageError, StoreFullError
@@ -37,6 +38,8 @@ def ingest_flow(
     """Ingest every item matching the request onto the tile grid; re-running adds only new dates."""
     with run_stage("ingest", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
         report = stage.call(ingest_task, config)
+        query = {"bbox": config.bbox, "start": config.start, "end": config.end}
+        log_datasets([stac_dataset(config.stac, config.collections, query)], [data_dataset(config.cube, "cube")])
         with tempfile.TemporaryDirectory() as folder:
             # The run's record: every item and what happened to it, the failed ones with their reason.
             files = {

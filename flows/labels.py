@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 from prefect import flow
 
 from softcon.config import LabelsConfig
 from softcon.flows.caching import stage_task
+from softcon.flows.datasets import data_dataset, log_datasets, stac_dataset
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
 from softcon.tasks.label_figures import class_histogram_figure, class_histogram_table, cube_quicklook
@@ -22,6 +25,12 @@ def labels_flow(
     """Write each tile's ``landcover`` array; log the class histogram (table + bar chart) and a quick-look."""
     with run_stage("labels", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
         report = stage.call(labels_task, config)
+        source = (
+            stac_dataset(config.source, [config.collection], {"year": config.year})
+            if config.source.startswith(("http://", "https://")) and not Path(config.source).suffix
+            else data_dataset(config.source, "labels")
+        )
+        log_datasets([source], [data_dataset(config.cube, "cube")])
         mlflow.log_dict(
             {"scheme": report.scheme, "class_pixels": report.class_pixels, "unknown_codes": report.unknown_codes,
              "excluded_codes": report.excluded_codes, "resampling": report.resampling},

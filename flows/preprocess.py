@@ -7,6 +7,7 @@ from prefect import flow
 
 from softcon.config import PreprocessConfig
 from softcon.flows.caching import stage_task
+from softcon.flows.datasets import data_dataset, log_datasets
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
 from softcon.tasks.preprocess import DASHBOARD_LINK, empty_split_warning, run_preprocess
@@ -37,6 +38,7 @@ def preprocess_flow(
     """Patches, quality checks, targets, spatial split and normalization statistics, into one store."""
     with run_stage("preprocess", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
         report = stage.call(preprocess_task, config)
+        log_datasets([data_dataset(config.cube, "cube")], [data_dataset(config.out, "store")])
         metrics = report.metrics()
         mlflow.log_metrics(norm_stat_metrics(report.norm_stats))
         mlflow.log_dict(report.norm_stats, "norm_stats.json")

@@ -22,6 +22,7 @@ from prefect import flow
 
 from softcon.config import TrainConfig
 from softcon.flows.caching import stage_task
+from softcon.flows.datasets import data_dataset, log_datasets
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import code_version, run_stage
 from softcon.models.training_store import read_store_attrs
@@ -147,6 +148,7 @@ def train_flow(
             | {"seconds": result.seconds, "samples_per_second": result.samples_per_second}
         )
         mlflow.log_artifact(str(result.checkpoint), artifact_path=CHECKPOINT_ARTIFACT)
+        log_datasets([data_dataset(config.store, "store")])
         log_encoder(str(result.checkpoint), config.registered_model_name)
         stage.logger.info("trained %s for %d steps: loss %.4f", config.backbone, result.steps, result.metrics["loss"])
         return StageResult(stage="train", run_id=stage.run_id, output=str(result.checkpoint), metrics=result.metrics)

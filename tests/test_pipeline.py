@@ -61,6 +61,18 @@ def test_demo_runs_end_to_end_and_reuses_its_data_on_a_second_run(tmp_path: Path
     for name in ["linear_map_micro", "linear_map_macro", "knn_map_micro", "knn_map_macro"]:
         assert 0.0 <= evaluation[name] <= 1.0
     assert children["train"].data.params["lambda_soft"] == "1.0"
+    # each stage run names what it read and wrote (the MLflow UI's Dataset column)
+    datasets = {
+        stage: {(i.dataset.name.split(":")[0], {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in run.inputs.dataset_inputs}
+        for stage, run in children.items()
+    }  # fmt: skip
+    assert datasets["ingest"] == {("stac", "input"), ("cube", "output")}
+    assert datasets["labels"] == {("labels", "input"), ("cube", "output")}  # the demo's land-cover file
+    assert datasets["preprocess"] == {("cube", "input"), ("store", "output")}
+    assert ("store", "input") in datasets["train"] and ("store", "input") in datasets["evaluate"]
+    store_digest = {i.dataset.digest for i in children["preprocess"].inputs.dataset_inputs if "store" in i.dataset.name}
+    assert store_digest == {i.dataset.digest for i in children["train"].inputs.dataset_inputs}
     cube = home / "data" / "demo-cube.zarr"
     times_before = cube_times(cube)
     assert len(times_before) == 2 and all(times_before.values())
