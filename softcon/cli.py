@@ -27,7 +27,9 @@ from rich.table import Table
 from softcon import progress
 from softcon.config import (
     ConfigError,
+    EmbedConfig,
     EvaluateConfig,
+    ExportConfig,
     ImportSSL4EOConfig,
     IngestConfig,
     LabelsConfig,
@@ -460,6 +462,7 @@ def evaluate(
     vit_features: Annotated[str | None, field_option(EvaluateConfig, "vit_features")] = None,
     protocol: Annotated[str | None, field_option(EvaluateConfig, "protocol")] = None,
     split: Annotated[str | None, field_option(EvaluateConfig, "split")] = None,
+    best_metric: Annotated[str | None, field_option(EvaluateConfig, "best_metric")] = None,
     baseline: Annotated[
         list[str] | None, field_option(EvaluateConfig, "baselines", "--baseline", form="repeatable")
     ] = None,
@@ -483,6 +486,7 @@ def evaluate(
         "vit_features": vit_features,
         "protocol": protocol,
         "split": split,
+        "best_metric": best_metric,
         "baselines": baseline or None,
         "train_fraction": train_fraction,
         "knn_k": knn_k,
@@ -503,6 +507,46 @@ def evaluate(
     table = Path(stage_config.out) / "reports" / result.run_id / "comparison.md"
     if table.is_file() and not as_json:
         console.print(table.read_text())
+
+
+@app.command()
+def export(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help=ExportConfig.model_fields["model"].description, show_default=False)
+    ],
+    export_format: Annotated[str | None, field_option(ExportConfig, "format", "--format")] = None,
+    out: Annotated[str | None, field_option(ExportConfig, "out")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """A trained encoder as a timm folder, ONNX or TorchScript, with a model card and a STAC (mlm) Item."""
+    stage_config = _build(ExportConfig, "export", config, {"model": model, "format": export_format, "out": out})
+    configure_runtime()
+    from softcon.flows.export import export_flow
+
+    _print_result(run_stage_flow(export_flow, stage_config, as_json=as_json), as_json=as_json)
+
+
+@app.command()
+def embed(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help=EmbedConfig.model_fields["model"].description, show_default=False)
+    ],
+    store: Annotated[str | None, field_option(EmbedConfig, "store")] = None,
+    out: Annotated[str | None, field_option(EmbedConfig, "out")] = None,
+    dask_address: Annotated[str | None, field_option(EmbedConfig, "dask_address")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Every patch of a training store embedded by a trained encoder → GeoParquet with footprints (EPSG:4326)."""
+    overrides = {"model": model, "store": store, "out": out, "dask_address": dask_address}
+    stage_config = _build(EmbedConfig, "embed", config, overrides)
+    configure_runtime()
+    from softcon.flows.embed import embed_flow
+
+    with progress_bars("embed"):
+        result = run_stage_flow(embed_flow, stage_config, as_json=as_json)
+    _print_result(result, as_json=as_json)
 
 
 @app.command()

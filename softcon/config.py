@@ -496,6 +496,20 @@ class ImportSSL4EOConfig(StageConfig):
         return self
 
 
+class ExportConfig(StageConfig):
+    """A trained encoder as files another project loads: a timm folder, ONNX or TorchScript, with a model card."""
+
+    model: str = Field(
+        description="The encoder: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS."
+    )
+    format: Literal["timm", "onnx", "torchscript"] = Field(
+        default="timm",
+        description="timm = config.json + model.safetensors for timm.create_model('local-dir:OUT', pretrained=True); "
+        "onnx = model.onnx with a dynamic batch axis; torchscript = a traced module for torch.jit.load.",
+    )
+    out: str = Field(description="Folder to write; files of the same names in it are replaced.")
+
+
 class PipelineConfig(StageConfig):
     """All stages in order under one MLflow parent run; the stages share the cube and the store."""
 

@@ -13,7 +13,19 @@ from softcon.cli import app
 from softcon.config import EvaluateConfig, IngestConfig, PreprocessConfig, TrainConfig
 
 runner = CliRunner()
-STAGES = ["ingest", "labels", "preprocess", "import-ssl4eo", "train", "evaluate", "pipeline", "demo", "sample-data"]
+STAGES = [
+    "ingest",
+    "labels",
+    "preprocess",
+    "import-ssl4eo",
+    "train",
+    "evaluate",
+    "export",
+    "embed",
+    "pipeline",
+    "demo",
+    "sample-data",
+]
 
 
 def test_top_level_help_lists_every_stage() -> None:

@@ -105,3 +105,24 @@ def test_refuses_what_it_cannot_embed(store: str, checkpoint: str, tmp_path: Pat
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_embed(EmbedConfig(model="x", store=str(tmp_path / "none.zarr"), out=str(tmp_path / "e.parquet")),
                   checkpoint)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_embeds_through_the_flow_and_logs_the_datasets(store: str, checkpoint: str, tmp_path: Path) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from softcon.cli import app
+    from softcon.settings import get_settings
+
+    out = tmp_path / "cli.parquet"
+    result = CliRunner().invoke(app, ["embed", checkpoint, "--store", store, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    outcome = json.loads(result.stdout)
+    assert outcome["output"] == str(out) and outcome["metrics"]["rows"] == len(geopandas.read_parquet(out))
+    run = MlflowClient(get_settings().tracking_uri).get_run(outcome["run_id"])
+    contexts = {(i.dataset.name.split(":")[0], {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in run.inputs.dataset_inputs}  # fmt: skip
+    assert contexts == {("store", "input"), ("embeddings", "output")}

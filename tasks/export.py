@@ -1,0 +1,300 @@
+"""Export stage: a trained encoder as files other projects load, each checked against the encoder before it is kept.
+
+Formats (``ExportConfig.format``), each loaded with its own library and no code of this project:
+
+- ``timm``: ``config.json`` and ``model.safetensors`` in the Hugging Face hub layout that
+  ``timm.create_model("local-dir:OUT", pretrained=True)`` reads (``timm.models._hub.load_model_config_from_path``):
+  ``architecture`` (the timm name), ``num_classes`` 0, ``num_features``, ``model_args`` (the arguments timm builds
+  the model with: ``in_chans``, and ``img_size`` and ``dynamic_img_size`` for a ViT) and ``pretrained_cfg`` (input
+  size, per-band ``mean``/``std``). timm turns ``pretrained_cfg`` into its ``PretrainedCfg`` dataclass, which takes
+  no other keys, so the band names and the normalisation rule go in its ``notes``, and in full in a top-level
+  ``softcon`` block, which timm ignores.
+- ``onnx``: ``model.onnx`` from ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``: the
+  dynamo exporter needs onnxscript), input ``images`` (batch, C, S, S) with a dynamic batch axis, output
+  ``features`` (batch, D).
+- ``torchscript``: ``model.torchscript.pt`` from ``torch.jit.trace`` at S x S, for ``torch.jit.load``.
+
+The exported module is the evaluation encoder (as ``tasks.train.load_encoder`` builds it: the EMA teacher),
+without the ViT mask token, which only training uses. ``run_export`` reloads each written file with its library
+and compares its features on a seeded batch with the encoder's (``check_export``); a larger difference than float
+error is an error, not a warning. Beside the files it writes the model card and the STAC Item
+(``tasks/model_card.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from softcon.config import ExportConfig
+from softcon.models.encoder import build_encoder, is_vit, patch_size
+from softcon.tasks.model_card import (
+    NORMALISATION_RULE,
+    ExportedModel,
+    ModelFile,
+    TrainRecord,
+    read_lineage,
+    require,
+    write_model_card,
+    write_stac_item,
+)
+from softcon.tasks.train import read_checkpoint
+
+ONNX_OPSET = 17
+"""ONNX opset of the graph: run by onnxruntime 1.14 and later and by most other runtimes."""
+CHECK_BATCH = 3
+"""Images in the export check: not 1, the batch the graphs are traced with, so a fixed batch axis fails it."""
+TOLERANCE = 1e-4
+"""Largest allowed difference of export and encoder features, relative to the largest feature: two float32
+implementations of the same graph differ by about 1e-6 of it."""
+_PYTORCH = "application/octet-stream; framework=pytorch"
+FILES: dict[str, tuple[ModelFile, ...]] = {
+    "timm": (
+        ModelFile(
+            key="model", name="model.safetensors", title="Encoder weights (timm state dict)",
+            media_type=f"{_PYTORCH}; profile=safetensors", roles=("mlm:model", "mlm:weights"),
+            artifact_type="safetensors.torch.save_file",
+        ),
+        ModelFile(
+            key="config", name="config.json", title="timm model config (architecture, model_args, pretrained_cfg)",
+            media_type="application/json", roles=("metadata",),
+        ),
+    ),
+    "onnx": (
+        ModelFile(
+            key="model", name="model.onnx", title="Encoder as an ONNX graph (dynamic batch axis)",
+            media_type="application/octet-stream; framework=onnx; profile=onnx", roles=("mlm:model",),
+            artifact_type="onnx",
+        ),
+    ),
+    "torchscript": (
+        ModelFile(
+            key="model", name="model.torchscript.pt", title="Encoder as a traced TorchScript module",
+            media_type=f"{_PYTORCH}; profile=torchscript", roles=("mlm:model",), artifact_type="torch.jit.save",
+        ),
+    ),
+}  # fmt: skip
+"""The files each format writes, the model file first."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how closely it reproduces the encoder."""
+
+    out: str
+    format: str
+    files: list[str]
+    """Names of every file written into ``out``: the model's, the model card and the STAC Item."""
+    num_features: int
+    max_abs_diff: float
+    """Largest difference of the reloaded export's features from the encoder's on the check batch."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"num_features": float(self.num_features), "max_abs_diff": self.max_abs_diff}
+
+
+def timm_config(encoder: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` that lets timm rebuild ``encoder`` and load its weights (see the module docstring)."""
+    in_chans, size = int(meta["in_chans"]), int(meta["img_size"])
+    model_args: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0}
+    if is_vit(encoder):
+        model_args |= {"img_size": size, "dynamic_img_size": True}
+    source = getattr(encoder, "pretrained_cfg", {}) or {}
+    bands, mean, std = list(meta["bands"]), meta["norm_stats"]["mean"], meta["norm_stats"]["std"]
+    return {
+        "architecture": meta["backbone"],
+        "num_classes": 0,
+        "num_features": int(getattr(encoder, "num_features", 0)),
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [in_chans, size, size],
+            "fixed_input_size": False,
+            "interpolation": "bilinear",  # as the pipeline resizes (models.encoder.fit_to_encoder)
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": mean,
+            "std": std,
+            "num_classes": 0,
+            "first_conv": source.get("first_conv"),
+            "classifier": source.get("classifier"),
+            "description": f"SoftCon-pretrained {meta['backbone']} encoder of {meta['sensor']} bands",
+            "notes": [f"bands: {','.join(bands)}", f"normalisation: {NORMALISATION_RULE}"],
+        },
+        "softcon": {
+            "sensor": meta["sensor"],
+            "bands": bands,
+            "mean": mean,
+            "std": std,
+            "normalisation": NORMALISATION_RULE,
+            "img_size": size,
+        },
+    }
+
+
+def write_timm_folder(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    """``model.safetensors`` (the state dict without the training-only mask token) and ``config.json``."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.contiguous() for name, tensor in encoder.state_dict().items() if name != "mask_token"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(timm_config(encoder, meta), indent=2) + "\n")
+
+
+def write_onnx(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    """``model.onnx``, traced at one image of the trained size, batch axis dynamic."""
+    onnx = require("onnx", "an onnx export")
+    path = out / "model.onnx"
+    with warnings.catch_warnings():
+        # timm's size checks become constants in the trace (TracerWarning); check_export verifies the graph instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder, (_example(meta, batch=1),), str(path), input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+        )  # fmt: skip
+    onnx.checker.check_model(str(path))
+
+
+def write_torchscript(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    """``model.torchscript.pt``, ``torch.jit.trace`` of the encoder at one image of the trained size."""
+    with warnings.catch_warnings():
+        # torch 2.9+ marks TorchScript deprecated (FutureWarning), and timm's size checks become constants in the
+        # trace (TracerWarning); check_export verifies the traced module instead.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(encoder, _example(meta, batch=1), check_trace=False)  # check_export checks it
+        torch.jit.save(traced, str(out / "model.torchscript.pt"))
+
+
+WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Path], None]] = {
+    "timm": write_timm_folder,
+    "onnx": write_onnx,
+    "torchscript": write_torchscript,
+}
+
+
+def _example(meta: dict[str, Any], *, batch: int) -> torch.Tensor:
+    """A seeded batch of normalised-looking images (z-scores) of the trained size: (batch, C, S, S)."""
+    size = int(meta["img_size"])
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, int(meta["in_chans"]), size, size, generator=generator)
+
+
+def read_features(fmt: str, out: Path, images: torch.Tensor) -> np.ndarray:
+    """Features of ``images`` from the export in ``out``, loaded with the format's own library."""
+    if fmt == "timm":
+        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        with torch.no_grad():
+            return model(images).numpy()
+    if fmt == "onnx":
+        runtime = require("onnxruntime", "an onnx export")
+        session = runtime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"images": images.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation, see write_torchscript
+        module = torch.jit.load(str(out / "model.torchscript.pt"))
+    with torch.no_grad():
+        return module(images).numpy()
+
+
+def check_export(fmt: str, out: Path, encoder: nn.Module, meta: dict[str, Any]) -> float:
+    """The largest difference of the export's features from the encoder's on ``CHECK_BATCH`` seeded images.
+
+    Raises:
+        RuntimeError: the export does not reproduce the encoder (a bug in the export, not in the input).
+    """
+    images = _example(meta, batch=CHECK_BATCH)
+    with torch.no_grad():
+        expected = encoder(images).numpy()
+    got = read_features(fmt, out, images)
+    if got.shape != expected.shape:
+        raise RuntimeError(f"the {fmt} export gives features of shape {got.shape}, the encoder {expected.shape}")
+    difference = float(np.abs(got - expected).max())
+    if difference > TOLERANCE * max(1.0, float(np.abs(expected).max())):
+        raise RuntimeError(f"the {fmt} export's features differ from the encoder's by up to {difference:.3g}")
+    return difference
+
+
+def read_encoder(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """``tasks.train.load_encoder``'s evaluation encoder and meta, and the checkpoint itself, from one read of the
+    file: it also holds the AdamW moments, so a second read would double the export's slowest step."""
+    state = read_checkpoint(checkpoint)
+    meta = {**state["meta"], "step": state["step"]}
+    encoder = build_encoder(meta["backbone"], meta["in_chans"], img_size=meta["img_size"])
+    encoder.load_state_dict(state["teacher"])  # the EMA teacher, or the student under teacher=stop_gradient
+    return encoder.eval(), meta, state
+
+
+def describe(
+    fmt: str, encoder: nn.Module, meta: dict[str, Any], state: dict[str, Any], *, checkpoint: str, max_abs_diff: float
+) -> ExportedModel:
+    """The export as the model card and the STAC Item describe it."""
+    framework, version = (
+        ("ONNX", require("onnx", "an onnx export").__version__) if fmt == "onnx" else ("PyTorch", torch.__version__)
+    )
+    parameters = sum(p.numel() for name, p in encoder.named_parameters() if name != "mask_token")
+    return ExportedModel(
+        format=fmt,
+        files=FILES[fmt],
+        framework=framework,
+        framework_version=version,
+        backbone=str(meta["backbone"]),
+        sensor=str(meta["sensor"]),
+        bands=tuple(meta["bands"]),
+        mean=tuple(float(v) for v in meta["norm_stats"]["mean"]),
+        std=tuple(float(v) for v in meta["norm_stats"]["std"]),
+        img_size=int(meta["img_size"]),
+        patch_size=patch_size(encoder) if is_vit(encoder) else None,
+        num_features=int(getattr(encoder, "num_features", 0)),
+        total_parameters=parameters,
+        step=int(state["step"]),
+        checkpoint=checkpoint,
+        train_config=dict(state["config"]),
+        class_names=tuple(meta.get("class_names") or ()),
+        max_abs_diff=max_abs_diff,
+    )
+
+
+def run_export(config: ExportConfig, checkpoint: str | Path, record: TrainRecord | None = None) -> ExportReport:
+    """Export the encoder of ``checkpoint`` in ``config.format`` into ``config.out``, check it, and write the model
+    card and the STAC Item beside it.
+
+    Example::
+
+        config = ExportConfig(model="ckpt/step_000300.pt", format="onnx", out="export")
+        report = run_export(config, "ckpt/step_000300.pt")
+        # export/model.onnx, export/README.md, export/model.stac.json
+
+    Args:
+        config: the format and the folder; ``config.model`` is what the user named (the flow resolves it).
+        checkpoint: the training checkpoint file behind ``config.model``.
+        record: what MLflow holds of the train run, for the card; None for a bare checkpoint file.
+
+    Raises:
+        FileNotFoundError: no checkpoint file.
+        ValueError: a file that is not a softcon checkpoint, or a format whose library is not installed.
+        RuntimeError: the written file does not reproduce the encoder.
+    """
+    encoder, meta, state = read_encoder(checkpoint)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    WRITERS[config.format](encoder, meta, out)
+    difference = check_export(config.format, out, encoder, meta)
+    model = describe(config.format, encoder, meta, state, checkpoint=str(checkpoint), max_abs_diff=difference)
+    lineage = read_lineage(model.train_config)
+    card = write_model_card(out, model, lineage, record)
+    item = write_stac_item(out, model, lineage, record)
+    return ExportReport(
+        out=str(out),
+        format=config.format,
+        files=[file.name for file in model.files] + [card.name, item.name],
+        num_features=model.num_features,
+        max_abs_diff=difference,
+    )

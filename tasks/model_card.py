@@ -1,0 +1,461 @@
+"""Model card and STAC Item of an exported encoder: what it is, what it takes, where its training data came from.
+
+Both are written beside the exported files from the same facts: the checkpoint's meta and training config
+(``ExportedModel``), what the training store and its cube record of the data (``read_lineage``: the store's
+fingerprint, cube, tiles and build parameters, the land-cover product in the cube), and what MLflow holds of the
+train run (``TrainRecord``: the flow reads it, since tasks do not query MLflow).
+
+- ``README.md``, the card, for people: the input contract, the output, the training config, the data lineage,
+  the MLflow run and code version, evaluation results, and the licences of the data the weights were trained on.
+- ``model.stac.json``, a STAC Item with the Machine Learning Model extension (``mlm``), for catalogues. Its
+  ``mlm:*`` fields are built with ``stac-model``'s pydantic models, which refuse a bad value when the Item is
+  written. The Item declares MLM v1.5.2: ``stac-model`` 0.7.0 writes v1.6.0, whose JSON schema is not published
+  in any copy this project can test against offline; the v1.5.2 schema is vendored in ``tests/data/stac_mlm`` and
+  the tests validate every written Item against it (the fields used here are the same in both versions).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+import zarr
+
+from softcon.models.training_store import read_store_attrs
+from softcon.tasks.cube_store import open_cube, tile_group
+
+MODEL_CARD = "README.md"
+STAC_ITEM = "model.stac.json"
+MLM_SCHEMA_URI = "https://stac-extensions.github.io/mlm/v1.5.2/schema.json"
+"""The MLM version the Item declares (see the module docstring for why not stac-model's own)."""
+NORMALISATION_RULE = (
+    "z-score per band on the raw values: (x - mean) / std with the mean and std listed here; nodata (Sentinel-2 "
+    "value 0, Sentinel-1 NaN or inf) is set to 0 after it, i.e. to the band mean"
+)
+"""How the pipeline normalises every input (``models.data.StoreDataset.normalise``); exports expect the same."""
+SENTINEL_ATTRIBUTION = (
+    "Contains modified Copernicus Sentinel data (Sentinel-1/-2, free, full and open access under the EU Copernicus "
+    "data policy)."
+)
+LABEL_LICENCES: dict[str, str] = {
+    "worldcover": "ESA WorldCover 10 m © ESA WorldCover project, licensed CC-BY 4.0.",
+    "dynamic-world": "Dynamic World © Google, in partnership with the World Resources Institute, licensed CC-BY 4.0.",
+    "io-lulc": "Impact Observatory / Esri 10 m annual land use and land cover, licensed CC-BY 4.0.",
+    "corine-bigearthnet19": (
+        "CORINE Land Cover © European Union, Copernicus Land Monitoring Service (free, full and open access, "
+        "with attribution)."
+    ),
+}
+"""Licence line of each label scheme's product (``tasks/schemes.py``)."""
+SOURCE_LICENCES: dict[str, str] = {"ssl4eo-s12": "SSL4EO-S12 (Wang et al. 2023), licensed CC-BY 4.0."}
+"""Licence line of a training store built from a published dataset instead of the pipeline's own cube."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of an export, as the Item lists it among its assets."""
+
+    key: str
+    """Its asset key in the Item (``model`` for the model file)."""
+    name: str
+    title: str
+    media_type: str
+    roles: tuple[str, ...]
+    artifact_type: str | None = None
+    """``mlm:artifact_type`` of the model file (how it was saved); None for the other files."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """An exported encoder: the files written and the contract of the module they hold."""
+
+    format: str
+    files: tuple[ModelFile, ...]
+    """The model file first."""
+    framework: str
+    """``mlm:framework``: the library that runs the file (PyTorch, ONNX)."""
+    framework_version: str
+    backbone: str
+    sensor: str
+    bands: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int
+    patch_size: int | None
+    """A ViT's patch side in pixels; None for a CNN."""
+    num_features: int
+    total_parameters: int
+    step: int
+    checkpoint: str
+    train_config: dict[str, Any]
+    class_names: tuple[str, ...]
+    """The land-cover classes of the pretraining labels (the model has no classifier)."""
+    max_abs_diff: float
+    """Largest difference between the exported file's features and the encoder's on the export check."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluate run of the exported model and the model's own metrics in it."""
+
+    run_id: str
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """What MLflow holds of the train run behind an export (there is none for a bare checkpoint file)."""
+
+    run_id: str
+    code_version: str | None
+    """The run's ``softcon.code_version`` tag: the commit that trained the model."""
+    registered: str | None = None
+    """The ``models:/…`` URI the export was asked for, when it was one."""
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Chosen params of the ingest and labels runs of the same pipeline run (its STAC source, its label source)."""
+    evaluations: tuple[Evaluation, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The training data as the checkpoint's config, its store and the store's cube record it; None if unrecorded."""
+
+    store: str | None
+    fingerprint: str | None
+    source: str | None
+    """Where the store came from: a cube path, or a published dataset (``ssl4eo-s12``)."""
+    tiles: tuple[str, ...]
+    build_params: dict[str, Any]
+    """The preprocess (or import) parameters the store was built with."""
+    label_scheme: str | None
+    label_product: str | None
+    label_source: str | None
+    time_range: tuple[str, str] | None
+    """First and last acquisition day of the store's samples."""
+
+
+def require(module: str, purpose: str) -> Any:
+    """Import a package of the ``export`` extra, with an error that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"{purpose} needs the {module} package: pip install 'softcon-pipeline[export]'") from error
+
+
+def read_lineage(train_config: dict[str, Any]) -> Lineage:
+    """What the training store named in ``train_config`` (and its cube) record; empty when they are gone."""
+    store: str | None = train_config.get("store")
+    attrs = (read_store_attrs(store) if store else None) or {}
+    cube = attrs.get("cube")
+    land_cover = _land_cover_attrs(cube, attrs.get("tiles", [])) if cube else {}
+    return Lineage(
+        store=store,
+        fingerprint=attrs.get("fingerprint"),
+        source=attrs.get("source") or cube,
+        tiles=tuple(attrs.get("tiles", [])),
+        build_params=dict(attrs.get("params") or {}),
+        label_scheme=attrs.get("label_scheme") or land_cover.get("class_scheme"),
+        label_product=land_cover.get("product"),
+        label_source=land_cover.get("source") or attrs.get("ssl4eo_labels"),
+        time_range=_time_range(store) if store and attrs else None,
+    )
+
+
+def _land_cover_attrs(cube: str, tiles: list[str]) -> dict[str, Any]:
+    """The attributes of the first of ``tiles`` with a land-cover array (product, source, scheme), else empty."""
+    try:
+        root = open_cube(cube)
+    except (FileNotFoundError, ValueError):
+        return {}
+    for tile_id in tiles:
+        group = tile_group(root, tile_id)
+        if group is not None and "landcover" in group:
+            return dict(group["landcover"].attrs)
+    return {}
+
+
+def _time_range(store: str) -> tuple[str, str] | None:
+    """First and last day of the store's ``time`` array (one value per sample), or None when unreadable."""
+    try:
+        array = zarr.open_group(store, mode="r")["time"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    if not isinstance(array, zarr.Array):
+        return None
+    times = np.asarray(array[:]).astype("datetime64[D]")
+    return (str(times.min()), str(times.max())) if times.size else None
+
+
+def data_licences(lineage: Lineage) -> list[str]:
+    """The licence and attribution lines of the data the weights were trained on."""
+    lines = [SENTINEL_ATTRIBUTION]
+    if lineage.source in SOURCE_LICENCES:
+        lines.append(SOURCE_LICENCES[lineage.source])
+    if lineage.label_scheme in LABEL_LICENCES:
+        lines.append(f"Labels: {LABEL_LICENCES[lineage.label_scheme]}")
+    else:
+        scheme = lineage.label_scheme or "not recorded"
+        lines.append(f"Labels: scheme {scheme}; the licence of its source ({lineage.label_source or '?'}) applies.")
+    return lines
+
+
+def model_name(model: ExportedModel) -> str:
+    """A name for the model: method, backbone and sensor (``softcon-resnet50-s2``)."""
+    return f"softcon-{model.backbone}-{model.sensor}".replace("_", "-")
+
+
+def _sensor_values(model: ExportedModel) -> str:
+    """What the raw input values are, by sensor and band set."""
+    if model.sensor == "s1":
+        return "Sentinel-1 backscatter in dB (float32; NaN = nodata)"
+    level = "L1C top-of-atmosphere" if "B10" in model.bands else "L2A surface"
+    return f"Sentinel-2 {level} reflectance x 10000 (uint16 as stored; 0 = nodata)"
+
+
+def _loading(model: ExportedModel) -> str:
+    """A snippet that loads the export with its own library and embeds one batch."""
+    shape = f"(batch, {len(model.bands)}, {model.img_size}, {model.img_size})"
+    if model.format == "timm":
+        return (
+            "import timm\n\n"
+            'encoder = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()\n'
+            f"features = encoder(images)  # images: normalised float32 {shape}"
+        )
+    if model.format == "onnx":
+        return (
+            "import onnxruntime\n\n"
+            'session = onnxruntime.InferenceSession("model.onnx")\n'
+            f'(features,) = session.run(None, {{"images": images}})  # images: normalised float32 numpy {shape}'
+        )
+    return (
+        "import torch\n\n"
+        f'encoder = torch.jit.load("{model.files[0].name}")\n'
+        f"features = encoder(images)  # images: normalised float32 {shape}"
+    )
+
+
+def _size_rule(model: ExportedModel) -> str:
+    """Which image sides the export takes."""
+    fixed = "" if model.format == "timm" else f"; this {model.format} graph was traced at {model.img_size} px only"
+    if model.patch_size is None:
+        return f"{model.img_size} x {model.img_size} px as trained (a CNN takes other sizes too{fixed})"
+    return (
+        f"{model.img_size} x {model.img_size} px as trained; a ViT with patch {model.patch_size}: other sides must be "
+        f"multiples of {model.patch_size} (the pipeline centre-crops larger images to {model.img_size}{fixed})"
+    )
+
+
+def _fenced(language: str, text: str) -> str:
+    return f"```{language}\n{text}\n```"
+
+
+def _input_section(model: ExportedModel) -> str:
+    rows = "\n".join(
+        f"| {index} | {band} | {mean:.6g} | {std:.6g} |"
+        for index, (band, mean, std) in enumerate(zip(model.bands, model.mean, model.std, strict=True))
+    )
+    return (
+        "## Input contract\n\n"
+        f"- bands, in this order ({len(model.bands)}): {', '.join(model.bands)}; raw values: {_sensor_values(model)}\n"
+        f"- normalisation: {NORMALISATION_RULE}\n"
+        f"- image size: {_size_rule(model)}\n"
+        "- dtype float32, layout (batch, band, height, width)\n\n"
+        f"| index | band | mean | std |\n|---|---|---|---|\n{rows}"
+    )
+
+
+def _training_section(model: ExportedModel) -> str:
+    config = model.train_config
+    return (
+        "## Training\n\n"
+        f"- backbone `{model.backbone}`, objective {config.get('objective')}, {model.step} steps, batch size "
+        f"{config.get('batch_size')}, lr {config.get('lr')}, lambda_soft {config.get('lambda_soft')}, teacher "
+        f"{config.get('teacher')}; the exported weights are the evaluation encoder (the EMA teacher, or the student "
+        "itself with teacher stop_gradient)\n"
+        f"- initial weights: {config.get('weights') or 'random initialisation'}\n"
+        f"- checkpoint: `{model.checkpoint}`\n"
+        f"- pretraining label classes ({len(model.class_names)}): {', '.join(model.class_names) or 'none'}\n\n"
+        "Full training config:\n\n" + _fenced("json", json.dumps(config, indent=2, sort_keys=True))
+    )
+
+
+def _lineage_section(lineage: Lineage, record: TrainRecord | None) -> str:
+    stac = record.sources.get("ingest", {}).get("stac") if record else None
+    tiles = f" (tiles: {', '.join(lineage.tiles)})" if lineage.tiles else ""
+    days = f"{lineage.time_range[0]} to {lineage.time_range[1]}" if lineage.time_range else "not recorded"
+    return (
+        "## Training data lineage\n\n"
+        f"- training store: `{lineage.store or 'not recorded'}`\n"
+        f"- store fingerprint: `{lineage.fingerprint or 'not recorded'}`\n"
+        f"- built from: `{lineage.source or 'not recorded'}`{tiles}\n"
+        f"- STAC source: {f'`{stac}`' if stac else 'not recorded'}\n"
+        f"- land-cover labels: scheme {lineage.label_scheme or 'not recorded'}, product "
+        f"{lineage.label_product or 'not recorded'}, source `{lineage.label_source or 'not recorded'}`\n"
+        f"- acquisition days: {days}\n\n"
+        "Store build parameters:\n\n" + _fenced("json", json.dumps(lineage.build_params, indent=2, sort_keys=True))
+    )
+
+
+def _provenance_section(record: TrainRecord | None) -> str:
+    if record is None:
+        return "## Provenance\n\n- MLflow train run: none recorded (exported from a checkpoint file)"
+    asked = f" (asked for as `{record.registered}`)" if record.registered else ""
+    return (
+        "## Provenance\n\n"
+        f"- MLflow train run: `{record.run_id}`{asked}\n"
+        f"- code version (tag `softcon.code_version` of the run): `{record.code_version or 'not recorded'}`"
+    )
+
+
+def _evaluation_section(record: TrainRecord | None) -> str:
+    if record is None or not record.evaluations:
+        return "## Evaluation\n\nNone recorded."
+    lines = [
+        f"- evaluate run `{evaluation.run_id}`: "
+        + ", ".join(f"{name} {value:.4g}" for name, value in sorted(evaluation.metrics.items()))
+        for evaluation in record.evaluations
+    ]
+    return "## Evaluation\n\n" + "\n".join(lines)
+
+
+def model_card(model: ExportedModel, lineage: Lineage, record: TrainRecord | None) -> str:
+    """The card's Markdown text."""
+    files = "\n".join(f"| `{file.name}` | {file.title} |" for file in model.files)
+    licences = "\n".join(f"- {line}" for line in data_licences(lineage))
+    sections = [
+        f"# {model_name(model)}: SoftCon-pretrained {model.backbone} encoder for {', '.join(model.bands)}",
+        "A frozen feature extractor pretrained with SoftCon (label-guided soft contrastive learning) by the "
+        f"softcon-pipeline project, exported as **{model.format}**. It maps normalised images (batch, "
+        f"{len(model.bands)}, H, W) to embeddings (batch, {model.num_features}) and has no classifier: train a head "
+        "(a linear probe, kNN) on the embeddings for a downstream task.",
+        f"| file | what |\n|---|---|\n{files}",
+        "## Loading\n\n" + _fenced("python", _loading(model)),
+        _input_section(model),
+        f"## Output\n\n(batch, {model.num_features}) float32 embeddings: the backbone's pooled features (global "
+        "average pooling for a CNN, the class token after the final norm for a ViT). Reloaded with its library, "
+        f"the export reproduced the pipeline's encoder to a largest difference of {model.max_abs_diff:.2g}.",
+        _training_section(model),
+        _lineage_section(lineage, record),
+        _provenance_section(record),
+        _evaluation_section(record),
+        "## Licences\n\n- The code that trained and exported the model: Apache-2.0 (softcon-pipeline).\n" + licences,
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def stac_item(
+    model: ExportedModel, lineage: Lineage, record: TrainRecord | None, *, written: datetime
+) -> dict[str, Any]:
+    """The STAC Item (MLM extension) describing the export, as a JSON-able dict.
+
+    Args:
+        written: when the checkpoint was written: the Item's ``datetime`` when the store's days are not known.
+
+    Raises:
+        pydantic.ValidationError: a field ``stac-model`` refuses (a band count that does not match the shape …).
+    """
+    require("stac_model", "the STAC Item of an export")  # a clear error when the extra is not installed
+    from stac_model.base import ModelHyperParameters, ProcessingExpression
+    from stac_model.input import InputStructure, ModelInput, ValueScalingZScore
+    from stac_model.output import ModelOutput, ModelResult
+    from stac_model.schema import MLModelProperties
+
+    channels = len(model.bands)
+    properties = MLModelProperties(
+        name=model_name(model),
+        architecture=model.backbone,
+        tasks={"similarity-search"},
+        framework=model.framework,
+        framework_version=model.framework_version,
+        total_parameters=model.total_parameters,
+        pretrained=True,
+        pretrained_source=f"SoftCon pretraining on the training store {lineage.store or '(not recorded)'}",
+        input=[
+            ModelInput(
+                name=f"{model.sensor} {channels} bands",
+                bands=list(model.bands),
+                input=InputStructure(
+                    shape=[-1, channels, model.img_size, model.img_size],
+                    dim_order=["batch", "bands", "height", "width"],
+                    data_type="float32",
+                ),
+                value_scaling=[
+                    ValueScalingZScore(mean=mean, stddev=std) for mean, std in zip(model.mean, model.std, strict=True)
+                ],
+                pre_processing_function=ProcessingExpression(
+                    format="python", expression="softcon.models.data.StoreDataset.normalise"
+                ),
+            )
+        ],
+        output=[
+            ModelOutput(
+                name="embedding",
+                tasks={"similarity-search"},
+                result=ModelResult(
+                    shape=[-1, model.num_features], dim_order=["batch", "embedding"], data_type="float32"
+                ),
+            )
+        ],
+        hyperparameters=ModelHyperParameters(**model.train_config),
+    )
+    mlm = json.loads(properties.model_dump_json(by_alias=True))
+    bands = [{"name": band} for band in model.bands]
+    start_end = (
+        {"start_datetime": f"{lineage.time_range[0]}T00:00:00Z", "end_datetime": f"{lineage.time_range[1]}T23:59:59Z"}
+        if lineage.time_range
+        else {}
+    )
+    item = pystac.Item(
+        id=f"{model_name(model)}-{record.run_id if record else Path(model.checkpoint).stem}",
+        geometry=None,
+        bbox=None,
+        datetime=None if start_end else written,
+        properties={
+            "title": f"{model_name(model)} ({model.format})",
+            "description": f"SoftCon-pretrained {model.backbone} encoder; see {MODEL_CARD}.",
+            "bands": bands,
+            **start_end,
+            **mlm,
+        },
+        stac_extensions=[MLM_SCHEMA_URI],
+    )
+    for file in model.files:
+        # STAC 1.1's core schema allows ``bands`` in the properties (where MLM 1.5.2 looks for them) only when an
+        # asset has them too: the model file's.
+        extra = {"mlm:artifact_type": file.artifact_type, "bands": bands} if file.artifact_type else {}
+        item.add_asset(
+            file.key,
+            pystac.Asset(href=f"./{file.name}", title=file.title, media_type=file.media_type, roles=list(file.roles),
+                         extra_fields=extra),
+        )  # fmt: skip
+    item.add_asset(
+        "model_card",
+        pystac.Asset(href=f"./{MODEL_CARD}", title="Model card", media_type="text/markdown", roles=["metadata"]),
+    )
+    if record:
+        item.properties["softcon:train_run_id"] = record.run_id
+        item.properties["softcon:code_version"] = record.code_version
+    return item.to_dict(include_self_link=False)
+
+
+def write_model_card(out: Path, model: ExportedModel, lineage: Lineage, record: TrainRecord | None) -> Path:
+    """Write ``README.md`` into ``out``."""
+    path = out / MODEL_CARD
+    path.write_text(model_card(model, lineage, record))
+    return path
+
+
+def write_stac_item(out: Path, model: ExportedModel, lineage: Lineage, record: TrainRecord | None) -> Path:
+    """Write ``model.stac.json`` into ``out``; its ``datetime`` (without a known time range) is the checkpoint's
+    modification time, so a re-export of the same checkpoint writes the same Item."""
+    written = datetime.fromtimestamp(os.stat(model.checkpoint).st_mtime, UTC)
+    path = out / STAC_ITEM
+    path.write_text(json.dumps(stac_item(model, lineage, record, written=written), indent=2) + "\n")
+    return path
