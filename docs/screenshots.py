@@ -8,8 +8,10 @@ It starts ``softcon serve``'s servers in a temporary project folder, registers t
 demo pipeline through the servers (so MLflow holds a parent run with the five stage runs nested under it),
 then saves ``docs/img/prefect-deployment-form.png`` (the backfill deployment's custom-run parameter form in the
 Prefect UI a fresh browser opens, V2, reached by clicking as a user does)
-and ``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow: Playwright clicks the parent run's
-expander so its five stage runs show nested under it; MLflow keeps that state in the browser, not the URL).
+``docs/img/mlflow-nested-runs.png`` (the pipeline's runs in MLflow: Playwright clicks the parent run's
+expander so its five stage runs show nested under it, with the datasets each read and wrote in the Dataset column;
+MLflow keeps that state in the browser, not the URL) and ``docs/img/mlflow-model-version.png`` (the registered
+encoder's version with its ``best`` alias and the evaluation's ``eval.*`` tags).
 """
 
 from __future__ import annotations
@@ -103,6 +105,27 @@ def screenshot_nested_runs(url: str, out: Path, children: list[str], *, width: i
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}, {len(children)} nested runs expanded")
 
 
+def screenshot_model_version(url: str, out: Path, *, width: int = 1400, height: int = 900) -> None:
+    """Open a registered model version's page in MLflow's UI and screenshot it once its aliases show."""
+    from playwright.sync_api import sync_playwright
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=BROWSER_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url)
+            page.get_by_text("@ best").first.wait_for(timeout=120_000)
+            assistant_close = page.get_by_role("button", name="Close")
+            if assistant_close.count():
+                assistant_close.first.click()
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(out), full_page=True)
+        finally:
+            browser.close()
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB) from {url}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=IMAGES, help="folder for the PNG files")
@@ -135,6 +158,11 @@ def main() -> None:
                 f"{services.mlflow_url}/#/experiments/{experiment.experiment_id}/runs?searchFilter={search}",
                 args.out / "mlflow-nested-runs.png",
                 ["ingest", "labels", "preprocess", "train", "evaluate"],
+            )
+            best = client.get_model_version_by_alias("softcon-encoder", "best")
+            screenshot_model_version(
+                f"{services.mlflow_url}/#/models/softcon-encoder/versions/{best.version}",
+                args.out / "mlflow-model-version.png",
             )
     finally:
         shutil.rmtree(home, ignore_errors=True)
