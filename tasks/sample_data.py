@@ -13,6 +13,16 @@ Writes, for ``tiles`` tiles of the project grid near 11°E 46.5°N (UTM 32N):
   ``esa-worldcover`` Items (S1 assets declare ``raster:bands[0].unit = "dB"``), their Collections, and
   ``items.json``, an ItemCollection holding every Item. Asset hrefs are absolute local paths.
 
+Two worlds: ``painted`` (the default) paints each pixel with its class's spectrum, so per-band statistics
+already tell the classes apart; ``structured`` (``tasks/sample_world.py``, docs/sample_world.md) gives classes
+shared spectra and distinct spatial structure, and also writes
+
+- ``dynamic_world/…_label.tif``: a coarse (30 m), noisy Dynamic-World-like label COG (labels 0..8, nodata 255)
+  in the scenes' UTM CRS, the pretraining labels (labels stage: ``source=<that file>, scheme=dynamic-world``);
+- ``bigearthnet/<patch>/<patch>_<band>.tif`` + ``<patch>_labels_metadata.json``: BigEarthNet-format S2 patches
+  with CORINE level-3 labels, cut from landscapes next to the scenes on the scenes' dates, and
+  ``bigearthnet/{train,val,test}.csv`` splitting them by location block (evaluate: ``--bigearthnet``).
+
 Same parameters, same bytes; a manifest of the parameters lets a second call reuse the files.
 """
 
@@ -22,22 +32,42 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import rasterio
 from affine import Affine
-from pyproj import Transformer
+from pyproj import CRS, Transformer
 
 from softcon.tasks.grid import Tile, tiles_for_bbox
+from softcon.tasks.sample_world import (
+    CLASSES,
+    DYNAMIC_WORLD_NODATA,
+    Clouds,
+    Landscape,
+    WorldParams,
+    apply_clouds,
+    corine_labels,
+    draw_atmosphere,
+    draw_clouds,
+    draw_landscape,
+    dynamic_world_labels,
+    render_backscatter,
+    render_reflectance,
+    smooth_field,
+)
 
 log = logging.getLogger(__name__)
 
+World = Literal["painted", "structured"]
 MANIFEST = "manifest.json"
 GENERATOR_VERSION = 1
+SCENE_MARGIN_PX = 30
+"""10 m pixels of structured landscape drawn around the scenes, so that the maps cover the tiles' edges."""
 CENTRE_LONLAT = (11.0, 46.5)
 START_DATE = date(2024, 6, 1)
 DATE_STEP_DAYS = 5
@@ -73,7 +103,6 @@ CLASS_SPECTRA: dict[int, tuple[int, ...]] = {
     80: (400, 500, 600, 400, 300, 200, 180, 150, 140, 60, 80, 50),  # permanent water
     90: (300, 400, 550, 400, 700, 1300, 1500, 1600, 1650, 500, 1000, 600),  # herbaceous wetland
 }
-CLOUD_SPECTRUM = (7000, 7200, 7000, 7100, 7000, 6900, 6800, 6800, 6700, 2500, 4000, 2800)
 # (VV, VH) dB per class: C-band backscatter of forest, fields, cities (double bounce), calm water.
 CLASS_BACKSCATTER: dict[int, tuple[float, float]] = {
     10: (-7.5, -13.5), 20: (-9.0, -16.0), 30: (-11.0, -18.0), 40: (-10.0, -17.0), 50: (-4.0, -10.0),
@@ -123,6 +152,12 @@ class SampleData:
     s1_dates: list[date]
     cloud_fractions: list[float]
     """Cloud + shadow fraction of each S2 date."""
+    world: World = "painted"
+    """Which generative model drew the scenes."""
+    dynamic_world: Path | None = None
+    """Structured world: the Dynamic-World-like label COG (pretraining labels, scheme ``dynamic-world``)."""
+    bigearthnet: Path | None = None
+    """Structured world: the BigEarthNet-format evaluation folder (patch folders and split lists)."""
 
 
 def _grid_layout(tiles: int) -> tuple[int, int]:
@@ -207,16 +242,6 @@ class _LandCoverField:
             closer = d < best_d
             best[closer], best_d[closer] = i, d[closer]
         return self.classes[best].reshape(shape)
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_px: float) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field (Gaussian-filtered white noise, via FFT)."""
-    noise = rng.standard_normal(shape)
-    fy = np.fft.fftfreq(shape[0])[:, None]
-    fx = np.fft.fftfreq(shape[1])[None, :]
-    kernel = np.exp(-2 * (np.pi * scale_px) ** 2 * (fx**2 + fy**2))
-    field = np.real(np.fft.ifft2(np.fft.fft2(noise) * kernel))
-    return (field - field.mean()) / (field.std() + 1e-12)
 
 
 def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
@@ -430,45 +455,26 @@ def _cloud_targets(dates: int, rng: np.random.Generator) -> list[float]:
     return [float(t) for t in targets]
 
 
-def write_sample_data(
-    out: Path, *, tiles: int = 4, tile_size: int = 256, dates: int = 4, seed: int = 0, resolution: float = 10.0
-) -> SampleData:
-    """Write a seeded Sentinel-2/-1 + WorldCover sample area with its STAC Items under ``out``.
+@dataclass(frozen=True)
+class _Scenes:
+    """What a world's scene writer wrote."""
 
-    Args:
-        out: folder to write into (created; reused when its manifest matches the parameters).
-        tiles: number of grid tiles the scenes cover (laid out as a near-square block).
-        tile_size: tile side in pixels of the grid.
-        dates: number of S2 acquisitions (5 days apart; S1 one day after each).
-        seed: seed of every random draw.
-        resolution: grid pixel size in metres (the rasters keep their native 10/20/60 m).
+    items: list[dict[str, Any]]
+    """S2 and S1 Items, in date order."""
+    cloud_fractions: list[float]
+    worldcover: tuple[Path, Affine, tuple[int, int]]
+    """The WorldCover-format COG, its transform and shape."""
+    dynamic_world: Path | None = None
+    bigearthnet: Path | None = None
 
-    Example:
-        >>> sample = write_sample_data(Path("sample"), tiles=2, tile_size=64, dates=3)
-        >>> sample.items_file  # serve it with tasks.stac_server.serve_stac
-    """
-    if tiles < 1 or tile_size < 8 or dates < 1:
-        raise ValueError(f"need tiles >= 1, tile_size >= 8, dates >= 1; got {tiles}, {tile_size}, {dates}")
-    out = Path(out).resolve()
-    params = {"version": GENERATOR_VERSION, "tiles": tiles, "tile_size": tile_size, "dates": dates,
-              "seed": seed, "resolution": resolution}  # fmt: skip
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("params") == params:
-            log.info("sample data in %s already written with %s; reusing it", out, params)
-            return _sample_from_manifest(recorded)
-        log.info("sample data in %s has other parameters; rewriting it", out)
-        for sub in ("s2", "s1", "worldcover", "collections"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
 
-    grid_tiles, bounds = _sample_tiles(tiles, tile_size, resolution)
-    epsg = grid_tiles[0].epsg
-    crs = f"EPSG:{epsg}"
+def _write_painted_scenes(
+    out: Path, rng: np.random.Generator, bounds: tuple[float, ...], epsg: int, s2_dates: list[date],
+    s1_dates: list[date], tile_side: float,
+) -> _Scenes:  # fmt: skip
+    """The painted world: each pixel its class's spectrum, with texture, noise, clouds and speckle."""
     left, bottom, right, top = bounds
-    land_cover = _LandCoverField.draw(rng, bounds, grid_tiles[0].side)
+    land_cover = _LandCoverField.draw(rng, bounds, tile_side)
 
     # Truth at 10 m over the scene; every band is derived from it and then averaged to native resolution.
     width, height = round((right - left) / 10), round((top - bottom) / 10)
@@ -479,64 +485,289 @@ def write_sample_data(
     lookup = np.zeros(256, dtype=np.int64)
     lookup[list(CLASS_SPECTRA)] = np.arange(len(CLASS_SPECTRA))
     base = spectra[lookup[classes]].transpose(2, 0, 1)  # (band, y, x)
-    texture = 1 + 0.06 * _smooth_field(rng, (height, width), 3)  # within-field variability
+    texture = 1 + 0.06 * smooth_field(rng, (height, width), 3)  # within-field variability
 
-    worldcover = _write_worldcover(out, land_cover, bounds, epsg)
+    worldcover = _write_worldcover(out, land_cover.classes_at, bounds, epsg)
 
-    s2_dates = [START_DATE + timedelta(days=DATE_STEP_DAYS * i) for i in range(dates)]
-    s1_dates = [d + timedelta(days=1) for d in s2_dates]
-    targets = _cloud_targets(dates, rng)
+    targets = _cloud_targets(len(s2_dates), rng)
+    items: list[dict[str, Any]] = []
+    cloud_fractions: list[float] = []
+    backscatter = np.array([CLASS_BACKSCATTER[int(c)] for c in range(256) if c in CLASS_BACKSCATTER])
+    s1_lookup = np.zeros(256, dtype=np.int64)
+    s1_lookup[list(CLASS_BACKSCATTER)] = np.arange(len(CLASS_BACKSCATTER))
+    for index, (day, target) in enumerate(zip(s2_dates, targets, strict=True)):
+        seasonal = 1 + 0.04 * smooth_field(rng, (height, width), 20) + 0.02 * index
+        reflectance = base * texture * seasonal
+        reflectance += rng.normal(0, 0.015, reflectance.shape) * reflectance + rng.normal(0, 20, reflectance.shape)
+        clouds = draw_clouds(rng, (height, width), target)
+        reflectance = apply_clouds(reflectance, clouds)
+        cloud_fractions.append(float((clouds.cloud | clouds.shadow).mean()))
+        items.append(_write_s2_scene(out, day, reflectance, _scene_classification(classes, clouds), clouds, bounds,
+                                     epsg))  # fmt: skip
+        pols = []
+        for p in range(2):
+            mean_db = backscatter[s1_lookup[classes], p] + 0.8 * smooth_field(rng, (height, width), 5)
+            # Multiplicative gamma speckle of a 4.4-look product, applied in linear power.
+            speckle = rng.gamma(4.4, 1 / 4.4, classes.shape)
+            pols.append((10 * np.log10(10 ** (mean_db / 10) * speckle)).astype(np.float32))
+        items.append(_write_s1_scene(out, s1_dates[index], index, np.stack(pols), bounds, epsg))
+    return _Scenes(items=items, cloud_fractions=cloud_fractions, worldcover=worldcover)
+
+
+def _scene_classification(worldcover_codes: np.ndarray, clouds: Clouds) -> np.ndarray:
+    """Sen2Cor-like SCL at 10 m: vegetation / not vegetated / water / snow by class, then shadows and clouds."""
+    scl = np.vectorize(SCL_OF_CLASS.get, otypes=[np.uint8])(worldcover_codes)
+    scl[clouds.shadow] = 3
+    scl[clouds.cloud] = 8
+    scl[clouds.thick] = 9
+    return scl
+
+
+def _write_s2_scene(
+    out: Path, day: date, reflectance: np.ndarray, scl: np.ndarray, clouds: Clouds,
+    bounds: tuple[float, ...], epsg: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One S2 L2A-like scene: each band averaged to its native resolution, offset +1000, and SCL at 20 m."""
+    left, _, _, top = bounds
+    crs = f"EPSG:{epsg}"
+    item_id = f"S2B_32TPS_{day:%Y%m%d}_0_L2A"
+    folder = out / "s2" / item_id
+    shapes: dict[str, tuple[int, int]] = {}
+    for b, band in enumerate(S2_BANDS):
+        factor = S2_NATIVE_RES[band] // 10
+        values = _block_mean(reflectance[b], factor)
+        dn = np.clip(np.round(values) + 1000, 1, 65535).astype(np.uint16)  # +1000: baseline >= 04.00
+        shapes[band] = dn.shape
+        transform = Affine(S2_NATIVE_RES[band], 0, left, 0, -S2_NATIVE_RES[band], top)
+        _write_cog(folder / f"{band}.tif", dn, transform, crs, 0)
+    scl20 = scl[::2, ::2]
+    shapes["SCL"] = scl20.shape
+    _write_cog(folder / "SCL.tif", scl20, Affine(20, 0, left, 0, -20, top), crs, 0)
+    when = datetime(day.year, day.month, day.day, 10, 17, 31)
+    return _s2_item(item_id, when, bounds, epsg, folder, shapes, 100 * float(clouds.cloud.mean()))
+
+
+def _write_s1_scene(
+    out: Path, day: date, index: int, backscatter: np.ndarray, bounds: tuple[float, ...], epsg: int
+) -> dict[str, Any]:
+    """One S1 RTC-like scene: (VV, VH) dB COGs at 10 m and their Item."""
+    left, _, _, top = bounds
+    s1_id = f"S1A_IW_GRDH_1SDV_{day:%Y%m%d}T053012_{day:%Y%m%d}T053037_0{50000 + index}_rtc"
+    folder = out / "s1" / s1_id
+    for pol, db in zip(("vv", "vh"), backscatter, strict=True):
+        _write_cog(folder / f"{pol}.tif", db, Affine(10, 0, left, 0, -10, top), f"EPSG:{epsg}", S1_NODATA)
+    when = datetime(day.year, day.month, day.day, 5, 30, 24)
+    return _s1_item(s1_id, when, bounds, epsg, folder, backscatter.shape[1:])
+
+
+@dataclass(frozen=True)
+class _PlacedLandscape:
+    """A structured landscape and the UTM position of its upper-left corner (10 m pixels)."""
+
+    landscape: Landscape
+    left: float
+    top: float
+
+    def worldcover_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """WorldCover codes at UTM positions (any shape); 0 outside the landscape."""
+        rows = np.floor((self.top - y) / 10).astype(np.int64)
+        cols = np.floor((x - self.left) / 10).astype(np.int64)
+        height, width = self.landscape.classes.shape
+        inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        codes = WORLDCOVER_OF_CLASS[self.landscape.classes[rows.clip(0, height - 1), cols.clip(0, width - 1)]]
+        return np.where(inside, codes, 0).astype(np.uint8)
+
+
+WORLDCOVER_OF_CLASS = np.array([c.worldcover for c in CLASSES], dtype=np.uint8)
+BIGEARTHNET_PATCH_PX = 120
+"""BigEarthNet patch side at 10 m (1.2 km)."""
+
+
+def _scene_landscape(rng: np.random.Generator, bounds: tuple[float, ...], params: WorldParams) -> _PlacedLandscape:
+    """The structured landscape under the scenes, with ``SCENE_MARGIN_PX`` around them."""
+    left, bottom, right, top = bounds
+    margin = SCENE_MARGIN_PX
+    shape = (round((top - bottom) / 10) + 2 * margin, round((right - left) / 10) + 2 * margin)
+    landscape = draw_landscape(rng, shape, params)
+    return _PlacedLandscape(landscape, left - 10 * margin, top + 10 * margin)
+
+
+def _write_structured_scenes(
+    out: Path, seed: int, bounds: tuple[float, ...], epsg: int, s2_dates: list[date], s1_dates: list[date],
+    params: WorldParams,
+) -> _Scenes:  # fmt: skip
+    """The structured world: scenes observed from one landscape, its two label products, and the evaluation set."""
+    rng = np.random.default_rng((seed, 1))  # the scenes' stream; the evaluation blocks have their own
+    placed = _scene_landscape(rng, bounds, params)
+    landscape, m = placed.landscape, SCENE_MARGIN_PX
+    worldcover = _write_worldcover(out, placed.worldcover_at, bounds, epsg)
+    worldcover_codes = WORLDCOVER_OF_CLASS[landscape.classes[m:-m, m:-m]]
+    targets = _cloud_targets(len(s2_dates), rng)
     items: list[dict[str, Any]] = []
     cloud_fractions: list[float] = []
     for index, (day, target) in enumerate(zip(s2_dates, targets, strict=True)):
-        item_id = f"S2B_32TPS_{day:%Y%m%d}_0_L2A"
-        folder = out / "s2" / item_id
-        seasonal = 1 + 0.04 * _smooth_field(rng, (height, width), 20) + 0.02 * index
-        reflectance = base * texture * seasonal
-        reflectance += rng.normal(0, 0.015, reflectance.shape) * reflectance + rng.normal(0, 20, reflectance.shape)
-        cloud_field = _smooth_field(rng, (height, width), max(4, width / 12))
-        cloud = cloud_field > np.quantile(cloud_field, 1 - target)
-        thick = cloud_field > np.quantile(cloud_field, 1 - target * 0.6)
-        shift = max(2, width // 20)
-        shadow = np.roll(np.roll(cloud, shift, axis=0), shift, axis=1) & ~cloud
-        reflectance[:, shadow] *= 0.35
-        opacity = np.clip((cloud_field - np.quantile(cloud_field, 1 - target)) * 2 + 0.6, 0.6, 1.0)
-        cloud_spectrum = np.array(CLOUD_SPECTRUM, dtype=np.float64)[:, None]
-        reflectance[:, cloud] = reflectance[:, cloud] * (1 - opacity[cloud]) + cloud_spectrum * opacity[cloud]
-        scl = np.vectorize(SCL_OF_CLASS.get, otypes=[np.uint8])(classes)
-        scl[shadow] = 3
-        scl[cloud] = 8
-        scl[thick] = 9
-        cloud_fractions.append(float((cloud | shadow).mean()))
-        shapes: dict[str, tuple[int, int]] = {}
-        for b, band in enumerate(S2_BANDS):
-            factor = S2_NATIVE_RES[band] // 10
-            values = _block_mean(reflectance[b], factor)
-            dn = np.clip(np.round(values) + 1000, 1, 65535).astype(np.uint16)  # +1000: baseline >= 04.00
-            shapes[band] = dn.shape
-            transform = Affine(S2_NATIVE_RES[band], 0, left, 0, -S2_NATIVE_RES[band], top)
-            _write_cog(folder / f"{band}.tif", dn, transform, crs, 0)
-        scl20 = scl[::2, ::2]
-        shapes["SCL"] = scl20.shape
-        _write_cog(folder / "SCL.tif", scl20, Affine(20, 0, left, 0, -20, top), crs, 0)
-        when = datetime(day.year, day.month, day.day, 10, 17, 31)
-        items.append(_s2_item(item_id, when, bounds, epsg, folder, shapes, 100 * float(cloud.mean())))
+        atmosphere = draw_atmosphere(rng, params)
+        reflectance = render_reflectance(rng, landscape, index, atmosphere, params)[:, m:-m, m:-m]
+        clouds = draw_clouds(rng, worldcover_codes.shape, target)
+        reflectance = apply_clouds(reflectance, clouds)
+        cloud_fractions.append(float((clouds.cloud | clouds.shadow).mean()))
+        scl = _scene_classification(worldcover_codes, clouds)
+        items.append(_write_s2_scene(out, day, reflectance, scl, clouds, bounds, epsg))
+        backscatter = render_backscatter(rng, landscape, index)[:, m:-m, m:-m]
+        items.append(_write_s1_scene(out, s1_dates[index], index, backscatter, bounds, epsg))
+    labels = dynamic_world_labels(rng, landscape, len(s2_dates) // 2, params)
+    resolution = 10 * params.dw_factor
+    dynamic_world = out / "dynamic_world" / f"dynamic_world_label_{s2_dates[0]:%Y%m%d}_{s2_dates[-1]:%Y%m%d}.tif"
+    transform = Affine(resolution, 0, placed.left, 0, -resolution, placed.top)
+    _write_cog(dynamic_world, labels, transform, f"EPSG:{epsg}", DYNAMIC_WORLD_NODATA)
+    bigearthnet = _write_bigearthnet(out / "bigearthnet", seed, bounds, epsg, s2_dates, params)
+    return _Scenes(items, cloud_fractions, worldcover, dynamic_world=dynamic_world, bigearthnet=bigearthnet)
 
-        s1_day = s1_dates[index]
-        s1_id = f"S1A_IW_GRDH_1SDV_{s1_day:%Y%m%d}T053012_{s1_day:%Y%m%d}T053037_0{50000 + index}_rtc"
-        s1_folder = out / "s1" / s1_id
-        backscatter = np.array([CLASS_BACKSCATTER[int(c)] for c in range(256) if c in CLASS_BACKSCATTER])
-        s1_lookup = np.zeros(256, dtype=np.int64)
-        s1_lookup[list(CLASS_BACKSCATTER)] = np.arange(len(CLASS_BACKSCATTER))
-        for p, pol in enumerate(("vv", "vh")):
-            mean_db = backscatter[s1_lookup[classes], p] + 0.8 * _smooth_field(rng, (height, width), 5)
-            # Multiplicative gamma speckle of a 4.4-look product, applied in linear power.
-            speckle = rng.gamma(4.4, 1 / 4.4, classes.shape)
-            db = (10 * np.log10(10 ** (mean_db / 10) * speckle)).astype(np.float32)
-            _write_cog(s1_folder / f"{pol}.tif", db, Affine(10, 0, left, 0, -10, top), crs, S1_NODATA)
-        s1_when = datetime(s1_day.year, s1_day.month, s1_day.day, 5, 30, 24)
-        items.append(_s1_item(s1_id, s1_when, bounds, epsg, s1_folder, classes.shape))
 
+def _block_split(block: int) -> str:
+    """Split of an evaluation block: every 4th block tests, every 8th (offset 1) validates, the rest train."""
+    return "test" if block % 4 == 3 else "val" if block % 8 == 1 else "train"
+
+
+def _write_bigearthnet(
+    folder: Path, seed: int, bounds: tuple[float, ...], epsg: int, s2_dates: list[date], params: WorldParams
+) -> Path:
+    """BigEarthNet-format S2 patches cut from evaluation blocks east of the scenes, and split lists by block.
+
+    Each block is an independent landscape of ``eval_block_patches``² patches observed on one of the scenes'
+    dates (cloud-free, as BigEarthNet keeps only cloud-free patches); blocks lie one patch apart on a grid, and
+    a block's patches share a split, so no test patch has a training neighbour.
+    """
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    block_cols = math.ceil(math.sqrt(params.eval_blocks))
+    origin = (bounds[2] + 10 * BIGEARTHNET_PATCH_PX, bounds[3])  # one patch east of the scenes
+    with rasterio.Env():  # one GDAL environment for the ~10 000 small files, not one per file
+        for block in range(params.eval_blocks):
+            rng = np.random.default_rng((seed, 2, block))
+            day = s2_dates[block % len(s2_dates)]
+            patches = _write_bigearthnet_block(folder, rng, divmod(block, block_cols), origin, epsg, day, params)
+            splits[_block_split(block)] += patches
+    for split, names in splits.items():
+        (folder / f"{split}.csv").write_text("".join(f"{name}\n" for name in names))
+    return folder
+
+
+def _write_bigearthnet_block(
+    folder: Path, rng: np.random.Generator, block: tuple[int, int], origin: tuple[float, float], epsg: int, day: date,
+    world: WorldParams,
+) -> list[str]:  # fmt: skip
+    """Draw one evaluation block, observe it on ``day`` and write its patches; returns their names."""
+    size = BIGEARTHNET_PATCH_PX
+    per_side = world.eval_block_patches
+    landscape = draw_landscape(rng, (per_side * size,) * 2, world)
+    day_index = (day - START_DATE).days // DATE_STEP_DAYS
+    reflectance = render_reflectance(rng, landscape, day_index, draw_atmosphere(rng, world), world)
+    projection = CRS.from_epsg(epsg).to_wkt("WKT1_GDAL")
+    names = []
+    for r in range(per_side):
+        for c in range(per_side):
+            row, col = block[0] * (per_side + 1) + r, block[1] * (per_side + 1) + c  # patch grid, blocks 1 apart
+            window = np.s_[r * size : (r + 1) * size, c * size : (c + 1) * size]
+            patch = _BigEarthNetPatch(
+                name=f"S2B_MSIL2A_{day:%Y%m%d}T101731_{row}_{col}",
+                ulx=int(origin[0] + col * 10 * size), uly=int(origin[1] - row * 10 * size), epsg=epsg,
+                projection=projection, day=day, labels=corine_labels(landscape.classes[window], world),
+            )  # fmt: skip
+            _write_bigearthnet_patch(folder, patch, reflectance[(slice(None), *window)])
+            names.append(patch.name)
+    return names
+
+
+@dataclass(frozen=True)
+class _BigEarthNetPatch:
+    """Where and when a BigEarthNet-format patch lies, and its labels."""
+
+    name: str
+    ulx: int
+    uly: int
+    epsg: int
+    projection: str
+    day: date
+    labels: list[str]
+
+
+def _write_bigearthnet_patch(root: Path, patch: _BigEarthNetPatch, reflectance: np.ndarray) -> None:
+    """One patch folder as BigEarthNet v1 ships it: plain uint16 GeoTIFFs per band at native resolution (no
+    L2A offset: its processing baseline predates it) and the label JSON with CORINE level-3 names."""
+    folder = root / patch.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for b, band in enumerate(S2_BANDS):
+        res = S2_NATIVE_RES[band]
+        dn = np.clip(np.round(_block_mean(reflectance[b], res // 10)), 1, 65535).astype(np.uint16)
+        profile = {"driver": "GTiff", "width": dn.shape[1], "height": dn.shape[0], "count": 1, "dtype": "uint16",
+                   "crs": f"EPSG:{patch.epsg}", "transform": Affine(res, 0, patch.ulx, 0, -res, patch.uly)}  # fmt: skip
+        with rasterio.open(folder / f"{patch.name}_{band}.tif", "w", **profile) as dst:
+            dst.write(dn, 1)
+    side = 10 * BIGEARTHNET_PATCH_PX
+    metadata = {
+        "labels": patch.labels,
+        "coordinates": {"ulx": patch.ulx, "uly": patch.uly, "lrx": patch.ulx + side, "lry": patch.uly - side},
+        "projection": patch.projection,
+        "tile_source": f"S2B_MSIL1C_{patch.day:%Y%m%d}T101731_N0510_R022_T32TPS_{patch.day:%Y%m%d}T121914.SAFE",
+        "acquisition_date": f"{patch.day} 10:17:31",
+    }
+    (folder / f"{patch.name}_labels_metadata.json").write_text(json.dumps(metadata))
+
+
+def write_sample_data(
+    out: Path, *, tiles: int = 4, tile_size: int = 256, dates: int = 4, seed: int = 0, resolution: float = 10.0,
+    world: World = "painted", world_params: WorldParams | None = None,
+) -> SampleData:  # fmt: skip
+    """Write a seeded Sentinel-2/-1 + WorldCover sample area with its STAC Items under ``out``.
+
+    Args:
+        out: folder to write into (created; reused when its manifest matches the parameters).
+        tiles: number of grid tiles the scenes cover (laid out as a near-square block).
+        tile_size: tile side in pixels of the grid.
+        dates: number of S2 acquisitions (5 days apart; S1 one day after each).
+        seed: seed of every random draw.
+        resolution: grid pixel size in metres (the rasters keep their native 10/20/60 m).
+        world: ``painted`` (class spectra painted per pixel) or ``structured`` (shared spectra, distinct spatial
+            structure, plus a Dynamic-World-like label COG and a BigEarthNet-format evaluation folder).
+        world_params: the structured world's numbers; default ``WorldParams()``, the calibrated world of
+            docs/sample_world.md (tests pass fewer evaluation blocks). Recorded in the manifest.
+
+    Example:
+        >>> sample = write_sample_data(Path("sample"), tiles=2, tile_size=64, dates=3)
+        >>> sample.items_file  # serve it with tasks.stac_server.serve_stac
+    """
+    if tiles < 1 or tile_size < 8 or dates < 1:
+        raise ValueError(f"need tiles >= 1, tile_size >= 8, dates >= 1; got {tiles}, {tile_size}, {dates}")
+    if world not in ("painted", "structured"):
+        raise ValueError(f"world must be 'painted' or 'structured', got {world!r}")
+    out = Path(out).resolve()
+    params: dict[str, Any] = {"version": GENERATOR_VERSION, "tiles": tiles, "tile_size": tile_size, "dates": dates,
+                              "seed": seed, "resolution": resolution}  # fmt: skip
+    world_params = world_params or WorldParams()
+    if world == "structured":  # the painted world's params stay as they were, so its old files are reused
+        params = json.loads(json.dumps({**params, "world": world, "world_params": asdict(world_params)}))
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("params") == params:
+            log.info("sample data in %s already written with %s; reusing it", out, params)
+            return _sample_from_manifest(recorded)
+        log.info("sample data in %s has other parameters; rewriting it", out)
+        for sub in ("s2", "s1", "worldcover", "collections", "dynamic_world", "bigearthnet"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    grid_tiles, bounds = _sample_tiles(tiles, tile_size, resolution)
+    epsg = grid_tiles[0].epsg
+    s2_dates = [START_DATE + timedelta(days=DATE_STEP_DAYS * i) for i in range(dates)]
+    s1_dates = [d + timedelta(days=1) for d in s2_dates]
+    if world == "painted":
+        scenes = _write_painted_scenes(out, np.random.default_rng(seed), bounds, epsg, s2_dates, s1_dates,
+                                       grid_tiles[0].side)  # fmt: skip
+    else:
+        scenes = _write_structured_scenes(out, seed, bounds, epsg, s2_dates, s1_dates, world_params)
+    items = scenes.items
+    worldcover = scenes.worldcover
     wc_path, wc_transform, wc_shape = worldcover
     items.append(_worldcover_item(wc_path, wc_transform, wc_shape))
     bbox = _inner_lonlat_bbox(bounds, epsg)
@@ -560,17 +791,19 @@ def write_sample_data(
         root=out, items_file=items_file, bbox=bbox, start=start, end=end, epsg=epsg,
         collections=["sentinel-2-l2a", "sentinel-1-rtc", "esa-worldcover"], collection_files=collection_files,
         worldcover=wc_path, tile_ids=[t.tile_id for t in grid_tiles], s2_dates=s2_dates, s1_dates=s1_dates,
-        cloud_fractions=cloud_fractions,
+        cloud_fractions=scenes.cloud_fractions, world=world, dynamic_world=scenes.dynamic_world,
+        bigearthnet=scenes.bigearthnet,
     )  # fmt: skip
     manifest.write_text(json.dumps({"params": params, "sample": asdict(sample)}, indent=1, default=str))
-    log.info("wrote sample data (%d tiles, %d dates) to %s", tiles, dates, out)
+    log.info("wrote %s sample data (%d tiles, %d dates) to %s", world, tiles, dates, out)
     return sample
 
 
 def _write_worldcover(
-    out: Path, land_cover: _LandCoverField, bounds: tuple[float, ...], epsg: int
+    out: Path, classes_at: Callable[[np.ndarray, np.ndarray], np.ndarray], bounds: tuple[float, ...], epsg: int
 ) -> tuple[Path, Affine, tuple[int, int]]:
-    """Sample the land-cover field on the WorldCover lon/lat grid around the scene (nodata 0 outside)."""
+    """Sample WorldCover codes (``classes_at`` UTM x, y) on the WorldCover lon/lat grid around the scene (nodata 0
+    outside)."""
     _, (west, south, east, north) = _lonlat_geometry(bounds, epsg)
     res = WORLDCOVER_RES_DEG
     margin = 20 * res
@@ -581,7 +814,7 @@ def _write_worldcover(
     lon, lat = np.meshgrid(lon_centres, lat_centres)
     to_utm = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
     x, y = to_utm.transform(lon, lat)
-    codes = land_cover.classes_at(np.asarray(x), np.asarray(y))
+    codes = classes_at(np.asarray(x), np.asarray(y))
     left, bottom, right, top = bounds
     pad = 100.0  # the product covers a little beyond the scenes, then nodata, like a tile edge
     outside = (x < left - pad) | (x > right + pad) | (y < bottom - pad) | (y > top + pad)
@@ -596,8 +829,9 @@ def _write_worldcover(
 
 def _sample_from_manifest(recorded: dict[str, Any]) -> SampleData:
     values = dict(recorded["sample"])
-    for key in ("root", "items_file", "worldcover"):
-        values[key] = Path(values[key])
+    for key in ("root", "items_file", "worldcover", "dynamic_world", "bigearthnet"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     values["collection_files"] = [Path(p) for p in values["collection_files"]]
     values["bbox"] = tuple(values["bbox"])
     values["start"], values["end"] = date.fromisoformat(values["start"]), date.fromisoformat(values["end"])
@@ -609,9 +843,14 @@ def _sample_from_manifest(recorded: dict[str, Any]) -> SampleData:
 def read_truth_classes(sample: SampleData, tile: Tile) -> np.ndarray:
     """Generator's land-cover codes at the pixel centres of ``tile`` (for tests and diagnostics)."""
     recorded = json.loads((sample.root / MANIFEST).read_text())["params"]
-    rng = np.random.default_rng(recorded["seed"])
     _, bounds = _sample_tiles(recorded["tiles"], recorded["tile_size"], recorded["resolution"])
-    land_cover = _LandCoverField.draw(rng, bounds, tile.side)
     xs = tile.x0 + tile.resolution * (0.5 + np.arange(tile.size))
     ys = tile.y0 - tile.resolution * (0.5 + np.arange(tile.size))
+    if recorded.get("world") == "structured":
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in recorded["world_params"].items()
+        }
+        placed = _scene_landscape(np.random.default_rng((recorded["seed"], 1)), bounds, WorldParams(**fields))
+        return placed.worldcover_at(*np.meshgrid(xs, ys))
+    land_cover = _LandCoverField.draw(np.random.default_rng(recorded["seed"]), bounds, tile.side)
     return land_cover.classes_at(*np.meshgrid(xs, ys))
