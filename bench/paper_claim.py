@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, help="Training steps; default the preset's.")
+    parser.add_argument("--supervised-epochs", type=int, help="Supervised reference epochs; default the preset's.")
     parser.add_argument("--soft-loss", default="sigmoid", choices=["sigmoid", "mse", "soft_ce"])
     parser.add_argument("--ablations", action="store_true", help="Add the ablation rows.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
@@ -177,6 +178,8 @@ def main() -> None:
     preset = PRESETS[args.preset]
     if args.steps:
         preset = Preset(**{**preset.__dict__, "steps": args.steps})
+    if args.supervised_epochs:
+        preset = Preset(**{**preset.__dict__, "supervised_epochs": args.supervised_epochs})
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
