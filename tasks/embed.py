@@ -76,7 +76,7 @@ def embed_block(store: str, checkpoint: str, start: int, stop: int, batch_size: 
     encoder, meta = _encoder(checkpoint)
     sensor = str(meta.get("sensor", "s2"))
     group = training_store.open_store(store)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     store_bands = list(attrs["bands"] if sensor == "s2" else attrs["pols"])
     images = np.asarray(group[sensor][start:stop])  # type: ignore[index]
     features = []
@@ -198,7 +198,7 @@ def run_embed(config: EmbedConfig, checkpoint: str, *, client: Client | None = N
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     group = training_store.open_store(store)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     if not attrs.get("complete"):
         raise ValueError(f"training store {store} is not complete; finish it (preprocess or import again) first")
     _, meta = load_encoder(checkpoint)
