@@ -59,6 +59,22 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_plain_descriptions)
 
 
+class DaskStageConfig(StageConfig):
+    """A stage whose work runs on a Dask cluster: an existing scheduler, or a LocalCluster it starts."""
+
+    dask_address: str | None = Field(
+        default_factory=lambda: get_settings().dask_address,
+        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
+    )
+    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
+
+
+def require_training_split(val_fraction: float, test_fraction: float) -> None:
+    """Refuse held-out fractions that leave no training split."""
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training split")
+
+
 def _bbox_from_text(value: Any) -> Any:
     """A bbox may be written "W,S,E,N" (the CLI's and a form field's spelling) as well as four numbers."""
     if isinstance(value, str):
@@ -222,7 +238,7 @@ class LabelsConfig(StageConfig):
     retry_delay: RetryDelay = 1.0
 
 
-class PreprocessConfig(StageConfig):
+class PreprocessConfig(DaskStageConfig):
     """Cut tiles into patches with Dask and write the training store."""
 
     cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
@@ -257,18 +273,10 @@ class PreprocessConfig(StageConfig):
     samples_per_block: int = Field(
         default=64, gt=0, description="Samples per write block = per Zarr shard: one shard read is one batch."
     )
-    dask_address: str | None = Field(
-        default_factory=lambda: get_settings().dask_address,
-        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
-    )
-    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
 
     @model_validator(mode="after")
     def _check_split(self) -> Self:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no training split"
-            )
+        require_training_split(self.val_fraction, self.test_fraction)
         if self.stride is not None and self.stride > self.patch_size:
             raise ValueError(f"stride {self.stride} is larger than patch_size {self.patch_size}")
         return self
@@ -439,7 +447,7 @@ class EvaluateConfig(StageConfig):
         return self
 
 
-class EmbedConfig(StageConfig):
+class EmbedConfig(DaskStageConfig):
     """Embeddings of a training store's patches with a trained encoder, as GeoParquet."""
 
     model: str = Field(
@@ -449,14 +457,9 @@ class EmbedConfig(StageConfig):
     out: str = Field(
         default_factory=lambda: _default_path("embeddings.parquet"), description="GeoParquet file to write."
     )
-    dask_address: str | None = Field(
-        default_factory=lambda: get_settings().dask_address,
-        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
-    )
-    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
 
 
-class ImportSSL4EOConfig(StageConfig):
+class ImportSSL4EOConfig(DaskStageConfig):
     """Turn an extracted SSL4EO-S12 tree (and SSL4EO-S12-ML labels) into a training store."""
 
     root: str = Field(description="SSL4EO-S12 folder holding s2c/, s2a/ and/or s1/ (one folder per location).")
@@ -481,18 +484,10 @@ class ImportSSL4EOConfig(StageConfig):
     samples_per_block: int = Field(
         default=64, gt=0, description="Samples per write block = per Zarr shard: one shard read is one batch."
     )
-    dask_address: str | None = Field(
-        default_factory=lambda: get_settings().dask_address,
-        description="Existing scheduler (default $SOFTCON_DASK_ADDRESS); none: a LocalCluster per run.",
-    )
-    n_workers: int = Field(default=2, gt=0, description="LocalCluster worker processes.")
 
     @model_validator(mode="after")
     def _check_split(self) -> Self:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction} leaves no training split"
-            )
+        require_training_split(self.val_fraction, self.test_fraction)
         return self
 
 

@@ -28,14 +28,7 @@ import numpy as np
 import xarray as xr
 
 from softcon import progress as stage_progress
-from softcon.config import (
-    S1_POLARIZATIONS,
-    S2_L1C_BANDS,
-    S2_L2A_BANDS,
-    EmbedConfig,
-    ImportSSL4EOConfig,
-    PreprocessConfig,
-)
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, DaskStageConfig, PreprocessConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
@@ -44,7 +37,7 @@ from softcon.tasks.cube_store import open_cube, open_tile_dataset
 from softcon.tasks.cube_store import tile_ids as cube_tile_ids
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Future
 
 logger = logging.getLogger(__name__)
 
@@ -430,9 +423,7 @@ def _add_partials(*partials: Any) -> Any:
 
 
 @contextlib.contextmanager
-def open_dask_client(
-    config: PreprocessConfig | ImportSSL4EOConfig | EmbedConfig, client: Client | None
-) -> Iterator[Client]:
+def open_dask_client(config: DaskStageConfig, client: Client | None) -> Iterator[Client]:
     """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
     if client is not None:
         yield client
@@ -642,8 +633,6 @@ def _write_blocks(
     progress: ProgressCallback,
 ) -> int:
     """Pass 2: write every block not yet done, marking each as it finishes; returns how many it wrote."""
-    from distributed import as_completed
-
     todo = [i for i in range(len(bounds)) if i not in done]
     logger.info("writing %d of %d blocks", len(todo), len(bounds))
     futures = {
@@ -661,14 +650,22 @@ def _write_blocks(
         ): i
         for i in todo
     }
-    finished = len(bounds) - len(todo)
-    progress("blocks", finished, len(bounds))
-    for future in as_completed(futures):
-        future.result()  # re-raises a worker's error here
-        training_store.mark_blocks_done(config.out, [futures[future]])
-        finished += 1
-        progress("blocks", finished, len(bounds))
+    collect_blocks(config.out, futures, len(bounds), progress)
     return len(todo)
+
+
+def collect_blocks(out: str, futures: dict[Future, int], n_blocks: int, progress: ProgressCallback) -> None:
+    """Mark each block of ``futures`` (future -> block number) done in the store as it finishes, reporting step
+    "blocks" out of ``n_blocks``; a worker's error is raised here, leaving the blocks not yet marked to resume."""
+    from distributed import as_completed
+
+    finished = n_blocks - len(futures)
+    progress("blocks", finished, n_blocks)
+    for future in as_completed(futures):
+        future.result()
+        training_store.mark_blocks_done(out, [futures[future]])
+        finished += 1
+        progress("blocks", finished, n_blocks)
 
 
 def train_stats(

@@ -33,7 +33,7 @@ from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
 from softcon.tasks import split, ssl4eo_zarr
-from softcon.tasks.preprocess import DASHBOARD_LINK, existing_store, open_dask_client, train_stats
+from softcon.tasks.preprocess import DASHBOARD_LINK, collect_blocks, existing_store, open_dask_client, train_stats
 from softcon.tasks.schemes import DYNAMIC_WORLD
 from softcon.tasks.ssl4eo_labels import SeasonLabels, read_ssl4eo_labels
 from softcon.tasks.ssl4eo_layout import (
@@ -325,8 +325,6 @@ def _write_blocks(
     progress: ProgressCallback,
 ) -> int:
     """Write every block not yet done, marking each as it finishes; returns how many it wrote."""
-    from distributed import as_completed
-
     todo = [i for i in range(len(bounds)) if i not in done]
     bands = MODALITY_BANDS[config.s2]
     futures = {
@@ -344,11 +342,5 @@ def _write_blocks(
         for i, (start, stop) in enumerate(bounds)
         if i in todo
     }
-    finished = len(bounds) - len(todo)
-    progress("blocks", finished, len(bounds))
-    for future in as_completed(futures):
-        future.result()
-        training_store.mark_blocks_done(config.out, [futures[future]])
-        finished += 1
-        progress("blocks", finished, len(bounds))
+    collect_blocks(config.out, futures, len(bounds), progress)
     return len(todo)
