@@ -156,16 +156,19 @@ def _schema(class_names: Sequence[str], dimension: int) -> pa.Schema:
 
 
 def _block_table(
-    schema: pa.Schema, attrs: dict[str, Any], plan: training_store.SamplePlan, start: int, embeddings: np.ndarray
+    schema: pa.Schema,
+    attrs: dict[str, Any],
+    plan: training_store.SamplePlan,
+    patch_size: int,
+    start: int,
+    embeddings: np.ndarray,
 ) -> pa.Table:
     stop = start + len(embeddings)
     part = plan.select(start, stop)
     tiles = list(attrs["tiles"])
-    size = int(attrs["params"]["patch_size"]) if "patch_size" in attrs.get("params", {}) else None
-    resolution = attrs.get("resolution_m") if attrs.get("source") != "ssl4eo-s12" else None
     split_names = list(attrs.get("split_names", ["train", "val", "test"]))
     columns: dict[str, Any] = {
-        "geometry": footprints(tiles, part.tile, part.row, part.col, size or 0, resolution if size else None),
+        "geometry": footprints(tiles, part.tile, part.row, part.col, patch_size, attrs.get("resolution_m")),
         "sample": np.arange(start, stop, dtype=np.int64),
         "tile": [tiles[int(i)] for i in part.tile],
         "row": part.row,
@@ -206,6 +209,7 @@ def run_embed(config: EmbedConfig, checkpoint: str, *, client: Client | None = N
     if sensor not in group:
         raise ValueError(f"training store {store} has no {sensor!r} array for this {sensor} encoder")
     plan = training_store.read_plan(store)
+    patch_size = int(group[sensor].shape[-1])  # type: ignore[union-attr]
     bounds = training_store.block_bounds(len(plan), int(attrs.get("samples_per_block", 64)))
     partial = Path(f"{out}.partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +229,7 @@ def run_embed(config: EmbedConfig, checkpoint: str, *, client: Client | None = N
                     dimension = embeddings.shape[1]
                     if writer is None:
                         writer = pq.ParquetWriter(partial, _schema(attrs.get("class_names", []), dimension))
-                    table = _block_table(writer.schema, attrs, plan, next_start, embeddings)
+                    table = _block_table(writer.schema, attrs, plan, patch_size, next_start, embeddings)
                     writer.write_table(table)
                     rows += table.num_rows
                     with_footprint += table.num_rows - table.column("geometry").null_count
