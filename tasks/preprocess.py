@@ -369,7 +369,7 @@ def read_block_images(
         in_tile = plan.tile == tile_index
         for time_value in np.unique(plan.time[in_tile]):
             members = np.nonzero(in_tile & (plan.time == time_value))[0]
-            time_index = int(np.searchsorted(tile_times, time_value))
+            time_index = int(np.flatnonzero(tile_times == time_value)[0])  # time steps are in append order
             rows, cols = plan.row[members], plan.col[members]
             box = dict(
                 y=slice(int(rows.min()), int(rows.max()) + patch_size),

@@ -48,8 +48,12 @@ def write_cube(
     s1_units: str | None = None,
     seed: int = 0,
     bands: tuple[str, ...] = S2_L2A_BANDS,
+    time_order: tuple[int, ...] | None = None,
 ) -> SyntheticCube:
     """Write a cube of ``n_tiles`` tiles of ``size`` px and ``n_dates`` S2 dates at ``path``.
+
+    ``time_order`` writes the S2 dates in that order (indices into the sorted dates), as a backfill that ingests
+    a later period first leaves them; ``SyntheticCube`` keeps naming dates by their sorted index.
 
     ``s1_units="linear"`` writes S1 as linear power (10^(dB/10)) with that ``units`` attribute; the default
     writes dB without a ``units`` attribute (the contract's default).
@@ -100,6 +104,9 @@ def write_cube(
             coords |= {"time_s1": s1_times, "pol": list(S1_POLARIZATIONS)}
         tile = xr.Dataset(data_vars, coords=coords).rio.write_crs("EPSG:32632")
         tile.attrs["s2_item_ids"] = [f"S2_{tile_id}_{i}" for i in range(n_dates)]
+        if time_order is not None:
+            tile = tile.isel(time=list(time_order))
+            tile.attrs["s2_item_ids"] = [tile.attrs["s2_item_ids"][i] for i in time_order]
         tile.to_zarr(path, group=f"tiles/{tile_id}", mode="w", zarr_format=3, consolidated=False)
     return SyntheticCube(
         path=path, tile_ids=tile_ids, times=tuple(times), size=size, cloudy=(tile_ids[0], 1), nodata=(tile_ids[0], 2)

@@ -191,6 +191,21 @@ def test_patches_equal_cube_pixels(written):
         np.testing.assert_array_equal(store["s1"][sample].values, s1)
 
 
+def test_patches_equal_cube_pixels_when_the_cube_dates_are_in_append_order(client, tmp_path):
+    cube = write_cube(tmp_path / "cube.zarr", time_order=(2, 0, 1))  # a backfill wrote the last date first
+    assert xr.open_zarr(cube.path, group=f"tiles/{cube.tile_ids[1]}")["time"].values[0] == cube.times[2]
+    config = _config(cube, tmp_path / "store.zarr")
+    run_preprocess(config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
+    store = xr.open_zarr(config.out)
+    tiles = {index: xr.open_zarr(cube.path, group=f"tiles/{tile}") for index, tile in enumerate(cube.tile_ids)}
+    assert len(set(store["time"].values.tolist())) == 3
+    for sample in range(store.sizes["sample"]):
+        row, col, when = int(store["row"][sample]), int(store["col"][sample]), store["time"].values[sample]
+        window = dict(y=slice(row, row + PATCH), x=slice(col, col + PATCH))
+        cube_pixels = tiles[int(store["tile"][sample])]["s2"].sel(time=when).isel(window).values
+        np.testing.assert_array_equal(store["s2"][sample].values, cube_pixels)
+
+
 def test_complete_store_is_reused(written, client):
     started = time.perf_counter()
     report = run_preprocess(written.config, client=client, samples_per_block=SAMPLES_PER_BLOCK)
