@@ -86,13 +86,15 @@ def cnn_map(
                 [torch.sigmoid(model(x_all[test_index[i : i + 64]])) for i in range(0, len(test_index), 64)]
             )
         test_map = float(average_precision_score(labels[test_index], scores.numpy(), average="micro"))
+        test_macro = float(average_precision_score(labels[test_index], scores.numpy(), average="macro"))
         history.append({"epoch": epoch, "loss": total / len(train_index), "test_map_micro": test_map,
-                        "seconds": time.perf_counter() - started})  # fmt: skip
+                        "test_map_macro": test_macro, "seconds": time.perf_counter() - started})  # fmt: skip
         print(f"epoch {epoch}: loss {history[-1]['loss']:.3f}, test micro mAP {test_map:.3f}", flush=True)
     return history[-1]["test_map_micro"], history
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the check; the result (also written to ``<out>/world_check.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".softcon/world_check"))
     parser.add_argument("--tiles", type=int, default=4)
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
     total = time.perf_counter()
@@ -153,6 +155,7 @@ def main() -> None:
     print(f"\nimage-statistics baseline {baseline:.3f} (target <= {BASELINE_MAX}), CNN {cnn:.3f} "
           f"(target >= {baseline + CNN_MARGIN:.3f}): {'PASS' if all(passed.values()) else 'FAIL'}")  # fmt: skip
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return result
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from typing import Any
 
 import mlflow
-import timm
 import torch
 from prefect import flow
 
@@ -103,7 +103,7 @@ def log_encoder(checkpoint: str, registered_model_name: str | None = None) -> st
         name="encoder",
         signature=signature,
         input_example=example.numpy(),
-        pip_requirements=[f"torch=={torch.__version__}", f"timm=={timm.__version__}"],
+        pip_requirements=[f"{name}=={version(name)}" for name in ("torch", "timm")],  # as pip has them installed
         metadata=model_metadata(meta, read_checkpoint(checkpoint)["config"]),
         registered_model_name=registered_model_name,
     )

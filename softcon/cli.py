@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import typer
 from pydantic import BaseModel
@@ -55,6 +55,14 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="YAML file with one section per stage.", show_default=False),
 ]
 RefreshOption = Annotated[bool, typer.Option("--refresh", help="Ignore cached task results; do the work again.")]
+WorldOption = Annotated[
+    Literal["structured", "painted"],
+    typer.Option(
+        help="Sample world: structured (classes share spectra and differ by spatial layout; Dynamic-World-like "
+        "pretraining labels and a BigEarthNet-format evaluation set, docs/sample_world.md) or painted (each "
+        "pixel painted with its class's spectrum; WorldCover labels)."
+    ),
+]
 
 
 def _shown_default(value: Any) -> str | bool:
@@ -533,13 +541,15 @@ def embed(
         str, typer.Argument(metavar="MODEL", help=EmbedConfig.model_fields["model"].description, show_default=False)
     ],
     store: Annotated[str | None, field_option(EmbedConfig, "store")] = None,
+    cube: Annotated[str | None, field_option(EmbedConfig, "cube")] = None,
     out: Annotated[str | None, field_option(EmbedConfig, "out")] = None,
     dask_address: Annotated[str | None, field_option(EmbedConfig, "dask_address")] = None,
     as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Every patch of a training store embedded by a trained encoder → GeoParquet with footprints (EPSG:4326)."""
-    overrides = {"model": model, "store": store, "out": out, "dask_address": dask_address}
+    """Every patch of a training store (--store), or every window of a cube (--cube), embedded by a trained encoder
+    → GeoParquet with footprints (EPSG:4326)."""
+    overrides = {"model": model, "store": store, "cube": cube, "out": out, "dask_address": dask_address}
     stage_config = _build(EmbedConfig, "embed", config, overrides)
     configure_runtime()
     from softcon.flows.embed import embed_flow
@@ -610,20 +620,24 @@ def pipeline(
 def sample_data(
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for the sample COGs and STAC items.", show_default="$SOFTCON_HOME/sample"),
+        typer.Option(help="Folder for the sample COGs and STAC items.", show_default="$SOFTCON_HOME/sample-<world>"),
     ] = None,
     tiles: Annotated[int, typer.Option(min=1, help="Number of tiles.")] = 4,
     tile_size: Annotated[int, typer.Option(min=16, help="Tile side in pixels.")] = 256,
     dates: Annotated[int, typer.Option(min=1, help="Sentinel-2 acquisition dates.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    world: WorldOption = "structured",
 ) -> None:
     """Write deterministic Sentinel-like sample scenes, a land-cover COG and STAC Items to a folder."""
     from softcon.tasks.sample_data import write_sample_data
 
-    out = out or get_settings().root / "sample"
-    sample = write_sample_data(out, tiles=tiles, tile_size=tile_size, dates=dates, seed=seed)
+    out = out or get_settings().root / f"sample-{world}"
+    sample = write_sample_data(out, tiles=tiles, tile_size=tile_size, dates=dates, seed=seed, world=world)
     console.print(f"wrote sample catalog to {sample.root}")
     console.print(f"  items: {sample.items_file}")
+    if sample.dynamic_world is not None:
+        console.print(f"  pretraining labels (Dynamic-World-like, --scheme dynamic-world): {sample.dynamic_world}")
+        console.print(f"  evaluation set (BigEarthNet format, CORINE labels): {sample.bigearthnet}")
     console.print(f"  bbox: {','.join(f'{v:.5f}' for v in sample.bbox)}   dates: {sample.start} .. {sample.end}")
     console.print(f"serve it with: rustac serve {sample.items_file} --create-collections")
 
@@ -634,6 +648,7 @@ def demo(
     tile_size: Annotated[int, typer.Option(min=64, help="Tile side in pixels.")] = 256,
     dates: Annotated[int, typer.Option(min=2, help="Sentinel-2 acquisition dates.")] = 4,
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 300,
+    world: WorldOption = "structured",
     refresh: RefreshOption = False,
 ) -> None:
     """Run the whole pipeline on generated sample scenes behind a local STAC API, with no server to start."""
@@ -644,19 +659,13 @@ def demo(
     from softcon.tasks.stac_server import serve_stac
 
     console.rule("softcon demo")
-    sample = write_sample_data(settings.root / "sample", tiles=tiles, tile_size=tile_size, dates=dates)
-    console.print(f"sample scenes: {sample.root}")
+    sample = write_sample_data(
+        settings.root / f"sample-{world}", tiles=tiles, tile_size=tile_size, dates=dates, world=world
+    )
+    console.print(f"sample scenes ({world} world): {sample.root}")
     with serve_stac([sample.items_file]) as stac_url:
         console.print(f"local STAC API: {stac_url}")
-        config = demo_config(
-            stac_url,
-            sample.bbox,
-            str(sample.start),
-            str(sample.end),
-            settings,
-            steps=steps,
-            tile_size=tile_size,
-        )
+        config = demo_config(stac_url, sample, settings, steps=steps, tile_size=tile_size)
         results = run_stage_flow(pipeline_flow, config, refresh=refresh)
     print_summary(results, config)
 
@@ -666,6 +675,32 @@ def mlflow_experiment_id(run_id: str) -> str:
     import mlflow
 
     return mlflow.MlflowClient().get_run(run_id).info.experiment_id
+
+
+def evaluation_summary(metrics: dict[str, float]) -> Table:
+    """Linear-probe mAP of the model and each baseline on each dataset, from the evaluate run's metric names
+    (``[dataset/][baselines/<name>/]linear_map_micro``); empty when no baseline was evaluated."""
+    table = Table(title="linear-probe mAP micro / macro (held-out split)", show_header=True)
+    rows: dict[str, dict[str, str]] = {}
+    datasets: list[str] = []
+    for name, value in metrics.items():
+        if not name.endswith("linear_map_micro"):
+            continue
+        prefix = name.removesuffix("linear_map_micro")
+        parts = prefix.strip("/").split("/") if prefix else []
+        dataset = parts.pop(0) if parts and parts[0] != "baselines" else "store"
+        encoder = parts[1] if len(parts) == 2 else "model"
+        datasets += [] if dataset in datasets else [dataset]
+        macro = metrics.get(f"{prefix}linear_map_macro", float("nan"))
+        rows.setdefault(encoder, {})[dataset] = f"{value:.3f} / {macro:.3f}"
+    if len(rows) < 2:
+        return Table()
+    table.add_column("encoder")
+    for label in datasets:
+        table.add_column(label, justify="right")
+    for encoder, cells in rows.items():
+        table.add_row(encoder, *(cells.get(label, "–") for label in datasets))
+    return table
 
 
 def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
@@ -696,6 +731,9 @@ def print_summary(pipeline_result: Any, config: PipelineConfig) -> None:
     for stage, result in results.items():
         table.add_row(stage, f"{result.seconds:.1f}", result.run_id, lines.get(stage, ""))
     console.print(table)
+    comparison = evaluation_summary(evaluate_metrics)
+    if comparison.row_count:
+        console.print(comparison)
     from softcon.flows.tracking import runs_table_url
 
     experiment_id = mlflow_experiment_id(pipeline_result.run_id)

@@ -448,15 +448,27 @@ class EvaluateConfig(StageConfig):
 
 
 class EmbedConfig(DaskStageConfig):
-    """Embeddings of a training store's patches with a trained encoder, as GeoParquet."""
+    """Embeddings with a trained encoder, as GeoParquet: a training store's patches, or windows tiled over a cube."""
 
     model: str = Field(
         description="The encoder: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS."
     )
-    store: str = Field(default_factory=lambda: _default_path("store.zarr"), description="Training store to embed.")
+    store: str | None = Field(default=None, description="Training store whose patches are embedded (or give cube).")
+    cube: str | None = Field(
+        default=None,
+        description="Cube whose tiles are embedded window by window, per time step, with windows of the encoder's "
+        "image size (or give store).",
+    )
     out: str = Field(
         default_factory=lambda: _default_path("embeddings.parquet"), description="GeoParquet file to write."
     )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Self:
+        if (self.store is None) == (self.cube is None):
+            given = "both" if self.store is not None else "neither"
+            raise ValueError(f"give exactly one of store (a training store) or cube (a cube) to embed; {given} given")
+        return self
 
 
 class ImportSSL4EOConfig(DaskStageConfig):

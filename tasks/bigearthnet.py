@@ -219,6 +219,8 @@ class BigEarthNetDataset(Dataset):
         bands: the encoder's band (or polarisation) names, in its input order.
         norm_stats: {"mean": [...], "std": [...]} per encoder band (the checkpoint's).
         image_size: resize the 120 px patch to this side (bilinear); None keeps 120.
+        raw_cache: patch name -> raw (C_src, 120, 120) array, filled on first read and shared by the datasets
+            of one evaluation, so each encoder after the first reads no GeoTIFF; None reads every time.
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class BigEarthNetDataset(Dataset):
         norm_stats: dict[str, list[float]],
         *,
         image_size: int | None = None,
+        raw_cache: dict[str, np.ndarray] | None = None,
     ) -> None:
         if not patches:
             raise ValueError("no BigEarthNet patches to read")
@@ -244,13 +247,21 @@ class BigEarthNetDataset(Dataset):
         self.mean = torch.tensor(norm_stats["mean"], dtype=torch.float32).view(-1, 1, 1)  # (C, 1, 1)
         self.std = torch.tensor(norm_stats["std"], dtype=torch.float32).clamp_min(1e-6).view(-1, 1, 1)  # (C, 1, 1)
         self.image_size = image_size
+        self.raw_cache = raw_cache
         self.labels = torch.from_numpy(np.stack([patch.labels for patch in patches]).astype(np.float32))  # (N, 19)
 
     def __len__(self) -> int:
         return len(self.patches)
 
+    def _raw(self, patch: BigEarthNetPatch) -> np.ndarray:
+        if self.raw_cache is None:
+            return read_patch(patch)
+        if patch.name not in self.raw_cache:
+            self.raw_cache[patch.name] = read_patch(patch)
+        return self.raw_cache[patch.name]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        raw = torch.from_numpy(read_patch(self.patches[i]))  # (C_src, 120, 120)
+        raw = torch.from_numpy(self._raw(self.patches[i]))  # (C_src, 120, 120)
         nodata = torch.isnan(raw) if self.sensor == "s1" else raw == 0  # (C_src, H, W)
         x = torch.zeros(len(self.mapping), *raw.shape[1:])  # (C, H, W): filled bands stay 0 = their mean
         for c, index in enumerate(self.mapping):

@@ -62,6 +62,8 @@ from softcon.models.probe import (
 )
 from softcon.models.training_store import read_store_attrs
 from softcon.tasks.bigearthnet import (
+    PATCH_SIZE,
+    S2_BANDS,
     BigEarthNetDataset,
     Sensor,
     assign_splits,
@@ -217,6 +219,12 @@ def build_spec(
     return encoder.eval(), meta, f"random:{backbone}:{reference['in_chans']}:{config.seed}:torch{torch.__version__}"
 
 
+RAW_PATCH_BYTES = len(S2_BANDS) * PATCH_SIZE * PATCH_SIZE * 4
+"""Memory of one raw BigEarthNet S2 patch (float32)."""
+RAW_CACHE_BYTES = 1 << 30
+"""A BigEarthNet folder whose raw patches fit in this is read once per evaluation, not once per encoder."""
+
+
 class EvaluationData:
     """The datasets of one evaluation, each split readable for any encoder's bands and statistics."""
 
@@ -232,6 +240,8 @@ class EvaluationData:
             self._patches = find_patches(config.bigearthnet, _sensor(sensor))
             self._splits = assign_splits(config.bigearthnet, [patch.name for patch in self._patches])
             self.names.append("bigearthnet")
+        small = self._patches is not None and len(self._patches) * RAW_PATCH_BYTES <= RAW_CACHE_BYTES
+        self._raw_cache: dict[str, np.ndarray] | None = {} if small else None
         self._eurosat: list[EuroSatPatch] = []
         if config.eurosat is not None:
             self._eurosat = find_eurosat(config.eurosat)
@@ -314,7 +324,11 @@ class EvaluationData:
             if not chosen:
                 return Subset(torch.utils.data.TensorDataset(torch.zeros(0)), [])
             data = BigEarthNetDataset(
-                chosen, meta["bands"], meta["norm_stats"], image_size=self.config.bigearthnet_size
+                chosen,
+                meta["bands"],
+                meta["norm_stats"],
+                image_size=self.config.bigearthnet_size,
+                raw_cache=self._raw_cache,
             )
         return data
 

@@ -10,9 +10,16 @@ Formats (``ExportConfig.format``), each loaded with its own library and no code 
   no other keys, so the band names and the normalisation rule go in its ``notes``, and in full in a top-level
   ``softcon`` block, which timm ignores.
 - ``onnx``: ``model.onnx`` from ``torch.onnx.export`` with the TorchScript-based exporter (``dynamo=False``: the
-  dynamo exporter needs onnxscript), input ``images`` (batch, C, S, S) with a dynamic batch axis, output
-  ``features`` (batch, D).
-- ``torchscript``: ``model.torchscript.pt`` from ``torch.jit.trace`` at S x S, for ``torch.jit.load``.
+  dynamo exporter needs onnxscript), input ``images`` (batch, C, H, W), output ``features`` (batch, D); the batch
+  axis is dynamic, and for a CNN the height and width axes too.
+- ``torchscript``: ``model.torchscript.pt`` from ``torch.jit.trace`` at S x S, for ``torch.jit.load``. A CNN's trace
+  holds no image size (convolutions and a global average) and runs at any size; a ViT's fixes the position
+  embedding's grid, so it runs at S x S only. (``torch.jit.script`` of timm's ViT does run at other multiples of
+  the patch, but its ONNX graph cannot: the TorchScript-based exporter fixes the grid too, so both ViT graphs keep
+  the one trained size.)
+
+The sizes each format takes per backbone family are ``model_card.size_rule``'s; the card and the Item state them,
+and ``check_export`` checks them: at S x S and, where other sizes are claimed, at a second, non-square size.
 
 The exported module is the evaluation encoder (as ``tasks.train.load_encoder`` builds it: the EMA teacher),
 without the ViT mask token, which only training uses. ``run_export`` reloads each written file with its library
@@ -44,6 +51,7 @@ from softcon.tasks.model_card import (
     TrainRecord,
     read_lineage,
     require,
+    size_rule,
     write_model_card,
     write_stac_item,
 )
@@ -53,6 +61,8 @@ ONNX_OPSET = 17
 """ONNX opset of the graph: run by onnxruntime 1.14 and later and by most other runtimes."""
 CHECK_BATCH = 3
 """Images in the export check: not 1, the batch the graphs are traced with, so a fixed batch axis fails it."""
+CNN_CHECK_MARGIN = (32, 16)
+"""A CNN export is checked at (S + 32) x (S + 16) too: a second height and a different width."""
 TOLERANCE = 1e-4
 """Largest allowed difference of export and encoder features, relative to the largest feature: two float32
 implementations of the same graph differ by about 1e-6 of it."""
@@ -71,7 +81,7 @@ FILES: dict[str, tuple[ModelFile, ...]] = {
     ),
     "onnx": (
         ModelFile(
-            key="model", name="model.onnx", title="Encoder as an ONNX graph (dynamic batch axis)",
+            key="model", name="model.onnx", title="Encoder as an ONNX graph (dynamic axes: see the model card)",
             media_type="application/octet-stream; framework=onnx; profile=onnx", roles=("mlm:model",),
             artifact_type="onnx",
         ),
@@ -150,15 +160,17 @@ def write_timm_folder(encoder: nn.Module, meta: dict[str, Any], out: Path) -> No
 
 
 def write_onnx(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    """``model.onnx``, traced at one image of the trained size, batch axis dynamic."""
+    """``model.onnx``, traced at one image of the trained size; the batch axis dynamic, and for a CNN (which takes
+    any size) the height and width axes too."""
     onnx = require("onnx", "an onnx export")
     path = out / "model.onnx"
+    image_axes = {0: "batch"} if is_vit(encoder) else {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         # timm's size checks become constants in the trace (TracerWarning); check_export verifies the graph instead.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             encoder, (_example(meta, batch=1),), str(path), input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+            dynamic_axes={"images": image_axes, "features": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
         )  # fmt: skip
     onnx.checker.check_model(str(path))
 
@@ -180,11 +192,24 @@ WRITERS: dict[str, Callable[[nn.Module, dict[str, Any], Path], None]] = {
 }
 
 
-def _example(meta: dict[str, Any], *, batch: int) -> torch.Tensor:
-    """A seeded batch of normalised-looking images (z-scores) of the trained size: (batch, C, S, S)."""
-    size = int(meta["img_size"])
+def _example(meta: dict[str, Any], *, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A seeded batch of normalised-looking images (z-scores): (batch, C, H, W), by default of the trained size."""
+    height, width = size or (int(meta["img_size"]),) * 2
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, int(meta["in_chans"]), size, size, generator=generator)
+    return torch.randn(batch, int(meta["in_chans"]), height, width, generator=generator)
+
+
+def check_sizes(fmt: str, encoder: nn.Module, meta: dict[str, Any]) -> list[tuple[int, int]]:
+    """The (height, width) sizes ``check_export`` runs the export at: the trained one, and a second, non-square one
+    where ``model_card.size_rule`` says the export takes other sizes."""
+    side = int(meta["img_size"])
+    rule = size_rule(fmt, patch_size(encoder) if is_vit(encoder) else None)
+    if rule == "any":
+        return [(side, side), (side + CNN_CHECK_MARGIN[0], side + CNN_CHECK_MARGIN[1])]
+    if rule == "patch-multiples":
+        patch = patch_size(encoder)
+        return [(side, side), (side + patch, side + 2 * patch)]
+    return [(side, side)]
 
 
 def read_features(fmt: str, out: Path, images: torch.Tensor) -> np.ndarray:
@@ -205,21 +230,32 @@ def read_features(fmt: str, out: Path, images: torch.Tensor) -> np.ndarray:
 
 
 def check_export(fmt: str, out: Path, encoder: nn.Module, meta: dict[str, Any]) -> float:
-    """The largest difference of the export's features from the encoder's on ``CHECK_BATCH`` seeded images.
+    """The largest difference of the export's features from the encoder's on ``CHECK_BATCH`` seeded images of each
+    of ``check_sizes`` (the sizes the card says the export takes).
 
     Raises:
-        RuntimeError: the export does not reproduce the encoder (a bug in the export, not in the input).
+        RuntimeError: the export does not reproduce the encoder (a bug in the export, not in the input), or fails
+            at a size the card says it takes.
     """
-    images = _example(meta, batch=CHECK_BATCH)
-    with torch.no_grad():
-        expected = encoder(images).numpy()
-    got = read_features(fmt, out, images)
-    if got.shape != expected.shape:
-        raise RuntimeError(f"the {fmt} export gives features of shape {got.shape}, the encoder {expected.shape}")
-    difference = float(np.abs(got - expected).max())
-    if difference > TOLERANCE * max(1.0, float(np.abs(expected).max())):
-        raise RuntimeError(f"the {fmt} export's features differ from the encoder's by up to {difference:.3g}")
-    return difference
+    largest = 0.0
+    for height, width in check_sizes(fmt, encoder, meta):
+        images = _example(meta, batch=CHECK_BATCH, size=(height, width))
+        with torch.no_grad():
+            expected = encoder(images).numpy()
+        try:
+            got = read_features(fmt, out, images)
+        except Exception as error:  # onnxruntime and TorchScript raise their own types for a refused shape
+            raise RuntimeError(f"the {fmt} export fails on {height} x {width} px images: {error}") from error
+        if got.shape != expected.shape:
+            raise RuntimeError(f"the {fmt} export gives features of shape {got.shape}, the encoder {expected.shape}")
+        difference = float(np.abs(got - expected).max())
+        if difference > TOLERANCE * max(1.0, float(np.abs(expected).max())):
+            raise RuntimeError(
+                f"the {fmt} export's features differ from the encoder's by up to {difference:.3g} at {height} x "
+                f"{width} px"
+            )
+        largest = max(largest, difference)
+    return largest
 
 
 def read_encoder(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -12,6 +12,9 @@ train run (``TrainRecord``: the flow reads it, since tasks do not query MLflow).
   written. The Item declares MLM v1.5.2: ``stac-model`` 0.7.0 writes v1.6.0, whose JSON schema is not published
   in any copy this project can test against offline; the v1.5.2 schema is vendored in ``tests/data/stac_mlm`` and
   the tests validate every written Item against it (the fields used here are the same in both versions).
+  Its geometry and bbox are the training area (``training_area``): the ingest bbox of the pipeline run that trained
+  the model, else the extent of the training store's patches on the tile grid; null only when neither is known (a
+  bare checkpoint whose store is gone, a corpus without a grid such as SSL4EO-S12).
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pystac
+import shapely
 import zarr
 
 from softcon.models.training_store import read_store_attrs
 from softcon.tasks.cube_store import open_cube, tile_group
+from softcon.tasks.embed import grid_polygon
 
 MODEL_CARD = "README.md"
 STAC_ITEM = "model.stac.json"
@@ -56,6 +61,8 @@ LABEL_LICENCES: dict[str, str] = {
 """Licence line of each label scheme's product (``tasks/schemes.py``)."""
 SOURCE_LICENCES: dict[str, str] = {"ssl4eo-s12": "SSL4EO-S12 (Wang et al. 2023), licensed CC-BY 4.0."}
 """Licence line of a training store built from a published dataset instead of the pipeline's own cube."""
+SizeRule = Literal["any", "patch-multiples", "trained"]
+"""Which image sizes an export takes (``size_rule``)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,18 @@ class TrainRecord:
 
 
 @dataclass(frozen=True)
+class TrainingArea:
+    """Where the training data lies, in EPSG:4326 (lon/lat)."""
+
+    geometry: dict[str, Any]
+    """GeoJSON geometry."""
+    bbox: tuple[float, float, float, float]
+    """West, south, east, north."""
+    origin: str
+    """What it was read from."""
+
+
+@dataclass(frozen=True)
 class Lineage:
     """The training data as the checkpoint's config, its store and the store's cube record it; None if unrecorded."""
 
@@ -139,6 +158,8 @@ class Lineage:
     label_source: str | None
     time_range: tuple[str, str] | None
     """First and last acquisition day of the store's samples."""
+    extent: TrainingArea | None = None
+    """The union of the store's patches on the tile grid; None for a store without a grid, or when it is gone."""
 
 
 def require(module: str, purpose: str) -> Any:
@@ -165,6 +186,7 @@ def read_lineage(train_config: dict[str, Any]) -> Lineage:
         label_product=land_cover.get("product"),
         label_source=land_cover.get("source") or attrs.get("ssl4eo_labels"),
         time_range=_time_range(store) if store and attrs else None,
+        extent=_store_extent(store, attrs) if store and attrs else None,
     )
 
 
@@ -179,6 +201,61 @@ def _land_cover_attrs(cube: str, tiles: list[str]) -> dict[str, Any]:
         if group is not None and "landcover" in group:
             return dict(group["landcover"].attrs)
     return {}
+
+
+def _store_extent(store: str, attrs: dict[str, Any]) -> TrainingArea | None:
+    """The union (EPSG:4326) of each grid tile's rectangle around its patches in the store, from the store's plan
+    (``tile``, ``row``, ``col``), its ``resolution_m`` and patch size; None when the store has no grid."""
+    tiles, resolution = list(attrs.get("tiles") or []), attrs.get("resolution_m")
+    size = (attrs.get("params") or {}).get("patch_size")
+    try:
+        group = zarr.open_group(store, mode="r")
+        tile, row, col = (_values(group, name) for name in ("tile", "row", "col"))
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    if not tiles or resolution is None or size is None or tile is None or row is None or col is None:
+        return None
+    polygons = []
+    for index in np.unique(tile):
+        members = tile == index
+        top, left = int(row[members].min()), int(col[members].min())
+        height, width = int(row[members].max()) + size - top, int(col[members].max()) + size - left
+        polygon = grid_polygon(tiles[int(index)], float(resolution), top, left, height, width)
+        if polygon is not None:
+            polygons.append(polygon)
+    if not polygons:
+        return None
+    area = shapely.union_all(polygons)
+    west, south, east, north = (float(value) for value in area.bounds)
+    return TrainingArea(
+        geometry=shapely.geometry.mapping(area),
+        bbox=(west, south, east, north),
+        origin="the extent of the training store's patches on the tile grid",
+    )
+
+
+def _values(group: zarr.Group, name: str) -> np.ndarray | None:
+    """All values of the array ``name`` of ``group``; None when it is a group."""
+    node = group[name]
+    return np.asarray(node[:]) if isinstance(node, zarr.Array) else None
+
+
+def training_area(lineage: Lineage, record: TrainRecord | None) -> TrainingArea | None:
+    """The training area: the ``bbox`` param of the ingest run of the model's pipeline run when recorded (the area
+    the user asked for), else the extent of the store's patches; None when neither is known."""
+    text = record.sources.get("ingest", {}).get("bbox") if record else None
+    try:
+        bbox = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        bbox = None
+    if isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(value, int | float) for value in bbox):
+        west, south, east, north = (float(value) for value in bbox)
+        return TrainingArea(
+            geometry=shapely.geometry.mapping(shapely.box(west, south, east, north)),
+            bbox=(west, south, east, north),
+            origin="the ingest bbox of the pipeline run",
+        )
+    return lineage.extent
 
 
 def _time_range(store: str) -> tuple[str, str] | None:
@@ -241,15 +318,32 @@ def _loading(model: ExportedModel) -> str:
     )
 
 
-def _size_rule(model: ExportedModel) -> str:
-    """Which image sides the export takes."""
-    fixed = "" if model.format == "timm" else f"; this {model.format} graph was traced at {model.img_size} px only"
-    if model.patch_size is None:
-        return f"{model.img_size} x {model.img_size} px as trained (a CNN takes other sizes too{fixed})"
-    return (
-        f"{model.img_size} x {model.img_size} px as trained; a ViT with patch {model.patch_size}: other sides must be "
-        f"multiples of {model.patch_size} (the pipeline centre-crops larger images to {model.img_size}{fixed})"
-    )
+def size_rule(fmt: str, patch_size: int | None) -> SizeRule:
+    """Which image sizes an export takes (``tasks.export.check_export`` checks it at a second size):
+
+    - ``any``: a CNN (global average pooling) in every format: any height and width, also non-square; the ONNX
+      graph has dynamic height and width axes, and the TorchScript trace holds no image size;
+    - ``patch-multiples``: a ViT's timm folder (``dynamic_img_size``): any height and width in whole patches;
+    - ``trained``: a ViT's ONNX and TorchScript graphs: only the trained size, since the trace fixes the position
+      embedding's grid.
+    """
+    if patch_size is None:
+        return "any"
+    return "patch-multiples" if fmt == "timm" else "trained"
+
+
+def size_text(model: ExportedModel) -> str:
+    """Which image sizes the export takes, in words."""
+    trained = f"trained at {model.img_size} x {model.img_size} px"
+    rule = size_rule(model.format, model.patch_size)
+    if rule == "any":
+        return f"any height and width, also non-square ({trained}; a CNN, in every format)"
+    if rule == "patch-multiples":
+        return (
+            f"any height and width in multiples of the ViT patch, {model.patch_size} px ({trained}; the pipeline "
+            f"centre-crops larger images that are not whole patches to {model.img_size})"
+        )
+    return f"{model.img_size} x {model.img_size} px only (the ViT's {model.format} graph is traced at that size)"
 
 
 def _fenced(language: str, text: str) -> str:
@@ -265,7 +359,7 @@ def _input_section(model: ExportedModel) -> str:
         "## Input contract\n\n"
         f"- bands, in this order ({len(model.bands)}): {', '.join(model.bands)}; raw values: {_sensor_values(model)}\n"
         f"- normalisation: {NORMALISATION_RULE}\n"
-        f"- image size: {_size_rule(model)}\n"
+        f"- image size: {size_text(model)}\n"
         "- dtype float32, layout (batch, band, height, width)\n\n"
         f"| index | band | mean | std |\n|---|---|---|---|\n{rows}"
     )
@@ -288,6 +382,8 @@ def _training_section(model: ExportedModel) -> str:
 
 def _lineage_section(lineage: Lineage, record: TrainRecord | None) -> str:
     stac = record.sources.get("ingest", {}).get("stac") if record else None
+    area = training_area(lineage, record)
+    where = f"{', '.join(f'{value:.6f}' for value in area.bbox)} ({area.origin})" if area else "not recorded"
     tiles = f" (tiles: {', '.join(lineage.tiles)})" if lineage.tiles else ""
     days = f"{lineage.time_range[0]} to {lineage.time_range[1]}" if lineage.time_range else "not recorded"
     return (
@@ -298,7 +394,8 @@ def _lineage_section(lineage: Lineage, record: TrainRecord | None) -> str:
         f"- STAC source: {f'`{stac}`' if stac else 'not recorded'}\n"
         f"- land-cover labels: scheme {lineage.label_scheme or 'not recorded'}, product "
         f"{lineage.label_product or 'not recorded'}, source `{lineage.label_source or 'not recorded'}`\n"
-        f"- acquisition days: {days}\n\n"
+        f"- acquisition days: {days}\n"
+        f"- training area (EPSG:4326, west, south, east, north): {where}\n\n"
         "Store build parameters:\n\n" + _fenced("json", json.dumps(lineage.build_params, indent=2, sort_keys=True))
     )
 
@@ -412,14 +509,16 @@ def stac_item(
         if lineage.time_range
         else {}
     )
+    area = training_area(lineage, record)
     item = pystac.Item(
         id=f"{model_name(model)}-{record.run_id if record else Path(model.checkpoint).stem}",
-        geometry=None,
-        bbox=None,
+        geometry=area.geometry if area else None,
+        bbox=list(area.bbox) if area else None,
         datetime=None if start_end else written,
         properties={
             "title": f"{model_name(model)} ({model.format})",
-            "description": f"SoftCon-pretrained {model.backbone} encoder; see {MODEL_CARD}.",
+            "description": f"SoftCon-pretrained {model.backbone} encoder; image size: {size_text(model)}. The geometry "
+            f"is the training area ({area.origin if area else 'not recorded'}). See {MODEL_CARD}.",
             "bands": bands,
             **start_end,
             **mlm,

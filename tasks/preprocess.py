@@ -157,7 +157,7 @@ def read_cube_index(cube: str) -> CubeIndex:
         if cube_bands is not None and bands != cube_bands:
             raise ValueError(f"tile {tile_id!r} has S2 bands {bands}, other tiles {cube_bands}: ingest one band set")
         cube_bands = bands
-        resolution = _tile_resolution(tile)
+        resolution = tile_resolution(tile)
         if resolution is not None and not np.isclose(resolution, S2_RESOLUTION_M):
             raise ValueError(
                 f"tile {tile_id!r} of cube {cube!r} has {resolution:g} m pixels; the store needs every S2 band at "
@@ -192,7 +192,7 @@ def read_cube_index(cube: str) -> CubeIndex:
     )
 
 
-def _tile_resolution(tile: xr.Dataset) -> float | None:
+def tile_resolution(tile: xr.Dataset) -> float | None:
     """Pixel size in metres from the x coordinate (or the ingest ``resolution`` attribute); None if unknown."""
     if tile.sizes.get("x", 0) > 1:
         x = tile["x"].values[:2].astype(np.float64)

@@ -168,6 +168,21 @@ def test_bigearthnet_metrics_are_prefixed(bigearthnet: Path, checkpoint: Path, t
     assert half.metrics["bigearthnet/n_train"] == 2
 
 
+def test_each_bigearthnet_patch_is_read_once_per_evaluation(
+    bigearthnet: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from softcon.tasks import bigearthnet as reader
+
+    reads: list[str] = []
+    read_patch = reader.read_patch
+    monkeypatch.setattr(reader, "read_patch", lambda patch: reads.append(patch.name) or read_patch(patch))
+    config = EvaluateConfig(bigearthnet=str(bigearthnet), probe_epochs=2, knn_k=1, out=str(tmp_path / "eval"),
+                            bigearthnet_size=32, baselines=["random", "image-stats"], plots=False)  # fmt: skip
+    result = run_evaluation(config, checkpoint)
+    assert len(result.results) == 3  # three encoders, the patches read by the first
+    assert sorted(reads) == sorted({patch.name for patch in reader.find_patches(bigearthnet, "s2")})
+
+
 def test_cached_features_follow_a_folder_s_split_lists(bigearthnet: Path, checkpoint: Path, tmp_path: Path) -> None:
     """Features are cached per split; a changed split list must not serve the old split's features (it did: the
     key named the folder and the split, not what the split held)."""

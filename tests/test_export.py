@@ -1,6 +1,6 @@
 """Export stage: each format reloads with its own library (timm, onnxruntime, torch.jit) and gives the pipeline
-encoder's features; the model card; the STAC Item against the MLM JSON schema; the flow's MLflow record; the CLI's
-errors."""
+encoder's features, at the sizes the card states for each backbone family; the model card; the STAC Item against the
+MLM JSON schema, with the training area as its geometry; the flow's MLflow record; the CLI's errors."""
 
 from __future__ import annotations
 
@@ -11,16 +11,27 @@ from typing import Any
 
 import numpy as np
 import pytest
+import shapely
 import timm
 import torch
 import zarr
+from pyproj import Transformer
 from store_factory import SyntheticStore, write_store
 from typer.testing import CliRunner
 
 from softcon.cli import app
 from softcon.config import S2_L2A_BANDS, ExportConfig, TrainConfig
-from softcon.tasks.export import run_export
-from softcon.tasks.model_card import Evaluation, Lineage, TrainRecord, data_licences, read_lineage, require
+from softcon.models.encoder import build_encoder
+from softcon.tasks.export import check_sizes, run_export
+from softcon.tasks.model_card import (
+    Evaluation,
+    Lineage,
+    TrainRecord,
+    data_licences,
+    read_lineage,
+    require,
+    training_area,
+)
 from softcon.tasks.train import load_encoder, run_training
 
 torch.set_num_threads(2)
@@ -35,8 +46,11 @@ SCHEMA_FILES = {
 """The MLM schema and the three it refers to, by the URL it names them with (read offline from tests/data)."""
 
 
+BBOX = (11.0, 46.49, 11.02, 46.51)
+"""The area of the pipeline's ingest run (W, S, E, N), as the flow reads it from the run's ``bbox`` param."""
 RECORD = TrainRecord(
-    run_id="0123abcd", code_version="cafe42", sources={"ingest": {"stac": "https://stac.example/api"}},
+    run_id="0123abcd", code_version="cafe42",
+    sources={"ingest": {"stac": "https://stac.example/api", "bbox": json.dumps(list(BBOX))}},
     evaluations=(Evaluation("e1", {"linear_map_micro": 0.625}),),
 )  # fmt: skip
 """What the flow would read from MLflow, for the card of the ONNX and TorchScript exports (the timm one has none)."""
@@ -46,6 +60,8 @@ RECORD = TrainRecord(
 class Exported:
     """A checkpoint's export in each format (one folder per format) and its encoder's features of ``images(n)``."""
 
+    backbone: str
+    checkpoint: Path
     folders: dict[str, Path]
     features: dict[int, np.ndarray]
     """Batch size -> the features the pipeline's encoder gives of ``images(batch)``."""
@@ -83,7 +99,7 @@ def exported(
     encoder, _ = load_encoder(checkpoint)
     with torch.no_grad():
         features = {batch: encoder(images(batch)).numpy() for batch in (1, 2, 3)}
-    return Exported(folders, features)
+    return Exported(request.param, checkpoint, folders, features)
 
 
 def images(batch: int) -> torch.Tensor:
@@ -160,6 +176,85 @@ def test_stac_item_is_valid_against_the_mlm_and_stac_item_schemas(exported: Expo
     assert item["assets"]["model"]["href"] == f"./{model_file}"
     del item["properties"]["mlm:input"]
     assert not validator.is_valid(item)  # the schema is really applied
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_a_cnn_export_takes_other_sizes_and_a_vit_graph_only_the_trained_one(exported: Exported) -> None:
+    """What the card says each format takes, per backbone family, is what the files do."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    encoder, _ = load_encoder(exported.checkpoint)
+    inputs = torch.randn(2, len(S2_L2A_BANDS), SIZE + 32, SIZE + 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = encoder(inputs).numpy()
+    session = onnxruntime.InferenceSession(str(exported.folders["onnx"] / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])  # fmt: skip
+    module = torch.jit.load(str(exported.folders["torchscript"] / "model.torchscript.pt"))
+    timm_model = timm.create_model(f"local-dir:{exported.folders['timm']}", pretrained=True).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(timm_model(inputs).numpy(), expected, atol=1e-5)  # multiples of the ViT patch
+    cards = {fmt: (folder / "README.md").read_text() for fmt, folder in exported.folders.items()}
+    if exported.backbone == "resnet18":
+        (got,) = session.run(None, {"images": inputs.numpy()})
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            np.testing.assert_allclose(module(inputs).numpy(), expected, atol=1e-5)
+        assert all("image size: any height and width, also non-square" in card for card in cards.values())
+        return
+    with pytest.raises(InvalidArgument, match="invalid dimensions for input: images"):
+        session.run(None, {"images": inputs.numpy()})
+    with torch.no_grad(), pytest.raises(RuntimeError, match="must match the size"):
+        module(inputs)
+    for fmt in ("onnx", "torchscript"):
+        assert f"image size: {SIZE} x {SIZE} px only (the ViT's {fmt} graph is traced at that size)" in cards[fmt]
+    assert "image size: any height and width in multiples of the ViT patch, 16 px" in cards["timm"]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "fmt", "sizes"),
+    [
+        ("resnet18", "onnx", [(SIZE, SIZE), (SIZE + 32, SIZE + 16)]),
+        ("resnet18", "torchscript", [(SIZE, SIZE), (SIZE + 32, SIZE + 16)]),
+        ("vit_tiny_patch16_224", "timm", [(SIZE, SIZE), (SIZE + 16, SIZE + 32)]),
+        ("vit_tiny_patch16_224", "onnx", [(SIZE, SIZE)]),
+        ("vit_tiny_patch16_224", "torchscript", [(SIZE, SIZE)]),
+    ],
+)
+def test_the_export_check_runs_at_every_size_the_card_claims(
+    backbone: str, fmt: str, sizes: list[tuple[int, int]]
+) -> None:
+    encoder = build_encoder(backbone, len(S2_L2A_BANDS), img_size=SIZE)
+    assert check_sizes(fmt, encoder, {"img_size": SIZE}) == sizes
+
+
+def test_stac_item_geometry_is_the_training_bbox(exported: Exported) -> None:
+    item = json.loads((exported.folders["onnx"] / "model.stac.json").read_text())
+    assert item["bbox"] == list(BBOX)
+    assert shapely.geometry.shape(item["geometry"]).equals(shapely.box(*BBOX))
+    card = (exported.folders["onnx"] / "README.md").read_text()
+    assert "training area (EPSG:4326, west, south, east, north): 11.000000, 46.490000, 11.020000, 46.510000 (the " \
+        "ingest bbox of the pipeline run)" in card  # fmt: skip
+    bare = json.loads((exported.folders["timm"] / "model.stac.json").read_text())
+    assert bare["geometry"] is None and bare.get("bbox") is None  # no MLflow record, a store without a grid
+
+
+def test_without_a_recorded_bbox_the_area_is_the_extent_of_the_stores_patches(tmp_path: Path) -> None:
+    store = write_store(tmp_path / "store.zarr", n_locations=4, size=8)  # 8 px patches at row 0, col 0..3 px
+    tile = "32632_500000_5000000"
+    zarr.open_group(str(store.path), mode="r+").attrs.update(
+        {"tiles": [tile], "resolution_m": 10.0, "params": {"patch_size": 8}}
+    )
+    lineage = read_lineage({"store": str(store.path)})
+    area = training_area(lineage, None)
+    assert area is not None and area.origin == "the extent of the training store's patches on the tile grid"
+    to_lonlat = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True)
+    west, north = to_lonlat.transform(500_000, 5_000_000)
+    east, south = to_lonlat.transform(500_000 + (3 + 8) * 10, 5_000_000 - 8 * 10)  # 11 x 8 px of 10 m
+    assert area.bbox == pytest.approx((west, south, east, north), abs=1e-7)
+    assert shapely.geometry.shape(area.geometry).is_valid
+    recorded = training_area(lineage, RECORD)
+    assert recorded is not None and recorded.bbox == BBOX  # the ingest bbox, when the pipeline recorded it
 
 
 def test_model_card_names_the_bands_the_contract_the_run_and_its_evaluation(exported: Exported) -> None:
