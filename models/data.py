@@ -235,6 +235,8 @@ class StoreDataset(Dataset):
         two_views=False: "image" (C, H', W') float32
         always:          "labels" (K,) float32 multi-hot, "fractions" (K,) float32, "labelled" bool,
                          "index" int64 (sample index in the store), "other" int64 (store index of view b)
+        masks=True:      "mask" (H', W') int64 class indices (255: no class), cropped, flipped and turned
+                         exactly as "image"
         defer_augment:   instead of the views, "raw_a"/"raw_b" (or "raw") (C, H, W) in the store's dtype
                          (uint16 S2, float32 S1), "aug_a"/"aug_b" (N_AUG,) int64 and "drop_a"/"drop_b"
                          (C,) bool; ``GpuAugment`` makes the views from them
@@ -259,6 +261,8 @@ class StoreDataset(Dataset):
         decode_threads: threads that decode (and normalise) the samples of a batch in ``__getitems__``. The
             decode and the lookups release the GIL, and the batch stays in this process's memory: with
             ``num_workers=0`` this uses several cores without the DataLoader workers' shared-memory batches.
+        masks: also yield each sample's per-pixel class mask (a store written with preprocess ``masks``); one
+            view per item (``two_views=False``), augmented on the CPU (not with ``defer_augment``).
     """
 
     def __init__(
@@ -276,6 +280,7 @@ class StoreDataset(Dataset):
         channel_dropout: float = 0.0,
         defer_augment: bool = False,
         decode_threads: int = 1,
+        masks: bool = False,
     ) -> None:
         if sensor not in ("s2", "s1"):
             raise ValueError(f"sensor {sensor!r} is not one of ('s2', 's1')")
@@ -285,10 +290,18 @@ class StoreDataset(Dataset):
             raise ValueError(f"cache_blocks {cache_blocks} must be at least 1")
         if decode_threads < 1:
             raise ValueError(f"decode_threads {decode_threads} must be at least 1")
+        if masks and (two_views or defer_augment):
+            raise ValueError("masks go with one view augmented in the loader: two_views=False, defer_augment=False")
         self.store = str(store)
         group = open_store(store)
         if sensor not in group:
             raise ValueError(f"training store {store} has no {sensor!r} array")
+        if masks and "masks" not in group:
+            raise ValueError(
+                f"training store {store} has no per-pixel masks; write it with `softcon preprocess --masks` (a new "
+                "--out, or the same one: the store is rebuilt)"
+            )
+        self.masks = masks
         self.sensor = sensor
         self.split = split
         self.two_views = two_views
@@ -336,6 +349,7 @@ class StoreDataset(Dataset):
         self._run_start = position
         self._run_stop = np.searchsorted(sorted_locations, locations, side="right")
         self._reader: SampleReader | None = None
+        self._mask_reader: SampleReader | None = None
         self._local: threading.local | None = None  # per thread: the (C, H, W) decode buffer of the batch path
         self._pool: ThreadPoolExecutor | None = None  # the decode threads
         self._table: np.ndarray | None = None  # (C, 65536) normalised values of uint16 (or uint8) inputs
@@ -355,7 +369,7 @@ class StoreDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
-        state["_reader"] = state["_local"] = state["_pool"] = state["_table"] = None
+        state["_reader"] = state["_mask_reader"] = state["_local"] = state["_pool"] = state["_table"] = None
         state["_batches"] = BatchPool()
         return state
 
@@ -367,6 +381,26 @@ class StoreDataset(Dataset):
             self._reader = SampleReader(array, index_cache=self.cache_blocks)
         self._reader.index_cache = self.cache_blocks  # make_loader may have raised it
         return self._reader
+
+    @property
+    def mask_reader(self) -> SampleReader:
+        """This process's reader of the ``masks`` array (opened on first use)."""
+        if self._mask_reader is None:
+            array = _array(zarr.open_group(self.store, mode="r"), "masks")
+            self._mask_reader = SampleReader(array, index_cache=self.cache_blocks)
+        self._mask_reader.index_cache = self.cache_blocks
+        return self._mask_reader
+
+    def view_size(self) -> tuple[int, int]:
+        """(H', W') of a view: the crop, or the whole patch."""
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        return self.image_shape[1], self.image_shape[2]
+
+    def read_mask(self, sample: int, params: np.ndarray) -> np.ndarray:
+        """(H', W') int64 class mask of store sample ``sample`` under a view's ``params`` (crop, flips, turns)."""
+        mask = self.mask_reader.read(sample)[None]  # (1, H, W) uint8
+        return self._oriented(mask, params, *self.view_size())[0].astype(np.int64)
 
     @property
     def _blocks(self) -> OrderedDict[int, np.ndarray | None]:
@@ -423,6 +457,8 @@ class StoreDataset(Dataset):
             if view == "b":
                 others["b"] = self.other_date(sample, rng)
             params, dropped = self.draw(rng)
+            if self.masks:
+                item["mask"] = torch.from_numpy(self.read_mask(sample, params))
             raw = self.read_sample(others[view])
             suffix = f"_{view}" if view else ""
             if self.defer_augment:
@@ -489,6 +525,10 @@ class StoreDataset(Dataset):
             self._each(slot, B)
             batch["image" if not view else f"view_{view}"] = x
         batch["other"] = torch.from_numpy(others["b" if self.two_views else ""].astype(np.int64))
+        if self.masks:
+            mask = np.empty((B, *self.view_size()), np.int64)
+            self._each(partial(_mask_slot, self, samples.tolist(), params[""], mask), B)
+            batch["mask"] = torch.from_numpy(mask)
         return _Batch(batch, B)
 
     def _augment_slot(
@@ -567,6 +607,11 @@ class StoreDataset(Dataset):
 def _read_slot(reader: SampleReader, samples: list[int], out: np.ndarray, b: int) -> None:
     """Decode ``samples[b]`` into slot ``b`` of the batch array ``out``."""
     reader.read_into(samples[b], out[b])
+
+
+def _mask_slot(dataset: StoreDataset, samples: list[int], params: np.ndarray, out: np.ndarray, b: int) -> None:
+    """The mask of ``samples[b]`` under its view's ``params[b]`` into slot ``b`` of the batch array ``out``."""
+    out[b] = dataset.read_mask(samples[b], params[b])
 
 
 class _Batch(list):

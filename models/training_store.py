@@ -7,6 +7,8 @@ Layout (``sample`` is ordered by location then time, so all dates of a location 
     labels    (sample, class)       uint8    multi-hot
     fractions (sample, class)       float32
     labelled, split, location, tile, time, row, col  (sample,)   chunks of one block
+    masks     (sample, h, w)        uint8    optional (preprocess ``masks``): per-pixel index into class_names,
+                                             MASK_NODATA where the land cover has no class; sharded like s2
 
 Resumability: ``create_store`` writes every per-sample array (the "plan") up front and records
 ``blocks_done = []``; each block of images is one shard, written whole by one worker and then marked
@@ -41,6 +43,8 @@ SCHEMA_VERSION = 1
 # 13x120x120 decode); bench/bench_loader.py measures what that buys the loader.
 IMAGE_COMPRESSOR = BloscCodec(cname="lz4hc", clevel=5, shuffle="shuffle")
 TABLE_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+MASK_NODATA = 255
+"""Value of a ``masks`` pixel without a class (land-cover nodata, or a code outside the scheme): the ignore index."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,9 @@ def create_store(
     patch_size: int,
     samples_per_block: int,
     attrs: dict[str, Any],
+    masks: bool = False,
 ) -> None:
-    """Create (overwriting) the store: empty image arrays, the full plan, and ``attrs``."""
+    """Create (overwriting) the store: empty image arrays (and ``masks`` when asked), the full plan, and ``attrs``."""
     n_samples, n_classes = len(plan), plan.labels.shape[1]
     block = max(1, min(samples_per_block, n_samples))
     # The old root metadata goes first: a run killed while the old store is deleted (an object store deletes
@@ -151,6 +156,17 @@ def create_store(
             compressors=IMAGE_COMPRESSOR,
             fill_value=fill,
             dimension_names=("sample", channel_dim, "h", "w"),
+        )
+    if masks:
+        group.create_array(
+            "masks",
+            shape=(n_samples, patch_size, patch_size),
+            dtype="uint8",
+            chunks=(1, patch_size, patch_size),
+            shards=(block, patch_size, patch_size),
+            compressors=IMAGE_COMPRESSOR,
+            fill_value=MASK_NODATA,
+            dimension_names=("sample", "h", "w"),
         )
     for name, dtype in PLAN_DTYPES.items():
         values = getattr(plan, name)
@@ -180,6 +196,11 @@ def write_images(out: str, start: int, s2: np.ndarray, s1: np.ndarray) -> None:
     stop = start + len(s2)
     _array(group, "s2")[start:stop] = s2
     _array(group, "s1")[start:stop] = s1
+
+
+def write_masks(out: str, start: int, masks: np.ndarray) -> None:
+    """Write one block of (sample, h, w) class-index masks at sample offset ``start``."""
+    _array(zarr.open_group(out, mode="r+"), "masks")[start : start + len(masks)] = masks
 
 
 def read_images(out: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -221,7 +242,7 @@ def finish_store(out: str, attrs: dict[str, Any]) -> None:
 
 MANIFEST_ATTR = "manifest"
 MANIFEST_VERSION = 1
-IMAGE_ARRAYS = ("s2", "s1")
+IMAGE_ARRAYS = ("s2", "s1", "masks")
 """Arrays written block by block after the plan: a lost or changed shard of theirs is written again by resuming."""
 STORE_ENTRIES = frozenset({"zarr.json", *IMAGE_ARRAYS, *PLAN_DTYPES})
 """Names directly under a training store's root."""

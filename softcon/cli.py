@@ -30,6 +30,7 @@ from softcon.config import (
     EmbedConfig,
     EvaluateConfig,
     ExportConfig,
+    FinetuneConfig,
     ImportSSL4EOConfig,
     IngestConfig,
     LabelsConfig,
@@ -352,6 +353,7 @@ def preprocess(
     dask_address: Annotated[str | None, field_option(PreprocessConfig, "dask_address")] = None,
     samples_per_block: Annotated[int | None, field_option(PreprocessConfig, "samples_per_block")] = None,
     s1_max_gap_days: Annotated[float | None, field_option(PreprocessConfig, "s1_max_gap_days")] = None,
+    masks: Annotated[bool | None, field_option(PreprocessConfig, "masks", "--masks/--no-masks")] = None,
     as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
@@ -366,6 +368,7 @@ def preprocess(
         "dask_address": dask_address,
         "samples_per_block": samples_per_block,
         "s1_max_gap_days": s1_max_gap_days,
+        "masks": masks,
     }
     stage_config = _build(PreprocessConfig, "preprocess", config, overrides)
     configure_runtime()
@@ -556,6 +559,60 @@ def embed(
 
     with progress_bars("embed"):
         result = run_stage_flow(embed_flow, stage_config, as_json=as_json)
+    _print_result(result, as_json=as_json)
+
+
+@app.command()
+def finetune(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help=FinetuneConfig.model_fields["model"].description, show_default=False)
+    ],
+    task: Annotated[str | None, field_option(FinetuneConfig, "task", form="segmentation or multilabel")] = None,
+    store: Annotated[str | None, field_option(FinetuneConfig, "store")] = None,
+    bigearthnet: Annotated[str | None, field_option(FinetuneConfig, "bigearthnet")] = None,
+    backbone: Annotated[str | None, field_option(FinetuneConfig, "backbone")] = None,
+    sensor: Annotated[str | None, field_option(FinetuneConfig, "sensor")] = None,
+    freeze: Annotated[str | None, field_option(FinetuneConfig, "freeze", form="frozen, partial or full")] = None,
+    layer_decay: Annotated[float | None, field_option(FinetuneConfig, "layer_decay")] = None,
+    lr: Annotated[float | None, field_option(FinetuneConfig, "lr")] = None,
+    epochs: Annotated[int | None, field_option(FinetuneConfig, "epochs")] = None,
+    batch_size: Annotated[int | None, field_option(FinetuneConfig, "batch_size")] = None,
+    patience: Annotated[int | None, field_option(FinetuneConfig, "patience")] = None,
+    train_fraction: Annotated[float | None, field_option(FinetuneConfig, "train_fraction")] = None,
+    crop_size: Annotated[int | None, field_option(FinetuneConfig, "crop_size")] = None,
+    seed: Annotated[int | None, field_option(FinetuneConfig, "seed")] = None,
+    device: Annotated[str | None, field_option(FinetuneConfig, "device")] = None,
+    out: Annotated[str | None, field_option(FinetuneConfig, "out")] = None,
+    as_json: JsonOption = False,
+    refresh: RefreshOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Fine-tune a pretrained encoder on your labels: per-pixel land cover (a store written with --masks) or
+    multi-label classes, with a frozen, partly or fully trained encoder; val and test metrics, the fine-tuned model."""
+    overrides = {
+        "model": model,
+        "task": task,
+        "store": store,
+        "bigearthnet": bigearthnet,
+        "backbone": backbone,
+        "sensor": sensor,
+        "freeze": freeze,
+        "layer_decay": layer_decay,
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "patience": patience,
+        "train_fraction": train_fraction,
+        "crop_size": crop_size,
+        "seed": seed,
+        "device": device,
+        "out": out,
+    }
+    stage_config = _build(FinetuneConfig, "finetune", config, overrides)
+    configure_runtime()
+    from softcon.flows.finetune import finetune_flow
+
+    result = run_stage_flow(finetune_flow, stage_config, refresh=refresh, as_json=as_json)
     _print_result(result, as_json=as_json)
 
 

@@ -259,6 +259,11 @@ class PreprocessConfig(DaskStageConfig):
     min_labelled_fraction: float = Field(
         default=0.5, ge=0, le=1, description="Patches with less labelled area are flagged as unlabelled."
     )
+    masks: bool = Field(
+        default=False,
+        description="Also write each patch's per-pixel land cover as class indices (`masks`, 255 = no class), the "
+        "targets of segmentation fine-tuning.",
+    )
     split_block: int | None = Field(
         default=None, gt=0, description="Side in pixels of the spatial split blocks; default one tile."
     )
@@ -444,6 +449,77 @@ class EvaluateConfig(StageConfig):
                     "weights needs a store (its bands and normalisation statistics are the encoder's input contract) "
                     "or input_contract ssl4eo (the file's own bands with SSL4EO-S12's statistics)"
                 )
+        return self
+
+
+FINETUNE_RANDOM = "random"
+"""``FinetuneConfig.model`` of the from-scratch baseline: the backbone with random initialisation."""
+FINETUNE_WEIGHTS = "weights:"
+"""Prefix of ``FinetuneConfig.model`` naming a local weights file (as evaluate's ``weights:FILE`` baselines)."""
+
+
+class FinetuneConfig(StageConfig):
+    """Fine-tune a pretrained encoder with a head on the user's labels: per-pixel land cover or multi-label."""
+
+    model: str = Field(
+        description="The encoder: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS, "
+        "weights:FILE (a local weights file, with backbone) or random (backbone from scratch, the baseline)."
+    )
+    backbone: str | None = Field(
+        default=None, description="timm backbone of weights:FILE and random (resnet50, vit_small_patch14_dinov2 …)."
+    )
+    sensor: Literal["s2", "s1"] = Field(default="s2", description="Which modality weights:FILE and random take.")
+    task: Literal["segmentation", "multilabel"] = Field(
+        default="segmentation",
+        description="segmentation = per-pixel classes (a store written with masks) through an FPN decoder over the "
+        "encoder's multi-scale features; multilabel = class presence through a linear head on pooled features.",
+    )
+    store: str | None = Field(
+        default=None, description="Training store: its train split trains, val stops early, test reports."
+    )
+    bigearthnet: str | None = Field(
+        default=None, description="BigEarthNet-format folder (multilabel only), instead of a store."
+    )
+    freeze: Literal["frozen", "partial", "full"] = Field(
+        default="full",
+        description="Encoder parameters trained: frozen = none (the head alone), partial = the last quarter of "
+        "its stages/blocks (ResNet: layer4; ViT-B/S: the last 3 blocks), full = all.",
+    )
+    layer_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay of the trained encoder: the head gets lr, the encoder's last "
+        "block lr x decay, the one before lr x decay^2 … down to the stem (1 = the same lr everywhere).",
+    )
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate of the head (AdamW, cosine decay over epochs).")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (not on biases and norms).")
+    epochs: int = Field(default=20, gt=0, description="Training epochs at most.")
+    batch_size: int = Field(default=16, gt=0, description="Samples per step.")
+    patience: int | None = Field(
+        default=5, gt=0, description="Stop after this many epochs without a better val metric; none: run every epoch."
+    )
+    train_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="Label budget: a fraction of the train split, drawn without replacement."
+    )
+    crop_size: int | None = Field(default=None, gt=0, description="Random training crop (with flips and turns).")
+    seed: int = Field(default=0, description="Seed of the label subset, the head, the order and the augmentation.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    out: str = Field(
+        default_factory=lambda: _default_path("finetune"), description="Folder of the fine-tuned model and examples."
+    )
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> Self:
+        if (self.store is None) == (self.bigearthnet is None):
+            given = "both" if self.store is not None else "neither"
+            raise ValueError(
+                f"give exactly one dataset: store (a training store) or bigearthnet (a folder); {given} given"
+            )
+        if self.task == "segmentation" and self.store is None:
+            raise ValueError("task segmentation needs a store written with masks (softcon preprocess --masks)")
+        if (self.model == FINETUNE_RANDOM or self.model.startswith(FINETUNE_WEIGHTS)) and self.backbone is None:
+            raise ValueError(f"model {self.model!r} needs backbone: the timm model to build, e.g. resnet50")
         return self
 
 

@@ -13,7 +13,8 @@ some damaged tiles outright, and the point is to say what is wrong):
   each done block's image shard present); once complete, the files, metadata and attributes the store recorded
   in its manifest when it was finished; every array as long as the samples, with the contract's dtype and
   dimension names, every chunk readable; labels multi-hot in {0, 1} with one column per class name, fractions
-  in [0, 1], split values naming a split, tile indices naming a tile, no sample twice.
+  in [0, 1], split values naming a split, tile indices naming a tile, no sample twice; optional ``masks`` the
+  patches' size and holding class indices or 255 (no class).
 
 Each problem names where it is, what is wrong, and what fixes it; ``StoreCheck.ok`` is true when there are none.
 """
@@ -36,7 +37,14 @@ from xarray.coding.times import decode_cf_datetime
 from softcon.compat.zarr_internals import chunk_key, dimension_names, has_consolidated_metadata
 from softcon.compat.zarr_internals import sync as zarr_sync
 from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS
-from softcon.models.training_store import MANIFEST_ATTR, PLAN_DTYPES, SCHEMA_VERSION, block_bounds, find_damage
+from softcon.models.training_store import (
+    MANIFEST_ATTR,
+    MASK_NODATA,
+    PLAN_DTYPES,
+    SCHEMA_VERSION,
+    block_bounds,
+    find_damage,
+)
 from softcon.tasks.cube_store import (
     INGEST_AGAIN,
     REBUILD_TILE,
@@ -76,6 +84,8 @@ STORE_IMAGE_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "s2": (("sample", "band", "h", "w"), ("uint16",)),
     "s1": (("sample", "pol", "h", "w"), ("float32", "float16")),
 }
+STORE_MASKS = (("sample", "h", "w"), ("uint8",))
+"""The optional per-pixel class-index masks (preprocess ``masks``)."""
 STORE_TABLE_DIMS = {"labels": ("sample", "class"), "fractions": ("sample", "class")}
 """Training-store arrays with a class axis; the other plan arrays are (sample,)."""
 
@@ -416,6 +426,8 @@ def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
         problems.append(Problem("", what, "re-run `softcon preprocess` with this version into a new --out"))
     expected = {**STORE_IMAGE_ARRAYS, **{name: (STORE_TABLE_DIMS.get(name, ("sample",)), (dtype,))
                                          for name, dtype in PLAN_DTYPES.items()}}  # fmt: skip
+    if "masks" in arrays:
+        expected["masks"] = STORE_MASKS
     absent = [name for name in expected if name not in arrays]
     if absent:
         problems.append(Problem("", f"arrays {absent} missing", REBUILD_STORE))
@@ -472,6 +484,8 @@ def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
                 problems.append(Problem(shard.array, f"shard of block {shard.block} {shard.change}", REPAIR_STORE))
 
     problems += _check_store_values(attrs, arrays, values)
+    if "masks" in arrays:
+        problems += _check_masks(arrays["masks"], arrays.get("s2"), len(attrs.get("class_names", [])))
     problems += check_consolidated(store, root)
     split_names = list(attrs.get("split_names", ["train", "val", "test"]))
     split = values.get("split", np.zeros(0, np.uint8))
@@ -484,6 +498,26 @@ def check_training_store(root: zarr.Group, store: str) -> StoreCheck:
         "schema": str(version),
     }
     return StoreCheck(store, "training store", problems, [row])
+
+
+def _check_masks(masks: zarr.Array, s2: zarr.Array | None, n_classes: int) -> list[Problem]:
+    """Masks the size of the patches, holding class indices or ``MASK_NODATA`` only (read a shard at a time)."""
+    problems = []
+    if s2 is not None and masks.shape[1:] != s2.shape[2:]:
+        what = f"{masks.shape[1]} x {masks.shape[2]} px, the s2 patches are {s2.shape[2]} x {s2.shape[3]}"
+        problems.append(Problem("masks", what, REBUILD_STORE))
+    bad: set[int] = set()
+    step = (masks.shards or masks.chunks)[0]
+    for start in range(0, masks.shape[0], step):
+        try:
+            values = np.unique(masks[start : start + step])
+        except Exception:  # an unreadable chunk: reported by read_whole already
+            return problems
+        bad |= {int(v) for v in values if v >= n_classes and v != MASK_NODATA}
+    if bad:
+        what = f"values {sorted(bad)[:5]} are neither a class index (< {n_classes}) nor {MASK_NODATA} (no class)"
+        problems.append(Problem("masks", what, REBUILD_STORE))
+    return problems
 
 
 def _check_store_values(

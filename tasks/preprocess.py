@@ -4,8 +4,9 @@ Three passes, each a map over small units on the Dask cluster, so no process eve
 
 1. per tile (``summarize_tile``): the patch grid, each patch-date's SCL cloud and S2 nodata fractions,
    and each patch location's class fractions from the land cover (one land cover per location);
-2. per block of samples (``write_sample_block``): read the kept patches' S2 and nearest-date S1 from
-   the cube and write them as one shard of the store; the driver records finished blocks;
+2. per block of samples (``write_sample_block``): read the kept patches' S2 and nearest-date S1 (and, with
+   ``masks``, their land cover as class indices) from the cube and write them as one shard of the store; the
+   driver records finished blocks;
 3. per block of samples (``block_train_stats``): per-band moments and histograms of the training
    samples, tree-reduced into the normalization statistics.
 
@@ -204,6 +205,8 @@ def tile_resolution(tile: xr.Dataset) -> float | None:
 def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_block: int) -> str:
     """Hash of everything the store's bytes depend on: parameters that shape it and the cube's dates."""
     params = config.model_dump(mode="json", exclude={"out", "n_workers", "dask_address"})
+    if not config.masks:  # stores without masks keep the fingerprint they were written under
+        del params["masks"]
     payload = {
         "schema_version": training_store.SCHEMA_VERSION,
         "params": params,
@@ -387,6 +390,32 @@ def read_block_images(
     return s2_out, s1_out
 
 
+def class_index_table(class_codes: tuple[int, ...]) -> np.ndarray:
+    """(256,) uint8 lookup from a land-cover code to its index in the class list; nodata (0) and codes outside the
+    scheme map to ``MASK_NODATA``."""
+    table = np.full(256, training_store.MASK_NODATA, dtype=np.uint8)
+    table[list(class_codes)] = np.arange(len(class_codes), dtype=np.uint8)
+    return table
+
+
+def read_block_masks(
+    cube: str, tiles: tuple[str, ...], plan: SamplePlan, patch_size: int, class_codes: tuple[int, ...]
+) -> np.ndarray:
+    """(n, patch_size, patch_size) uint8 class indices of the plan's patch windows, from each tile's ``landcover``
+    (one land cover per tile, so every date of a location gets the same mask)."""
+    table = class_index_table(class_codes)
+    masks = np.full((len(plan), patch_size, patch_size), training_store.MASK_NODATA, dtype=np.uint8)
+    for tile_index in np.unique(plan.tile):
+        members = np.flatnonzero(plan.tile == tile_index)
+        rows, cols = plan.row[members], plan.col[members]
+        top, left = int(rows.min()), int(cols.min())
+        box = {"y": slice(top, int(rows.max()) + patch_size), "x": slice(left, int(cols.max()) + patch_size)}
+        landcover = table[_open_tile(cube, tiles[tile_index])["landcover"].isel(box).values]
+        for member, row, col in zip(members, rows - top, cols - left, strict=True):
+            masks[member] = landcover[row : row + patch_size, col : col + patch_size]
+    return masks
+
+
 def write_sample_block(
     cube: str,
     out: str,
@@ -396,10 +425,14 @@ def write_sample_block(
     patch_size: int,
     s1_max_gap: np.timedelta64,
     n_bands: int = len(S2_L2A_BANDS),
+    class_codes: tuple[int, ...] | None = None,
 ) -> int:
-    """Pass 2 for one block: read its patches from the cube and write them at ``start``; returns start."""
+    """Pass 2 for one block: read its patches from the cube and write them at ``start`` (with their masks when
+    ``class_codes`` is given); returns start."""
     s2, s1 = read_block_images(cube, tiles, plan, patch_size, s1_max_gap, n_bands=n_bands)
     training_store.write_images(out, start, s2, s1)
+    if class_codes is not None:
+        training_store.write_masks(out, start, read_block_masks(cube, tiles, plan, patch_size, class_codes))
     return start
 
 
@@ -619,6 +652,7 @@ def _plan_store(
             "resolution_m": S2_RESOLUTION_M,
             "s1_units": "dB",
         },
+        masks=config.masks,
     )
     return plan, counts
 
@@ -646,6 +680,7 @@ def _write_blocks(
             config.patch_size,
             s1_max_gap(config),
             len(index.bands),
+            index.class_codes if config.masks else None,
             pure=False,
         ): i
         for i in todo

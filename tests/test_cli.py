@@ -21,6 +21,7 @@ STAGES = [
     "import-ssl4eo",
     "train",
     "evaluate",
+    "finetune",
     "export",
     "embed",
     "pipeline",

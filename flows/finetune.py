@@ -1,0 +1,71 @@
+"""Finetune flow: a pretrained encoder fine-tuned on the user's labels (per-pixel land cover or multi-label).
+
+The finetune run holds the configuration as params; per epoch the train loss, lr and val metric (step = epoch); the
+best epoch's val and test metrics (``tasks/finetune.py`` names them); the fine-tuned model as the artifact
+``finetuned/finetuned.pt``; the confusion matrix of the test split and, for segmentation, a few test patches' predicted
+masks beside the truth as figures; the epoch history and class names as ``finetune.json``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow, task
+
+from softcon.config import FINETUNE_RANDOM, FINETUNE_WEIGHTS, FinetuneConfig
+from softcon.flows.datasets import data_dataset, folder_dataset, log_datasets
+from softcon.flows.evaluate import resolve_checkpoint
+from softcon.flows.result import StageResult
+from softcon.flows.tracking import run_stage
+from softcon.tasks.finetune import FinetuneReport, confusion_figure, prediction_figure, run_finetune
+
+FINETUNED_ARTIFACT = "finetuned"
+"""Artifact folder of the fine-tuned model in a finetune run."""
+
+
+def encoder_checkpoint(model: str) -> str | None:
+    """The training checkpoint behind ``model`` (run id, file, ``models:/…``); None for ``random`` and
+    ``weights:FILE``, which ``run_finetune`` builds itself."""
+    if model == FINETUNE_RANDOM or model.startswith(FINETUNE_WEIGHTS):
+        return None
+    return str(resolve_checkpoint(model))
+
+
+# Not cached by Prefect: a training run, as train's; the model file is rewritten whole.
+@task(name="finetune-encoder")
+def finetune_task(config: FinetuneConfig, checkpoint: str | None, run_id: str) -> FinetuneReport:
+    """The fine-tuning itself (``tasks/finetune.py``), each epoch's metrics logged to the MLflow run ``run_id`` (by id:
+    the task may run in another thread than the flow's active run)."""
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, run_id=run_id)
+
+    return run_finetune(config, checkpoint, on_epoch=on_epoch)
+
+
+@flow(name="finetune")
+def finetune_flow(
+    config: FinetuneConfig, parent_run_id: str | None = None, experiment: str | None = None, refresh: bool = False
+) -> StageResult:
+    """Fine-tune the encoder of ``config.model`` with a segmentation or multi-label head; log the metrics, the model,
+    the confusion matrix and example predictions."""
+    with run_stage("finetune", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
+        report = finetune_task(config, encoder_checkpoint(config.model), stage.run_id)
+        if config.store is not None:
+            read = data_dataset(config.store, "store")
+        else:
+            assert config.bigearthnet is not None  # FinetuneConfig requires a store or a folder
+            read = folder_dataset(config.bigearthnet, "bigearthnet", {"location": config.bigearthnet})
+        log_datasets([read], [data_dataset(str(report.checkpoint), "finetuned")])
+        mlflow.log_artifact(str(report.checkpoint), artifact_path=FINETUNED_ARTIFACT)
+        mlflow.log_dict({"class_names": report.class_names, "history": report.history}, "finetune.json")
+        mlflow.log_figure(confusion_figure(report.confusion, report.class_names, report.task), "confusion_matrix.png")
+        if report.examples is not None:
+            mlflow.log_figure(prediction_figure(report.examples, report.class_names), "predictions.png")
+        metric = "miou" if report.task == "segmentation" else "map_micro"
+        split = "test" if f"test/{metric}" in report.metrics else "val"
+        stage.logger.info(
+            "fine-tuned (%s, %s) for %d epochs, best epoch %d: %s %s %.3f",
+            report.task, config.freeze, report.epochs_run, report.best_epoch, split, metric,
+            report.metrics[f"{split}/{metric}"],
+        )  # fmt: skip
+        return stage.result(str(report.checkpoint), report.metrics)
