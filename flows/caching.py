@@ -273,6 +273,15 @@ STAGE_POLICIES: dict[str, _Policy] = {
         exclude_inputs=("on_metrics",),
         mlflow_artifacts="checkpoint",
     ),
+    # As train's: the data (a store or folder, a weights:FILE) and the pretraining checkpoint by their bytes; the
+    # epoch logger is not an input. A hit needs the model file, the example patches and the run's artifact.
+    "finetune": _Policy(
+        data_fields=("store", "bigearthnet", "weights_file"),
+        outputs=lambda report: [report.checkpoint, *([report.examples] if report.examples else [])],
+        exclude_inputs=("checkpoint", "on_epoch"),
+        path_args=("checkpoint",),
+        mlflow_artifacts="finetuned",
+    ),
     # A checkpoint's path says nothing of its contents (a file rewritten in place; one run cached under each
     # project home): key on its bytes, not its path.
     "evaluate": _Policy(

@@ -24,15 +24,18 @@ evaluate_task = stage_task(run_evaluation, "evaluate", name="probe-frozen-encode
 report_task = task(name="comparison-report")(write_report)
 
 
-def resolve_checkpoint(model: str) -> Path:
+def resolve_checkpoint(model: str, artifact: str | None = None) -> Path:
     """A checkpoint file, the checkpoint logged by the MLflow train run with that id, or by the run behind a
-    registered model version (``models:/name/version``, ``models:/name@alias``).
+    registered model version (``models:/name/version``, ``models:/name@alias``); with ``artifact``, the ``.pt`` file
+    a run logged in that artifact folder instead (a finetune run's ``finetuned``).
 
     A run's checkpoint is downloaded once into ``<home>/checkpoints/<run id>`` and reused from there: MLflow's
     default is a new temporary folder per call, never removed, which filled /tmp with GBs of checkpoints.
     """
     from softcon.flows.train import CHECKPOINT_ARTIFACT
 
+    artifact = artifact or CHECKPOINT_ARTIFACT
+    run = "train run" if artifact == CHECKPOINT_ARTIFACT else "run"
     if model.startswith(REGISTRY_PREFIX):
         model = registry_run_id(model)
     path = Path(model)
@@ -53,15 +56,15 @@ def resolve_checkpoint(model: str) -> Path:
         try:
             try:
                 folder = mlflow.artifacts.download_artifacts(
-                    run_id=model, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(staging)
+                    run_id=model, artifact_path=artifact, dst_path=str(staging)
                 )
             except Exception as error:  # MLflow raises several types for an unknown run or a missing artifact
                 raise ValueError(
-                    f"model {model!r} is neither a checkpoint file nor an MLflow train run with a "
-                    f"'{CHECKPOINT_ARTIFACT}' artifact: {error}"
+                    f"model {model!r} is neither a checkpoint file nor an MLflow {run} with a '{artifact}' "
+                    f"artifact: {error}"
                 ) from error
             if not checkpoints(Path(folder)):
-                raise ValueError(f"MLflow run {model} has no checkpoint under '{CHECKPOINT_ARTIFACT}'")
+                raise ValueError(f"MLflow run {model} has no checkpoint under '{artifact}'")
             try:
                 os.replace(folder, final)
             except OSError:

@@ -1,8 +1,9 @@
-"""Export flow: a trained encoder as a timm folder, ONNX or TorchScript, with its model card and STAC Item,
-logged as artifacts of the export's own MLflow run."""
+"""Export flow: a trained encoder, or a fine-tuned model, as a timm folder, ONNX or TorchScript, with its model card
+and STAC Item, logged as artifacts of the export's own MLflow run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -11,6 +12,7 @@ from prefect import flow, task
 from softcon.config import ExportConfig
 from softcon.flows.caching import retry_unless_lasting
 from softcon.flows.evaluate import resolve_checkpoint
+from softcon.flows.finetune import FINETUNED_ARTIFACT
 from softcon.flows.registry import REGISTRY_PREFIX, registry_run_id
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
@@ -44,9 +46,27 @@ def _evaluations(model: str) -> list[Evaluation]:
     ]
 
 
+def run_stage_of(model: str) -> str | None:
+    """The ``softcon.stage`` tag of the MLflow run ``model`` names; None when it names no run (a file, a
+    ``models:/`` URI, text that is no run id, a run MLflow does not know)."""
+    if model.startswith(REGISTRY_PREFIX) or Path(model).is_file() or not re.fullmatch(r"[A-Za-z0-9][\w-]*", model):
+        return None
+    try:
+        return mlflow.MlflowClient().get_run(model).data.tags.get("softcon.stage")
+    except Exception:  # MLflow raises several types for an unknown id; resolve_checkpoint says what is wrong
+        return None
+
+
+def resolve_model(model: str) -> Path:
+    """The file behind ``model``: a checkpoint or ``finetuned.pt`` file itself, a finetune run's ``finetuned.pt``,
+    or a train run's (or registered version's) checkpoint."""
+    return resolve_checkpoint(model, FINETUNED_ARTIFACT if run_stage_of(model) == "finetune" else None)
+
+
 def train_record(model: str) -> TrainRecord | None:
-    """What MLflow holds of the train run behind ``model`` (a run id or ``models:/…``); None for a checkpoint file:
-    its code version, the STAC and label sources of its pipeline run, and the evaluate runs of the model."""
+    """What MLflow holds of the train (or finetune) run behind ``model`` (a run id or ``models:/…``); None for a
+    checkpoint file: its code version, the STAC and label sources of its pipeline run, and the evaluate runs of the
+    model."""
     registered = model if model.startswith(REGISTRY_PREFIX) else None
     if registered is None and Path(model).is_file():
         return None
@@ -73,18 +93,18 @@ def train_record(model: str) -> TrainRecord | None:
 
 @flow(name="export")
 def export_flow(config: ExportConfig, parent_run_id: str | None = None, experiment: str | None = None) -> StageResult:
-    """Export ``config.model`` in ``config.format`` to ``config.out``, checked against the encoder, with its model
+    """Export ``config.model`` in ``config.format`` to ``config.out``, checked against the model, with its model
     card and STAC Item; log the written files as the run's ``export`` artifacts."""
     with run_stage("export", config, parent_run_id=parent_run_id, experiment=experiment) as stage:
-        checkpoint = resolve_checkpoint(config.model)
+        checkpoint = resolve_model(config.model)
         record = train_record(config.model)
         report = export_task(config, str(checkpoint), record)
         for name in report.files:
             mlflow.log_artifact(str(Path(report.out) / name), artifact_path=EXPORT_ARTIFACT)
         if record is not None:
-            mlflow.set_tag("softcon.train_run_id", record.run_id)
+            mlflow.set_tag(f"softcon.{run_stage_of(record.run_id) or 'train'}_run_id", record.run_id)
         stage.logger.info(
-            "exported %s as %s to %s (%d features, largest difference from the encoder %.2g)",
+            "exported %s as %s to %s (%d features, largest difference from the model %.2g)",
             config.model, config.format, report.out, report.num_features, report.max_abs_diff,
         )  # fmt: skip
         return stage.result(report.out, report.metrics())

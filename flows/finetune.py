@@ -9,14 +9,15 @@ masks beside the truth as figures; the epoch history and class names as ``finetu
 from __future__ import annotations
 
 import mlflow
-from prefect import flow, task
+from prefect import flow
 
 from softcon.config import FINETUNE_RANDOM, FINETUNE_WEIGHTS, FinetuneConfig
+from softcon.flows.caching import stage_task
 from softcon.flows.datasets import data_dataset, folder_dataset, log_datasets
 from softcon.flows.evaluate import resolve_checkpoint
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
-from softcon.tasks.finetune import FinetuneReport, confusion_figure, prediction_figure, run_finetune
+from softcon.tasks.finetune import confusion_figure, prediction_figure, run_finetune
 
 FINETUNED_ARTIFACT = "finetuned"
 """Artifact folder of the fine-tuned model in a finetune run."""
@@ -30,16 +31,20 @@ def encoder_checkpoint(model: str) -> str | None:
     return str(resolve_checkpoint(model))
 
 
-# Not cached by Prefect: a training run, as train's; the model file is rewritten whole.
-@task(name="finetune-encoder")
-def finetune_task(config: FinetuneConfig, checkpoint: str | None, run_id: str) -> FinetuneReport:
-    """The fine-tuning itself (``tasks/finetune.py``), each epoch's metrics logged to the MLflow run ``run_id`` (by id:
-    the task may run in another thread than the flow's active run)."""
+# Cached as train is (flows/caching.py): the same config on the same data and checkpoint reuses the model while its
+# file, its examples and the run's artifact are intact; --refresh trains again.
+finetune_task = stage_task(run_finetune, "finetune", name="finetune-encoder")
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, run_id=run_id)
 
-    return run_finetune(config, checkpoint, on_epoch=on_epoch)
+class EpochLogger:
+    """Each epoch's metrics into the MLflow run ``run_id``, by id: the task may run in another thread than the
+    flow's active run."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, run_id=self.run_id)
 
 
 @flow(name="finetune")
@@ -49,7 +54,7 @@ def finetune_flow(
     """Fine-tune the encoder of ``config.model`` with a segmentation or multi-label head; log the metrics, the model,
     the confusion matrix and example predictions."""
     with run_stage("finetune", config, parent_run_id=parent_run_id, experiment=experiment, refresh=refresh) as stage:
-        report = finetune_task(config, encoder_checkpoint(config.model), stage.run_id)
+        report = stage.call(finetune_task, config, encoder_checkpoint(config.model), on_epoch=EpochLogger(stage.run_id))
         if config.store is not None:
             read = data_dataset(config.store, "store")
         else:

@@ -10,7 +10,9 @@ store or train run id), with ``refresh`` so the Prefect cache cannot answer for 
 * preprocess: a fresh training store; every array must equal the original store's;
 * train: a fresh checkpoint folder; the student and teacher weights must equal the original run's logged
   checkpoint bit for bit (expected on CPU; GPU kernels need not be deterministic);
-* evaluate: the same metrics.
+* evaluate: the same metrics;
+* finetune: a fresh model folder; the fine-tuned encoder and head weights must equal the original run's logged
+  ``finetuned.pt`` bit for bit (expected on CPU, as for train).
 
 The new MLflow run is tagged ``softcon.reproduction_of=<old id>`` and ``softcon.reproduced=true|false``.
 """
@@ -27,7 +29,14 @@ from typing import Any
 import mlflow
 from pydantic import BaseModel
 
-from softcon.config import EvaluateConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
+from softcon.config import (
+    EvaluateConfig,
+    FinetuneConfig,
+    IngestConfig,
+    LabelsConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
 from softcon.flows.registry import REGISTRY_PREFIX, registry_run_id
 from softcon.settings import get_settings
 from softcon.tasks.digest import array_digests, compare_digests, state_dict_digests
@@ -39,6 +48,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "preprocess": PreprocessConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "finetune": FinetuneConfig,
 }
 
 
@@ -93,6 +103,7 @@ def config_from_params(stage: str, params: dict[str, str]) -> BaseModel:
 
 def _stage_flow(stage: str) -> Any:
     from softcon.flows.evaluate import evaluate_flow
+    from softcon.flows.finetune import finetune_flow
     from softcon.flows.ingest import ingest_flow
     from softcon.flows.labels import labels_flow
     from softcon.flows.preprocess import preprocess_flow
@@ -104,21 +115,22 @@ def _stage_flow(stage: str) -> Any:
         "preprocess": preprocess_flow,
         "train": train_flow,
         "evaluate": evaluate_flow,
+        "finetune": finetune_flow,
     }[stage]
 
 
-def _original_checkpoint(run_id: str) -> Path:
+def _original_checkpoint(run_id: str, artifact: str | None = None) -> Path:
     from softcon.flows.evaluate import resolve_checkpoint
 
-    return resolve_checkpoint(run_id)
+    return resolve_checkpoint(run_id, artifact)
 
 
 def reproduce_run(run_id: str, *, workdir: Path | None = None) -> Reproduction:
     """Run the stage of MLflow run ``run_id`` again with the same configuration and compare the outputs.
 
     Args:
-        run_id: an MLflow stage run (ingest, labels, preprocess, train or evaluate), or ``models:/NAME/VERSION``
-            / ``models:/NAME@ALIAS`` for the train run of a registered encoder.
+        run_id: an MLflow stage run (ingest, labels, preprocess, train, evaluate or finetune), or
+            ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` for the train run of a registered encoder.
         workdir: where fresh outputs go; default ``<home>/data/reproductions/<run_id>``.
 
     Raises:
@@ -182,6 +194,17 @@ def reproduce_run(run_id: str, *, workdir: Path | None = None) -> Reproduction:
         def compare(result: Any) -> tuple[int, list[str]]:
             new = state_dict_digests(result.output)
             return len(new), compare_digests(new, state_dict_digests(_original_checkpoint(run_id)))
+
+    elif stage == "finetune":
+        from softcon.flows.finetune import FINETUNED_ARTIFACT
+
+        config = config.model_copy(update={"out": str(workdir / "finetune")})
+        weights = ("encoder", "head")
+
+        def compare(result: Any) -> tuple[int, list[str]]:
+            new = state_dict_digests(result.output, keys=weights)
+            old = state_dict_digests(_original_checkpoint(run_id, FINETUNED_ARTIFACT), keys=weights)
+            return len(new), compare_digests(new, old)
 
     else:  # evaluate
 

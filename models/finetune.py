@@ -24,7 +24,8 @@ Read top to bottom, this is the whole method (no framework):
 
 4. ``fit``: epochs of AdamW steps under a cosine schedule; after each epoch the val metric (``PRIMARY_METRIC``);
    the best epoch's weights are kept and restored at the end; ``patience`` epochs without a better val metric stop
-   the run early.
+   the run early. On CUDA the forward passes run under bf16 autocast (``precision``), the loss in float32, as
+   pretraining does; bf16 needs no gradient scaler.
 
 5. ``evaluate``: segmentation through a confusion matrix over the pixels with a class (``IGNORE_INDEX`` = 255 is
    ignored): mIoU (mean over classes present in truth or prediction), per-class IoU, pixel accuracy; multilabel
@@ -54,6 +55,7 @@ from softcon.models.training_store import MASK_NODATA
 
 Task = Literal["segmentation", "multilabel"]
 Freeze = Literal["frozen", "partial", "full"]
+Precision = Literal["bf16", "fp32"]
 IGNORE_INDEX = MASK_NODATA
 """Mask value without a class: no loss, no metric."""
 PRIMARY_METRIC: dict[str, str] = {"segmentation": "miou", "multilabel": "map_micro"}
@@ -187,6 +189,12 @@ def parameter_groups(model: FinetuneModel, lr: float, layer_decay: float, weight
     return out
 
 
+def autocast(device: torch.device, precision: Precision) -> torch.autocast:
+    """bf16 autocast of the forward passes on CUDA with ``precision`` bf16; a no-op on CPU and with fp32."""
+    enabled = device.type == "cuda" and precision == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -238,13 +246,14 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model: FinetuneModel, loader: Iterable[dict[str, torch.Tensor]], n_classes: int,
-             device: torch.device) -> Evaluation:  # fmt: skip
+             device: torch.device, precision: Precision = "fp32") -> Evaluation:  # fmt: skip
     """The model's metrics on every batch of ``loader`` together (not averaged per batch)."""
     model.eval()
     if model.task == "segmentation":
         confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
         for batch in loader:
-            prediction = model(batch["image"].to(device)).argmax(1).cpu()  # (B, H, W)
+            with autocast(device, precision):
+                prediction = model(batch["image"].to(device)).argmax(1).cpu()  # (B, H, W)
             confusion += confusion_matrix(prediction, batch["mask"], n_classes)
         metrics, iou = segmentation_metrics(confusion.numpy())
         return Evaluation(metrics, iou, confusion.numpy())
@@ -252,7 +261,9 @@ def evaluate(model: FinetuneModel, loader: Iterable[dict[str, torch.Tensor]], n_
     for batch in loader:
         labelled = batch["labelled"].bool()
         truths.append(batch["labels"][labelled].numpy())
-        scores.append(torch.sigmoid(model(batch["image"].to(device)).float()).cpu()[labelled].numpy())
+        with autocast(device, precision):
+            logits = model(batch["image"].to(device))
+        scores.append(torch.sigmoid(logits.float()).cpu()[labelled].numpy())
     y = np.concatenate(truths) if truths else np.zeros((0, n_classes))
     score = np.concatenate(scores) if scores else np.zeros((0, n_classes))
     if not len(y):
@@ -265,15 +276,18 @@ def evaluate(model: FinetuneModel, loader: Iterable[dict[str, torch.Tensor]], n_
 # --------------------------------------------------------------------------------------------------- loop
 
 
-def task_loss(model: FinetuneModel, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
-    """Cross-entropy over the pixels with a class (segmentation) or BCE over the labelled samples (multilabel);
-    None for a batch with nothing to learn from."""
-    logits = model(batch["image"].to(device))
+def task_loss(
+    model: FinetuneModel, batch: dict[str, torch.Tensor], device: torch.device, precision: Precision = "fp32"
+) -> torch.Tensor | None:
+    """Cross-entropy over the pixels with a class (segmentation) or BCE over the labelled samples (multilabel), in
+    float32 whatever the forward's autocast; None for a batch with nothing to learn from."""
+    with autocast(device, precision):
+        logits = model(batch["image"].to(device)).float()
     if model.task == "segmentation":
         mask = batch["mask"].to(device)  # (B, H, W)
         if not (mask != IGNORE_INDEX).any():
             return None
-        return F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
     labelled = batch["labelled"].to(device)
     if not labelled.any():
         return None
@@ -303,12 +317,14 @@ def fit(
     weight_decay: float = 0.0,
     patience: int | None = None,
     device: torch.device,
+    precision: Precision = "fp32",
     set_epoch: Callable[[int], None] = lambda epoch: None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train the model's trainable parameters on ``train``, choosing the epoch by the val metric (module doc, 4).
 
     Args:
+        precision: bf16 runs the forward passes under bf16 autocast on CUDA (``autocast``).
         set_epoch: called with each epoch before it runs (new augmentations of the training data).
         on_epoch: called after each epoch with the epoch and its ``history`` entry.
     """
@@ -327,7 +343,7 @@ def fit(
         train_mode(model)
         loss_sum, steps = 0.0, 0
         for batch in train:
-            loss = task_loss(model, batch, device)
+            loss = task_loss(model, batch, device, precision)
             if loss is None:
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -337,7 +353,7 @@ def fit(
             loss_sum, steps = loss_sum + loss.item(), steps + 1
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: lower lr ({lr})")
-        scores = evaluate(model, val, n_classes, device).metrics
+        scores = evaluate(model, val, n_classes, device, precision).metrics
         record = {"epoch": float(epoch), "train_loss": loss_sum / max(steps, 1),
                   "lr": float(scheduler.get_last_lr()[0]), **{f"val_{k}": v for k, v in scores.items()}}  # fmt: skip
         history.append(record)

@@ -35,6 +35,7 @@ from softcon.config import (
     IngestConfig,
     LabelsConfig,
     PipelineConfig,
+    PredictConfig,
     PreprocessConfig,
     TrainConfig,
     load_config,
@@ -617,6 +618,43 @@ def finetune(
 
 
 @app.command()
+def predict(
+    model: Annotated[
+        str,
+        typer.Argument(metavar="FINETUNED", help=PredictConfig.model_fields["model"].description, show_default=False),
+    ],
+    cube: Annotated[str | None, field_option(PredictConfig, "cube")] = None,
+    tiles: Annotated[str | None, field_option(PredictConfig, "tiles", form="comma-separated tile ids")] = None,
+    time: Annotated[str | None, field_option(PredictConfig, "time")] = None,
+    overlap: Annotated[int | None, field_option(PredictConfig, "overlap")] = None,
+    batch_size: Annotated[int | None, field_option(PredictConfig, "batch_size")] = None,
+    device: Annotated[str | None, field_option(PredictConfig, "device")] = None,
+    out: Annotated[str | None, field_option(PredictConfig, "out")] = None,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Class maps of whole cube tiles by a fine-tuned segmentation model: one Cloud-Optimized GeoTIFF per tile and
+    date (class indices, 255 = nodata or cloud), in the tile's CRS, with the class scheme and a colour table."""
+    overrides = {
+        "model": model,
+        "cube": cube,
+        "tiles": _split_list(tiles),
+        "time": time,
+        "overlap": overlap,
+        "batch_size": batch_size,
+        "device": device,
+        "out": out,
+    }
+    stage_config = _build(PredictConfig, "predict", config, overrides)
+    configure_runtime()
+    from softcon.flows.predict import predict_flow
+
+    with progress_bars("predict"):
+        result = run_stage_flow(predict_flow, stage_config, as_json=as_json)
+    _print_result(result, as_json=as_json)
+
+
+@app.command()
 def compare(
     model: Annotated[str, typer.Option(help="The SoftCon model: MLflow train run id or checkpoint.")],
     hard: Annotated[
@@ -897,7 +935,7 @@ def deploy(
 @app.command()
 def reproduce(
     run_id: Annotated[
-        str, typer.Argument(help="MLflow run id of an ingest, labels, preprocess, train or evaluate run.")
+        str, typer.Argument(help="MLflow run id of an ingest, labels, preprocess, train, evaluate or finetune run.")
     ],
 ) -> None:
     """Run one stage again with the parameters and inputs of an MLflow run and check it made the same thing."""

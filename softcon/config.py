@@ -505,6 +505,9 @@ class FinetuneConfig(StageConfig):
     crop_size: int | None = Field(default=None, gt=0, description="Random training crop (with flips and turns).")
     seed: int = Field(default=0, description="Seed of the label subset, the head, the order and the augmentation.")
     device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    precision: Literal["bf16", "fp32"] = Field(
+        default="bf16", description="Autocast dtype of the forward passes on CUDA; CPU runs in fp32."
+    )
     out: str = Field(
         default_factory=lambda: _default_path("finetune"), description="Folder of the fine-tuned model and examples."
     )
@@ -521,6 +524,36 @@ class FinetuneConfig(StageConfig):
         if (self.model == FINETUNE_RANDOM or self.model.startswith(FINETUNE_WEIGHTS)) and self.backbone is None:
             raise ValueError(f"model {self.model!r} needs backbone: the timm model to build, e.g. resnet50")
         return self
+
+    @property
+    def weights_file(self) -> str | None:
+        """The local weights file of ``weights:FILE`` (the cache keys on its bytes); None otherwise."""
+        return self.model.removeprefix(FINETUNE_WEIGHTS) if self.model.startswith(FINETUNE_WEIGHTS) else None
+
+
+class PredictConfig(StageConfig):
+    """A fine-tuned segmentation model run over whole cube tiles: one class map (Cloud-Optimized GeoTIFF) per tile and
+    date."""
+
+    model: str = Field(
+        description="The fine-tuned model: an MLflow finetune run id or its finetuned.pt file (softcon finetune)."
+    )
+    cube: str = Field(default_factory=lambda: _default_path("cube.zarr"), description="Cube path or URL.")
+    tiles: list[str] | None = Field(default=None, description="Only these tile ids; none: every tile of the cube.")
+    time: str = Field(
+        default="latest",
+        pattern=r"^(latest|all|\d{4}-\d{2}-\d{2})$",
+        description="Which S2 date of each tile: latest, all, or a day YYYY-MM-DD (tiles without it are skipped).",
+    )
+    overlap: int | None = Field(
+        default=None,
+        ge=0,
+        description="Pixels shared by neighbouring windows, whose logits are blended; default a quarter of the "
+        "window (the model's trained size). 0: windows side by side.",
+    )
+    batch_size: int = Field(default=16, gt=0, description="Windows per forward pass.")
+    device: str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    out: str = Field(default_factory=lambda: _default_path("predictions"), description="Folder of the GeoTIFFs.")
 
 
 class EmbedConfig(DaskStageConfig):
@@ -583,7 +616,8 @@ class ExportConfig(StageConfig):
     """A trained encoder as files another project loads: a timm folder, ONNX or TorchScript, with a model card."""
 
     model: str = Field(
-        description="The encoder: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS."
+        description="The model: an MLflow train run id, a checkpoint file, models:/NAME/VERSION, models:/NAME@ALIAS "
+        "(a pretrained encoder), or an MLflow finetune run id or finetuned.pt file (a fine-tuned model)."
     )
     format: Literal["timm", "onnx", "torchscript"] = Field(
         default="timm",

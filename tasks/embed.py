@@ -81,7 +81,7 @@ def _encoder(checkpoint: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return load_encoder(checkpoint)
 
 
-def _model_inputs(images: np.ndarray, store_bands: Sequence[str], meta: dict[str, Any], sensor: str) -> torch.Tensor:
+def model_inputs(images: np.ndarray, store_bands: Sequence[str], meta: dict[str, Any], sensor: str) -> torch.Tensor:
     """(N, C, H, W) store values -> the encoder's normalised inputs: its bands by name (a band the store lacks at
     its mean, 0), z-scores with its statistics, nodata as 0 (the training loader's rule)."""
     bands = list(meta.get("bands") or store_bands)
@@ -105,7 +105,7 @@ def _embed(checkpoint: str, images: np.ndarray, bands: Sequence[str], batch_size
     features = []
     with torch.no_grad():
         for first in range(0, len(images), batch_size):
-            x = _model_inputs(images[first : first + batch_size], bands, meta, sensor)
+            x = model_inputs(images[first : first + batch_size], bands, meta, sensor)
             features.append(encoder(fit_to_encoder(encoder, x)).float().numpy())
     return np.concatenate(features) if features else np.zeros((0, int(getattr(encoder, "num_features", 0))))
 
@@ -152,6 +152,17 @@ class QualityRule:
     s1_max_gap: np.timedelta64
 
 
+def window_plan(block: CubeBlock) -> training_store.SamplePlan:
+    """A block's windows as the sample plan ``read_block_images`` reads (no split, no labels)."""
+    n = len(block.windows)
+    return training_store.SamplePlan(
+        location=np.zeros(n, np.int64), tile=np.full(n, block.tile, np.int32),
+        time=np.full(n, block.time, "datetime64[ns]"), row=block.windows[:, 0], col=block.windows[:, 1],
+        split=np.zeros(n, np.uint8), labels=np.zeros((n, 0), np.uint8), fractions=np.zeros((n, 0), np.float32),
+        labelled=np.zeros(n, bool),
+    )  # fmt: skip
+
+
 def embed_cube_block(
     cube: str,
     checkpoint: str,
@@ -166,15 +177,9 @@ def embed_cube_block(
     sensor = str(meta.get("sensor", "s2"))
     tile = open_tile_dataset(cube, tiles[block.tile], chunks=None)
     bands = [str(band) for band in tile["s2"]["band"].values]
-    n = len(block.windows)
     rows, cols = block.windows[:, 0], block.windows[:, 1]
-    plan = training_store.SamplePlan(
-        location=np.zeros(n, np.int64), tile=np.full(n, block.tile, np.int32),
-        time=np.full(n, block.time, "datetime64[ns]"), row=rows, col=cols, split=np.zeros(n, np.uint8),
-        labels=np.zeros((n, 0), np.uint8), fractions=np.zeros((n, 0), np.float32), labelled=np.zeros(n, bool),
-    )  # fmt: skip
     gap = rule.s1_max_gap if sensor == "s1" else NO_S1
-    s2, s1 = read_block_images(cube, tiles, plan, size, gap, n_bands=len(bands))
+    s2, s1 = read_block_images(cube, tiles, window_plan(block), size, gap, n_bands=len(bands))
     time_index = int(np.flatnonzero(tile["time"].values.astype("datetime64[ns]") == block.time)[0])
     top, left = int(rows.min()), int(cols.min())
     box = {"y": slice(top, int(rows.max()) + size), "x": slice(left, int(cols.max()) + size)}

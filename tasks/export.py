@@ -22,10 +22,19 @@ The sizes each format takes per backbone family are ``model_card.size_rule``'s; 
 and ``check_export`` checks them: at S x S and, where other sizes are claimed, at a second, non-square size.
 
 The exported module is the evaluation encoder (as ``tasks.train.load_encoder`` builds it: the EMA teacher),
-without the ViT mask token, which only training uses. ``run_export`` reloads each written file with its library
-and compares its features on a seeded batch with the encoder's (``check_export``); a larger difference than float
-error is an error, not a warning. Beside the files it writes the model card and the STAC Item
-(``tasks/model_card.py``).
+without the ViT mask token, which only training uses; or, for a fine-tuned model (``tasks/finetune.py``'s
+``finetuned.pt``), the whole ``FinetuneModel``: (B, C, H, W) to (B, K, H, W) pixel logits (segmentation) or (B, K)
+logits (multilabel), with K its classes. The fine-tuned model's timm folder: for multilabel a timm classifier
+(``num_classes`` K, the head as timm's own classifier layer), which ``timm.create_model("local-dir:OUT",
+pretrained=True)`` runs whole; for segmentation the encoder as for a pretrained one (timm loads it, also with
+``features_only=True``) and the FPN decoder in ``decoder.safetensors`` with its classes and feature levels in the
+``softcon`` block of ``config.json``, which ``timm_segmentation_model`` assembles (the decoder is this project's code;
+ONNX and TorchScript hold the whole graph). A CNN's segmentation graph takes any size in all formats, as its
+encoder; a ViT's only the trained one in ONNX and TorchScript (its timm folder: multiples of the patch).
+
+``run_export`` reloads each written file with its library and compares its outputs on a seeded batch with the
+module's (``check_export``); a larger difference than float error is an error, not a warning. Beside the files it
+writes the model card and the STAC Item (``tasks/model_card.py``).
 """
 
 from __future__ import annotations
@@ -43,10 +52,13 @@ import torch
 from torch import nn
 
 from softcon.config import ExportConfig
-from softcon.models.encoder import build_encoder, is_vit, patch_size
+from softcon.models.encoder import build_encoder, is_vit, load_torch_file, patch_size
+from softcon.models.finetune import FinetuneModel
+from softcon.tasks.finetune import FINETUNED_FORMAT, finetuned_model
 from softcon.tasks.model_card import (
     NORMALISATION_RULE,
     ExportedModel,
+    FineTuning,
     ModelFile,
     TrainRecord,
     read_lineage,
@@ -55,7 +67,7 @@ from softcon.tasks.model_card import (
     write_model_card,
     write_stac_item,
 )
-from softcon.tasks.train import read_checkpoint
+from softcon.tasks.train import checked_checkpoint
 
 ONNX_OPSET = 17
 """ONNX opset of the graph: run by onnxruntime 1.14 and later and by most other runtimes."""
@@ -94,6 +106,11 @@ FILES: dict[str, tuple[ModelFile, ...]] = {
     ),
 }  # fmt: skip
 """The files each format writes, the model file first."""
+DECODER_FILE = ModelFile(
+    key="decoder", name="decoder.safetensors", title="FPN decoder weights of the segmentation model (softcon)",
+    media_type=f"{_PYTORCH}; profile=safetensors", roles=("mlm:weights",),
+)  # fmt: skip
+"""The timm folder's extra file for a fine-tuned segmentation model."""
 
 
 @dataclass(frozen=True)
@@ -112,17 +129,41 @@ class ExportReport:
         return {"num_features": float(self.num_features), "max_abs_diff": self.max_abs_diff}
 
 
-def timm_config(encoder: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` that lets timm rebuild ``encoder`` and load its weights (see the module docstring)."""
+def encoder_of(module: nn.Module) -> nn.Module:
+    """The timm encoder of an exported module: a fine-tuned model's, or the module itself."""
+    return module.encoder if isinstance(module, FinetuneModel) else module
+
+
+def timm_classifier(encoder: nn.Module) -> str:
+    """Name of the layer timm builds as the classifier of ``encoder``'s architecture (``fc``, ``head`` …)."""
+    return str((getattr(encoder, "pretrained_cfg", {}) or {}).get("classifier") or "fc")
+
+
+def timm_config(module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` that lets timm rebuild ``module``'s encoder and load its weights (module docstring): with
+    the multi-label head as timm's classifier, and a segmentation model's decoder facts in the ``softcon`` block."""
+    encoder = encoder_of(module)
     in_chans, size = int(meta["in_chans"]), int(meta["img_size"])
-    model_args: dict[str, Any] = {"in_chans": in_chans, "num_classes": 0}
+    multilabel = isinstance(module, FinetuneModel) and module.task == "multilabel"
+    num_classes = len(meta["class_names"]) if multilabel else 0
+    model_args: dict[str, Any] = {"in_chans": in_chans, "num_classes": num_classes}
     if is_vit(encoder):
         model_args |= {"img_size": size, "dynamic_img_size": True}
     source = getattr(encoder, "pretrained_cfg", {}) or {}
     bands, mean, std = list(meta["bands"]), meta["norm_stats"]["mean"], meta["norm_stats"]["std"]
+    what = (f"{meta['backbone']} fine-tuned for {module.task}" if isinstance(module, FinetuneModel)
+            else f"SoftCon-pretrained {meta['backbone']} encoder")  # fmt: skip
+    softcon: dict[str, Any] = {"sensor": meta["sensor"], "bands": bands, "mean": mean, "std": std,
+                               "normalisation": NORMALISATION_RULE, "img_size": size}  # fmt: skip
+    if isinstance(module, FinetuneModel):
+        softcon |= {"task": module.task, "class_names": list(meta["class_names"]),
+                    "class_codes": [int(code) for code in meta["class_codes"]]}  # fmt: skip
+        if module.task == "segmentation":
+            softcon["decoder"] = {"file": DECODER_FILE.name, "levels": list(module.levels),
+                                  "class": "softcon.models.finetune.FPNHead"}  # fmt: skip
     return {
         "architecture": meta["backbone"],
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": int(getattr(encoder, "num_features", 0)),
         "model_args": model_args,
         "pretrained_cfg": {
@@ -133,55 +174,83 @@ def timm_config(encoder: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
             "crop_mode": "center",
             "mean": mean,
             "std": std,
-            "num_classes": 0,
+            "num_classes": num_classes,
             "first_conv": source.get("first_conv"),
             "classifier": source.get("classifier"),
-            "description": f"SoftCon-pretrained {meta['backbone']} encoder of {meta['sensor']} bands",
+            "description": f"{what} of {meta['sensor']} bands",
             "notes": [f"bands: {','.join(bands)}", f"normalisation: {NORMALISATION_RULE}"],
         },
-        "softcon": {
-            "sensor": meta["sensor"],
-            "bands": bands,
-            "mean": mean,
-            "std": std,
-            "normalisation": NORMALISATION_RULE,
-            "img_size": size,
-        },
+        "softcon": softcon,
     }
 
 
-def write_timm_folder(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    """``model.safetensors`` (the state dict without the training-only mask token) and ``config.json``."""
+def write_timm_folder(module: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    """``model.safetensors`` (the encoder's state dict without the training-only mask token; a multi-label model's
+    head as timm's classifier) and ``config.json``; a segmentation model's decoder in ``decoder.safetensors``."""
     from safetensors.torch import save_file
 
+    encoder = encoder_of(module)
     state = {name: tensor.contiguous() for name, tensor in encoder.state_dict().items() if name != "mask_token"}
+    if isinstance(module, FinetuneModel) and module.task == "multilabel":
+        classifier = timm_classifier(encoder)
+        head = module.head.get_submodule("fc").state_dict()  # models.heads.MultiLabelHead: one linear layer
+        state |= {f"{classifier}.{name}": tensor.contiguous() for name, tensor in head.items()}
+    elif isinstance(module, FinetuneModel):
+        decoder = {name: tensor.contiguous() for name, tensor in module.head.state_dict().items()}
+        save_file(decoder, str(out / DECODER_FILE.name), metadata={"format": "pt"})
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(timm_config(encoder, meta), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(timm_config(module, meta), indent=2) + "\n")
 
 
-def write_onnx(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
+def timm_segmentation_model(folder: str | Path) -> FinetuneModel:
+    """The segmentation model of a fine-tuned timm export: timm builds and loads the encoder from the folder, the
+    FPN decoder comes from ``decoder.safetensors`` (eval mode)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    softcon = json.loads((folder / "config.json").read_text())["softcon"]
+    encoder = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    model = FinetuneModel(encoder, "segmentation", len(softcon["class_names"]))
+    if model.levels != softcon["decoder"]["levels"]:
+        raise ValueError(f"{folder}: decoder levels {softcon['decoder']['levels']}, the encoder gives {model.levels}")
+    model.head.load_state_dict(load_file(str(folder / DECODER_FILE.name)))
+    return model.eval()
+
+
+def _output(module: nn.Module) -> tuple[str, dict[int, str]]:
+    """The graph's output name and dynamic axes: features or logits (a CNN segmentation map's height and width
+    follow the input's)."""
+    if not isinstance(module, FinetuneModel):
+        return "features", {0: "batch"}
+    if module.task == "segmentation" and not is_vit(module.encoder):
+        return "logits", {0: "batch", 2: "height", 3: "width"}
+    return "logits", {0: "batch"}
+
+
+def write_onnx(module: nn.Module, meta: dict[str, Any], out: Path) -> None:
     """``model.onnx``, traced at one image of the trained size; the batch axis dynamic, and for a CNN (which takes
     any size) the height and width axes too."""
     onnx = require("onnx", "an onnx export")
     path = out / "model.onnx"
-    image_axes = {0: "batch"} if is_vit(encoder) else {0: "batch", 2: "height", 3: "width"}
+    image_axes = {0: "batch"} if is_vit(encoder_of(module)) else {0: "batch", 2: "height", 3: "width"}
+    output, output_axes = _output(module)
     with warnings.catch_warnings():
         # timm's size checks become constants in the trace (TracerWarning); check_export verifies the graph instead.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            encoder, (_example(meta, batch=1),), str(path), input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": image_axes, "features": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+            module, (_example(meta, batch=1),), str(path), input_names=["images"], output_names=[output],
+            dynamic_axes={"images": image_axes, output: output_axes}, opset_version=ONNX_OPSET, dynamo=False,
         )  # fmt: skip
     onnx.checker.check_model(str(path))
 
 
-def write_torchscript(encoder: nn.Module, meta: dict[str, Any], out: Path) -> None:
-    """``model.torchscript.pt``, ``torch.jit.trace`` of the encoder at one image of the trained size."""
+def write_torchscript(module: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    """``model.torchscript.pt``, ``torch.jit.trace`` of the module at one image of the trained size."""
     with warnings.catch_warnings():
         # torch 2.9+ marks TorchScript deprecated (FutureWarning), and timm's size checks become constants in the
         # trace (TracerWarning); check_export verifies the traced module instead.
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(encoder, _example(meta, batch=1), check_trace=False)  # check_export checks it
+        traced = torch.jit.trace(module, _example(meta, batch=1), check_trace=False)  # check_export checks it
         torch.jit.save(traced, str(out / "model.torchscript.pt"))
 
 
@@ -213,9 +282,14 @@ def check_sizes(fmt: str, encoder: nn.Module, meta: dict[str, Any]) -> list[tupl
 
 
 def read_features(fmt: str, out: Path, images: torch.Tensor) -> np.ndarray:
-    """Features of ``images`` from the export in ``out``, loaded with the format's own library."""
+    """Outputs (features or logits) of ``images`` from the export in ``out``, loaded with the format's own library
+    (a fine-tuned segmentation model's timm folder: ``timm_segmentation_model``)."""
     if fmt == "timm":
-        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        softcon = json.loads((out / "config.json").read_text()).get("softcon", {})
+        if softcon.get("task") == "segmentation":
+            model: nn.Module = timm_segmentation_model(out)
+        else:
+            model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
         with torch.no_grad():
             return model(images).numpy()
     if fmt == "onnx":
@@ -229,39 +303,49 @@ def read_features(fmt: str, out: Path, images: torch.Tensor) -> np.ndarray:
         return module(images).numpy()
 
 
-def check_export(fmt: str, out: Path, encoder: nn.Module, meta: dict[str, Any]) -> float:
-    """The largest difference of the export's features from the encoder's on ``CHECK_BATCH`` seeded images of each
+def check_export(fmt: str, out: Path, module: nn.Module, meta: dict[str, Any]) -> float:
+    """The largest difference of the export's outputs from the module's on ``CHECK_BATCH`` seeded images of each
     of ``check_sizes`` (the sizes the card says the export takes).
 
     Raises:
-        RuntimeError: the export does not reproduce the encoder (a bug in the export, not in the input), or fails
+        RuntimeError: the export does not reproduce the module (a bug in the export, not in the input), or fails
             at a size the card says it takes.
     """
     largest = 0.0
-    for height, width in check_sizes(fmt, encoder, meta):
+    for height, width in check_sizes(fmt, encoder_of(module), meta):
         images = _example(meta, batch=CHECK_BATCH, size=(height, width))
         with torch.no_grad():
-            expected = encoder(images).numpy()
+            expected = module(images).numpy()
         try:
             got = read_features(fmt, out, images)
         except Exception as error:  # onnxruntime and TorchScript raise their own types for a refused shape
             raise RuntimeError(f"the {fmt} export fails on {height} x {width} px images: {error}") from error
         if got.shape != expected.shape:
-            raise RuntimeError(f"the {fmt} export gives features of shape {got.shape}, the encoder {expected.shape}")
+            raise RuntimeError(f"the {fmt} export gives outputs of shape {got.shape}, the model {expected.shape}")
         difference = float(np.abs(got - expected).max())
         if difference > TOLERANCE * max(1.0, float(np.abs(expected).max())):
             raise RuntimeError(
-                f"the {fmt} export's features differ from the encoder's by up to {difference:.3g} at {height} x "
-                f"{width} px"
+                f"the {fmt} export's outputs differ from the model's by up to {difference:.3g} at {height} x {width} px"
             )
         largest = max(largest, difference)
     return largest
 
 
-def read_encoder(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """``tasks.train.load_encoder``'s evaluation encoder and meta, and the checkpoint itself, from one read of the
-    file: it also holds the AdamW moments, so a second read would double the export's slowest step."""
-    state = read_checkpoint(checkpoint)
+def read_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The module to export, its meta and the file's contents, from one read of the file (a training checkpoint
+    also holds the AdamW moments, so a second read would double the export's slowest step): a fine-tuned model
+    (``tasks.finetune.finetuned_model``), or a training checkpoint's evaluation encoder (as
+    ``tasks.train.load_encoder`` builds it).
+
+    Raises:
+        FileNotFoundError: no file.
+        ValueError: neither a training checkpoint nor a fine-tuned model.
+    """
+    state = load_torch_file(checkpoint, what="checkpoint")
+    if isinstance(state, dict) and state.get("format") == FINETUNED_FORMAT:
+        model, meta = finetuned_model(state)
+        return model, meta, state
+    state = checked_checkpoint(state, checkpoint)
     meta = {**state["meta"], "step": state["step"]}
     encoder = build_encoder(meta["backbone"], meta["in_chans"], img_size=meta["img_size"])
     encoder.load_state_dict(state["teacher"])  # the EMA teacher, or the student under teacher=stop_gradient
@@ -269,16 +353,28 @@ def read_encoder(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], dic
 
 
 def describe(
-    fmt: str, encoder: nn.Module, meta: dict[str, Any], state: dict[str, Any], *, checkpoint: str, max_abs_diff: float
+    fmt: str, module: nn.Module, meta: dict[str, Any], state: dict[str, Any], *, checkpoint: str, max_abs_diff: float
 ) -> ExportedModel:
     """The export as the model card and the STAC Item describe it."""
     framework, version = (
         ("ONNX", require("onnx", "an onnx export").__version__) if fmt == "onnx" else ("PyTorch", torch.__version__)
     )
-    parameters = sum(p.numel() for name, p in encoder.named_parameters() if name != "mask_token")
+    encoder = encoder_of(module)
+    parameters = sum(p.numel() for name, p in module.named_parameters() if not name.endswith("mask_token"))
+    finetuned = None
+    files = FILES[fmt]
+    if isinstance(module, FinetuneModel):
+        config = dict(state["config"])
+        finetuned = FineTuning(
+            task=module.task, class_names=tuple(meta["class_names"]),
+            class_codes=tuple(int(code) for code in meta["class_codes"]), encoder=str(config["model"]),
+            encoder_file=str(meta["source"]), metrics=dict(state["metrics"]), best_epoch=int(state["best_epoch"]),
+        )  # fmt: skip
+        if fmt == "timm" and module.task == "segmentation":
+            files = (*files, DECODER_FILE)
     return ExportedModel(
         format=fmt,
-        files=FILES[fmt],
+        files=files,
         framework=framework,
         framework_version=version,
         backbone=str(meta["backbone"]),
@@ -290,17 +386,18 @@ def describe(
         patch_size=patch_size(encoder) if is_vit(encoder) else None,
         num_features=int(getattr(encoder, "num_features", 0)),
         total_parameters=parameters,
-        step=int(state["step"]),
+        step=int(state.get("step", 0)),
         checkpoint=checkpoint,
         train_config=dict(state["config"]),
         class_names=tuple(meta.get("class_names") or ()),
         max_abs_diff=max_abs_diff,
+        finetuned=finetuned,
     )
 
 
 def run_export(config: ExportConfig, checkpoint: str | Path, record: TrainRecord | None = None) -> ExportReport:
-    """Export the encoder of ``checkpoint`` in ``config.format`` into ``config.out``, check it, and write the model
-    card and the STAC Item beside it.
+    """Export the encoder of ``checkpoint`` (or the fine-tuned model it is) in ``config.format`` into ``config.out``,
+    check it, and write the model card and the STAC Item beside it.
 
     Example::
 
@@ -310,20 +407,20 @@ def run_export(config: ExportConfig, checkpoint: str | Path, record: TrainRecord
 
     Args:
         config: the format and the folder; ``config.model`` is what the user named (the flow resolves it).
-        checkpoint: the training checkpoint file behind ``config.model``.
-        record: what MLflow holds of the train run, for the card; None for a bare checkpoint file.
+        checkpoint: the training checkpoint or fine-tuned model file behind ``config.model``.
+        record: what MLflow holds of the train (or finetune) run, for the card; None for a bare file.
 
     Raises:
         FileNotFoundError: no checkpoint file.
         ValueError: a file that is not a softcon checkpoint, or a format whose library is not installed.
-        RuntimeError: the written file does not reproduce the encoder.
+        RuntimeError: the written file does not reproduce the model.
     """
-    encoder, meta, state = read_encoder(checkpoint)
+    module, meta, state = read_model(checkpoint)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    WRITERS[config.format](encoder, meta, out)
-    difference = check_export(config.format, out, encoder, meta)
-    model = describe(config.format, encoder, meta, state, checkpoint=str(checkpoint), max_abs_diff=difference)
+    WRITERS[config.format](module, meta, out)
+    difference = check_export(config.format, out, module, meta)
+    model = describe(config.format, module, meta, state, checkpoint=str(checkpoint), max_abs_diff=difference)
     lineage = read_lineage(model.train_config)
     card = write_model_card(out, model, lineage, record)
     item = write_stac_item(out, model, lineage, record)

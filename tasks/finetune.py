@@ -11,7 +11,11 @@ The fine-tuned model is one ``torch.save`` file ``<out>/finetuned.pt`` (state di
 ``torch.load(..., weights_only=True)`` reads it; ``load_finetuned`` builds it back)::
 
     format="softcon-finetuned", version=1, task, meta (backbone, in_chans, sensor, bands, norm_stats, img_size,
-    class_names, levels, source), encoder, head (state dicts), config (FinetuneConfig as JSON), metrics, best_epoch
+    class_names, class_codes, levels, source), encoder, head (state dicts), config (FinetuneConfig as JSON),
+    metrics, best_epoch
+
+``class_codes`` are the classes' codes in the cube's ``landcover`` (the store's ``class_codes``; BigEarthNet's
+19-class codes), so a prediction's class index maps back to the scheme (``softcon predict`` writes both).
 
 Metric names: ``val/<metric>`` and ``test/<metric>`` with <metric> ``miou``, ``pixel_accuracy`` and
 ``iou/<class>`` (segmentation) or ``map_micro``, ``map_macro`` and ``ap/<class>`` (multilabel); ``best_epoch``,
@@ -37,7 +41,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from softcon.config import FINETUNE_RANDOM, FINETUNE_WEIGHTS, FinetuneConfig
 from softcon.models.data import StoreDataset
-from softcon.models.encoder import build_encoder
+from softcon.models.encoder import build_encoder, load_torch_file
 from softcon.models.finetune import FinetuneModel, evaluate, fit, set_trainable
 from softcon.models.training_store import MASK_NODATA
 from softcon.tasks.bigearthnet import S1_POLS, S2_BANDS, BigEarthNetDataset, assign_splits, find_patches
@@ -86,6 +90,8 @@ class FinetuneData:
     val: Split
     test: Split
     class_names: list[str]
+    class_codes: list[int]
+    """Each class's code in the label scheme (the cube's ``landcover`` values)."""
     set_epoch: Callable[[int], None]
     """New augmentations of the training split for an epoch."""
 
@@ -141,6 +147,7 @@ def finetune_data(config: FinetuneConfig, meta: dict[str, Any]) -> FinetuneData:
         if store_train.channel_names and list(meta["bands"]) != store_train.channel_names:
             raise ValueError(f"the store's bands {store_train.channel_names} differ from the encoder's {meta['bands']}")
         train, class_names, set_epoch = store_train, store_train.class_names, store_train.set_epoch
+        class_codes = [int(code) for code in store_train.attrs.get("class_codes", range(1, len(class_names) + 1))]
     else:
         assert config.bigearthnet is not None  # FinetuneConfig requires a store or a folder
         patches = find_patches(config.bigearthnet, "s2" if meta["sensor"] == "s2" else "s1")
@@ -154,6 +161,7 @@ def finetune_data(config: FinetuneConfig, meta: dict[str, Any]) -> FinetuneData:
 
         train, val, test = folder_split("train"), folder_split("val"), folder_split("test")
         class_names, set_epoch = list(CORINE_BIGEARTHNET19.class_names), _no_epoch
+        class_codes = list(CORINE_BIGEARTHNET19.class_codes)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"fine-tuning needs samples in the train and val splits (train {len(train)}, val {len(val)}): val picks "
@@ -161,7 +169,7 @@ def finetune_data(config: FinetuneConfig, meta: dict[str, Any]) -> FinetuneData:
         )
     if config.train_fraction < 1:
         train = Subset(train, draw_subset(np.arange(len(train)), config.train_fraction, seed=config.seed).tolist())
-    return FinetuneData(train, val, test, class_names, set_epoch)
+    return FinetuneData(train, val, test, class_names, class_codes, set_epoch)
 
 
 def _no_epoch(epoch: int) -> None:
@@ -205,13 +213,13 @@ def run_finetune(
     result = fit(
         model, loader(data.train, shuffle=True), loader(data.val), n_classes=n_classes, epochs=config.epochs,
         lr=config.lr, layer_decay=config.layer_decay, weight_decay=config.weight_decay, patience=config.patience,
-        device=device, set_epoch=data.set_epoch, on_epoch=on_epoch,
+        device=device, precision=config.precision, set_epoch=data.set_epoch, on_epoch=on_epoch,
     )  # fmt: skip
     metrics: dict[str, float] = {}
     evaluations = {}
     for name, dataset in (("val", data.val), ("test", data.test)):
         if len(dataset):
-            evaluations[name] = evaluate(model, loader(dataset), n_classes, device)
+            evaluations[name] = evaluate(model, loader(dataset), n_classes, device, config.precision)
             metrics |= split_metrics(name, evaluations[name].metrics, evaluations[name].per_class, config.task,
                                      data.class_names)  # fmt: skip
     reported = evaluations.get("test", evaluations["val"])
@@ -220,7 +228,8 @@ def run_finetune(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / FINETUNED_FILE
-    meta = {**meta, "class_names": data.class_names, "levels": model.levels}
+    meta = {**meta, "class_names": data.class_names, "class_codes": data.class_codes, "levels": model.levels,
+            "img_size": meta["img_size"] or int(data.train[0]["image"].shape[-1])}  # fmt: skip
     write_checkpoint(checkpoint_path, {
         "format": FINETUNED_FORMAT, "version": FINETUNED_VERSION, "task": config.task, "meta": meta,
         "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
@@ -263,17 +272,32 @@ def write_examples(model: FinetuneModel, dataset: Split, bands: list[str], path:
     return path
 
 
-def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
-    """The fine-tuned model of ``run_finetune`` (eval mode, CPU) and its meta (with ``task``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def read_finetuned(path: str | Path) -> dict[str, Any]:
+    """The fine-tuned model file of ``run_finetune`` as written (module doc).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a fine-tuned softcon model.
+    """
+    state = load_torch_file(path, what="fine-tuned model")
     if not isinstance(state, dict) or state.get("format") != FINETUNED_FORMAT:
-        raise ValueError(f"{path} is not a fine-tuned softcon model")
+        raise ValueError(f"{path} is not a fine-tuned softcon model (softcon finetune writes {FINETUNED_FILE})")
+    return state
+
+
+def finetuned_model(state: dict[str, Any]) -> tuple[FinetuneModel, dict[str, Any]]:
+    """The model of a ``read_finetuned`` state (eval mode, CPU) and its meta (with ``task``)."""
     meta = {**state["meta"], "task": state["task"]}
     encoder = build_encoder(meta["backbone"], meta["in_chans"], img_size=meta["img_size"])
     model = FinetuneModel(encoder, state["task"], len(meta["class_names"]))
     model.encoder.load_state_dict(state["encoder"])
     model.head.load_state_dict(state["head"])
     return model.eval(), meta
+
+
+def load_finetuned(path: str | Path) -> tuple[FinetuneModel, dict[str, Any]]:
+    """The fine-tuned model of ``run_finetune`` (eval mode, CPU) and its meta (with ``task``)."""
+    return finetuned_model(read_finetuned(path))
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -43,7 +43,7 @@ def class_histogram_table(class_pixels: Mapping[str, int], class_codes: Mapping[
 def class_histogram_figure(table: pd.DataFrame, *, title: str = "Land-cover classes") -> Figure:
     """Horizontal bar chart of the class fractions."""
     figure, axes = plt.subplots(figsize=(7, 0.35 * len(table) + 1.2), layout="constrained")
-    axes.barh(table["class"], table["fraction"], color=[_colour(int(c)) for c in table["code"]], edgecolor="0.3")
+    axes.barh(table["class"], table["fraction"], color=[class_colour(int(c)) for c in table["code"]], edgecolor="0.3")
     axes.invert_yaxis()
     axes.set_xlabel("fraction of labelled pixels")
     axes.set_title(title)
@@ -52,7 +52,8 @@ def class_histogram_figure(table: pd.DataFrame, *, title: str = "Land-cover clas
     return figure
 
 
-def _colour(code: int) -> str:
+def class_colour(code: int) -> str:
+    """A class code's legend colour (hex): WorldCover's own for its codes, else tab20's."""
     if code in WORLDCOVER_COLOURS:
         return WORLDCOVER_COLOURS[code]
     return matplotlib.colors.to_hex(plt.get_cmap("tab20")(code % 20))
@@ -81,7 +82,7 @@ def quicklook_figure(tile: xr.Dataset, class_codes: Mapping[str, int], *, title:
     lookup = np.zeros(256, dtype=np.int64)
     for i, code in enumerate(codes):
         lookup[code] = i + 1
-    cmap = ListedColormap(["#ffffff"] + [_colour(c) for c in codes])
+    cmap = ListedColormap(["#ffffff"] + [class_colour(c) for c in codes])
     rgb = rgb_composite(tile)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 5.2), layout="constrained")
     if rgb is not None:
@@ -95,7 +96,7 @@ def quicklook_figure(tile: xr.Dataset, class_codes: Mapping[str, int], *, title:
         axes.set_xticks([])
         axes.set_yticks([])
     present = set(np.unique(land_cover).tolist())
-    handles = [Patch(facecolor=_colour(code), edgecolor="0.3", label=name)
+    handles = [Patch(facecolor=class_colour(code), edgecolor="0.3", label=name)
                for name, code in class_codes.items() if code in present]  # fmt: skip
     if handles:
         right.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)

@@ -35,6 +35,7 @@ import zarr
 from softcon.models.training_store import read_store_attrs
 from softcon.tasks.cube_store import open_cube, tile_group
 from softcon.tasks.embed import grid_polygon
+from softcon.tasks.label_figures import class_colour
 
 MODEL_CARD = "README.md"
 STAC_ITEM = "model.stac.json"
@@ -61,6 +62,9 @@ LABEL_LICENCES: dict[str, str] = {
 """Licence line of each label scheme's product (``tasks/schemes.py``)."""
 SOURCE_LICENCES: dict[str, str] = {"ssl4eo-s12": "SSL4EO-S12 (Wang et al. 2023), licensed CC-BY 4.0."}
 """Licence line of a training store built from a published dataset instead of the pipeline's own cube."""
+MLM_TASKS: dict[str, str] = {"segmentation": "semantic-segmentation", "multilabel": "classification"}
+"""``mlm:tasks`` of a fine-tuned model's task: MLM 1.5 has no multi-label task, so multi-label is ``classification``
+(its output's sigmoid per class, the card and the Item's description say multi-label)."""
 SizeRule = Literal["any", "patch-multiples", "trained"]
 """Which image sizes an export takes (``size_rule``)."""
 
@@ -77,6 +81,24 @@ class ModelFile:
     roles: tuple[str, ...]
     artifact_type: str | None = None
     """``mlm:artifact_type`` of the model file (how it was saved); None for the other files."""
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """What a fine-tuned model adds to its encoder: its task and classes, and the fine-tuning run's results."""
+
+    task: str
+    """``segmentation`` (per-pixel logits) or ``multilabel`` (per-image logits)."""
+    class_names: tuple[str, ...]
+    class_codes: tuple[int, ...]
+    """Each class's code in the label scheme (the cube's ``landcover`` values)."""
+    encoder: str
+    """The pretrained encoder, as the finetune config named it (a train run id, a checkpoint, ``random`` …)."""
+    encoder_file: str
+    """The file it was read from (or ``random`` / ``weights:FILE``)."""
+    metrics: dict[str, float]
+    """The best epoch's val and test metrics (``tasks/finetune.py``)."""
+    best_epoch: int
 
 
 @dataclass(frozen=True)
@@ -100,12 +122,16 @@ class ExportedModel:
     num_features: int
     total_parameters: int
     step: int
+    """Pretraining steps of the checkpoint; 0 for a fine-tuned model."""
     checkpoint: str
     train_config: dict[str, Any]
+    """The pretraining config, or the fine-tuning config of a fine-tuned model (the Item's hyperparameters)."""
     class_names: tuple[str, ...]
-    """The land-cover classes of the pretraining labels (the model has no classifier)."""
+    """The land-cover classes of the pretraining labels (an encoder has no classifier), or the fine-tuned model's."""
     max_abs_diff: float
-    """Largest difference between the exported file's features and the encoder's on the export check."""
+    """Largest difference between the exported file's outputs and the model's on the export check."""
+    finetuned: FineTuning | None = None
+    """None for a pretrained encoder."""
 
 
 @dataclass(frozen=True)
@@ -284,8 +310,27 @@ def data_licences(lineage: Lineage) -> list[str]:
 
 
 def model_name(model: ExportedModel) -> str:
-    """A name for the model: method, backbone and sensor (``softcon-resnet50-s2``)."""
-    return f"softcon-{model.backbone}-{model.sensor}".replace("_", "-")
+    """A name for the model: method, backbone and sensor (``softcon-resnet50-s2``), and a fine-tuned model's task
+    (``softcon-resnet50-s2-segmentation``)."""
+    task = f"-{model.finetuned.task}" if model.finetuned else ""
+    return f"softcon-{model.backbone}-{model.sensor}{task}".replace("_", "-")
+
+
+def output_shape(model: ExportedModel) -> list[int]:
+    """The module's output shape at the trained size (-1: the batch), and its dimension names."""
+    if model.finetuned is None:
+        return [-1, model.num_features]
+    classes = len(model.finetuned.class_names)
+    if model.finetuned.task == "segmentation":
+        return [-1, classes, model.img_size, model.img_size]
+    return [-1, classes]
+
+
+def output_dims(model: ExportedModel) -> list[str]:
+    """Names of ``output_shape``'s dimensions."""
+    if model.finetuned is None:
+        return ["batch", "embedding"]
+    return ["batch", "class", "height", "width"] if model.finetuned.task == "segmentation" else ["batch", "class"]
 
 
 def _sensor_values(model: ExportedModel) -> str:
@@ -299,22 +344,31 @@ def _sensor_values(model: ExportedModel) -> str:
 def _loading(model: ExportedModel) -> str:
     """A snippet that loads the export with its own library and embeds one batch."""
     shape = f"(batch, {len(model.bands)}, {model.img_size}, {model.img_size})"
+    output = "logits" if model.finetuned else "features"
+    if model.format == "timm" and model.finetuned and model.finetuned.task == "segmentation":
+        return (
+            "from softcon.tasks.export import timm_segmentation_model  # pip install softcon-pipeline\n\n"
+            'model = timm_segmentation_model("PATH/TO/THIS/FOLDER")  # timm encoder + decoder.safetensors\n'
+            f"logits = model(images)  # images: normalised float32 {shape}\n\n"
+            "# the encoder alone, without this project: its multi-scale feature maps\n"
+            'encoder = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True, features_only=True)'
+        )
     if model.format == "timm":
         return (
             "import timm\n\n"
             'encoder = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()\n'
-            f"features = encoder(images)  # images: normalised float32 {shape}"
+            f"{output} = encoder(images)  # images: normalised float32 {shape}"
         )
     if model.format == "onnx":
         return (
             "import onnxruntime\n\n"
             'session = onnxruntime.InferenceSession("model.onnx")\n'
-            f'(features,) = session.run(None, {{"images": images}})  # images: normalised float32 numpy {shape}'
+            f'({output},) = session.run(None, {{"images": images}})  # images: normalised float32 numpy {shape}'
         )
     return (
         "import torch\n\n"
         f'encoder = torch.jit.load("{model.files[0].name}")\n'
-        f"features = encoder(images)  # images: normalised float32 {shape}"
+        f"{output} = encoder(images)  # images: normalised float32 {shape}"
     )
 
 
@@ -380,6 +434,28 @@ def _training_section(model: ExportedModel) -> str:
     )
 
 
+def _finetuning_section(model: ExportedModel, finetuned: FineTuning) -> str:
+    rows = "\n".join(
+        f"| {index} | {name} | {code} |"
+        for index, (name, code) in enumerate(zip(finetuned.class_names, finetuned.class_codes, strict=True))
+    )
+    config = model.train_config
+    metrics = "\n".join(f"- {name}: {value:.4g}" for name, value in sorted(finetuned.metrics.items()))
+    return (
+        "## Fine-tuning\n\n"
+        f"- task: {finetuned.task}; backbone `{model.backbone}`, encoder {config.get('freeze')} "
+        f"(frozen = the head alone, partial = the last quarter of the encoder too, full = all), {config.get('epochs')} "
+        f"epochs at most, best epoch {finetuned.best_epoch}, lr {config.get('lr')}, layer decay "
+        f"{config.get('layer_decay')}, label budget {config.get('train_fraction')} of the train split\n"
+        f"- pretrained encoder: `{finetuned.encoder}` (read from `{finetuned.encoder_file}`)\n"
+        f"- fine-tuned model file: `{model.checkpoint}`\n"
+        f"- labels: `{config.get('store') or config.get('bigearthnet')}`\n\n"
+        f"Classes ({len(finetuned.class_names)}), in output order:\n\n| index | class | code |\n|---|---|---|\n{rows}"
+        "\n\nMetrics of the best epoch (val and test splits of the labels):\n\n"
+        f"{metrics}\n\nFull fine-tuning config:\n\n" + _fenced("json", json.dumps(config, indent=2, sort_keys=True))
+    )
+
+
 def _lineage_section(lineage: Lineage, record: TrainRecord | None) -> str:
     stac = record.sources.get("ingest", {}).get("stac") if record else None
     area = training_area(lineage, record)
@@ -400,13 +476,13 @@ def _lineage_section(lineage: Lineage, record: TrainRecord | None) -> str:
     )
 
 
-def _provenance_section(record: TrainRecord | None) -> str:
+def _provenance_section(record: TrainRecord | None, stage: str) -> str:
     if record is None:
-        return "## Provenance\n\n- MLflow train run: none recorded (exported from a checkpoint file)"
+        return f"## Provenance\n\n- MLflow {stage} run: none recorded (exported from a checkpoint file)"
     asked = f" (asked for as `{record.registered}`)" if record.registered else ""
     return (
         "## Provenance\n\n"
-        f"- MLflow train run: `{record.run_id}`{asked}\n"
+        f"- MLflow {stage} run: `{record.run_id}`{asked}\n"
         f"- code version (tag `softcon.code_version` of the run): `{record.code_version or 'not recorded'}`"
     )
 
@@ -422,26 +498,63 @@ def _evaluation_section(record: TrainRecord | None) -> str:
     return "## Evaluation\n\n" + "\n".join(lines)
 
 
+def _finetuned_output(finetuned: FineTuning, max_abs_diff: float) -> str:
+    classes = len(finetuned.class_names)
+    if finetuned.task == "segmentation":
+        what = (f"(batch, {classes}, H, W) float32 class logits per pixel, at the input's size: the argmax over dim 1 "
+                "is the class index (the table under Fine-tuning)")  # fmt: skip
+    else:
+        what = (f"(batch, {classes}) float32 class logits per image: sigmoid > 0.5 marks a class present (multi-label, "
+                "classes in the table under Fine-tuning)")  # fmt: skip
+    return (f"## Output\n\n{what}. Reloaded with its library, the export reproduced the fine-tuned model to a largest "
+            f"difference of {max_abs_diff:.2g}.")  # fmt: skip
+
+
+def _finetuned_evaluation(finetuned: FineTuning) -> str:
+    names = [name for name in sorted(finetuned.metrics) if name.startswith(("val/", "test/")) and name.count("/") == 1]
+    return "## Evaluation\n\n" + "\n".join(f"- {name}: {finetuned.metrics[name]:.4g}" for name in names)
+
+
 def model_card(model: ExportedModel, lineage: Lineage, record: TrainRecord | None) -> str:
     """The card's Markdown text."""
     files = "\n".join(f"| `{file.name}` | {file.title} |" for file in model.files)
     licences = "\n".join(f"- {line}" for line in data_licences(lineage))
+    finetuned = model.finetuned
+    if finetuned is None:
+        title = f"# {model_name(model)}: SoftCon-pretrained {model.backbone} encoder for {', '.join(model.bands)}"
+        intro = (
+            "A frozen feature extractor pretrained with SoftCon (label-guided soft contrastive learning) by the "
+            f"softcon-pipeline project, exported as **{model.format}**. It maps normalised images (batch, "
+            f"{len(model.bands)}, H, W) to embeddings (batch, {model.num_features}) and has no classifier: train a "
+            "head (a linear probe, kNN) on the embeddings for a downstream task."
+        )
+        output = (
+            f"## Output\n\n(batch, {model.num_features}) float32 embeddings: the backbone's pooled features (global "
+            "average pooling for a CNN, the class token after the final norm for a ViT). Reloaded with its library, "
+            f"the export reproduced the pipeline's encoder to a largest difference of {model.max_abs_diff:.2g}."
+        )
+        training, evaluation = _training_section(model), _evaluation_section(record)
+    else:
+        kind = "semantic segmentation" if finetuned.task == "segmentation" else "multi-label classification"
+        title = f"# {model_name(model)}: {model.backbone} fine-tuned for {kind} of {', '.join(model.bands)}"
+        intro = (
+            f"The encoder `{finetuned.encoder}` fine-tuned with a {finetuned.task} head on "
+            f"{len(finetuned.class_names)} land-cover classes by the softcon-pipeline project, exported as "
+            f"**{model.format}**."
+        )
+        output = _finetuned_output(finetuned, model.max_abs_diff)
+        training, evaluation = _finetuning_section(model, finetuned), _finetuned_evaluation(finetuned)
     sections = [
-        f"# {model_name(model)}: SoftCon-pretrained {model.backbone} encoder for {', '.join(model.bands)}",
-        "A frozen feature extractor pretrained with SoftCon (label-guided soft contrastive learning) by the "
-        f"softcon-pipeline project, exported as **{model.format}**. It maps normalised images (batch, "
-        f"{len(model.bands)}, H, W) to embeddings (batch, {model.num_features}) and has no classifier: train a head "
-        "(a linear probe, kNN) on the embeddings for a downstream task.",
+        title,
+        intro,
         f"| file | what |\n|---|---|\n{files}",
         "## Loading\n\n" + _fenced("python", _loading(model)),
         _input_section(model),
-        f"## Output\n\n(batch, {model.num_features}) float32 embeddings: the backbone's pooled features (global "
-        "average pooling for a CNN, the class token after the final norm for a ViT). Reloaded with its library, "
-        f"the export reproduced the pipeline's encoder to a largest difference of {model.max_abs_diff:.2g}.",
-        _training_section(model),
+        output,
+        training,
         _lineage_section(lineage, record),
-        _provenance_section(record),
-        _evaluation_section(record),
+        _provenance_section(record, "finetune" if finetuned else "train"),
+        evaluation,
         "## Licences\n\n- The code that trained and exported the model: Apache-2.0 (softcon-pipeline).\n" + licences,
     ]
     return "\n\n".join(sections) + "\n"
@@ -461,19 +574,32 @@ def stac_item(
     require("stac_model", "the STAC Item of an export")  # a clear error when the extra is not installed
     from stac_model.base import ModelHyperParameters, ProcessingExpression
     from stac_model.input import InputStructure, ModelInput, ValueScalingZScore
-    from stac_model.output import ModelOutput, ModelResult
+    from stac_model.output import MLMClassification, ModelOutput, ModelResult
     from stac_model.schema import MLModelProperties
 
     channels = len(model.bands)
+    finetuned = model.finetuned
+    task = MLM_TASKS[finetuned.task] if finetuned else "similarity-search"
+    classes = (
+        [MLMClassification(value=index, name=name, description=f"{name} (class code {code})",
+                           color_hint=class_colour(code).lstrip("#").upper())
+         for index, (name, code) in enumerate(zip(finetuned.class_names, finetuned.class_codes, strict=True))]
+        if finetuned else None
+    )  # fmt: skip
+    source = (
+        f"the encoder {finetuned.encoder}, fine-tuned on {lineage.store or '(not recorded)'}"
+        if finetuned
+        else f"SoftCon pretraining on the training store {lineage.store or '(not recorded)'}"
+    )
     properties = MLModelProperties(
         name=model_name(model),
         architecture=model.backbone,
-        tasks={"similarity-search"},
+        tasks={task},
         framework=model.framework,
         framework_version=model.framework_version,
         total_parameters=model.total_parameters,
         pretrained=True,
-        pretrained_source=f"SoftCon pretraining on the training store {lineage.store or '(not recorded)'}",
+        pretrained_source=source,
         input=[
             ModelInput(
                 name=f"{model.sensor} {channels} bands",
@@ -493,11 +619,10 @@ def stac_item(
         ],
         output=[
             ModelOutput(
-                name="embedding",
-                tasks={"similarity-search"},
-                result=ModelResult(
-                    shape=[-1, model.num_features], dim_order=["batch", "embedding"], data_type="float32"
-                ),
+                name="class logits" if finetuned else "embedding",
+                tasks={task},
+                result=ModelResult(shape=output_shape(model), dim_order=output_dims(model), data_type="float32"),
+                classes=classes,
             )
         ],
         hyperparameters=ModelHyperParameters(**model.train_config),
@@ -517,8 +642,8 @@ def stac_item(
         datetime=None if start_end else written,
         properties={
             "title": f"{model_name(model)} ({model.format})",
-            "description": f"SoftCon-pretrained {model.backbone} encoder; image size: {size_text(model)}. The geometry "
-            f"is the training area ({area.origin if area else 'not recorded'}). See {MODEL_CARD}.",
+            "description": f"{_what(model)}; image size: {size_text(model)}. The geometry is the training area "
+            f"({area.origin if area else 'not recorded'}). See {MODEL_CARD}.",
             "bands": bands,
             **start_end,
             **mlm,
@@ -539,9 +664,17 @@ def stac_item(
         pystac.Asset(href=f"./{MODEL_CARD}", title="Model card", media_type="text/markdown", roles=["metadata"]),
     )
     if record:
-        item.properties["softcon:train_run_id"] = record.run_id
+        item.properties[f"softcon:{'finetune' if finetuned else 'train'}_run_id"] = record.run_id
         item.properties["softcon:code_version"] = record.code_version
     return item.to_dict(include_self_link=False)
+
+
+def _what(model: ExportedModel) -> str:
+    """What the exported model is, in a few words."""
+    if model.finetuned is None:
+        return f"SoftCon-pretrained {model.backbone} encoder"
+    kind = "semantic segmentation" if model.finetuned.task == "segmentation" else "multi-label classification"
+    return f"{model.backbone} fine-tuned for {kind} ({len(model.finetuned.class_names)} classes)"
 
 
 def write_model_card(out: Path, model: ExportedModel, lineage: Lineage, record: TrainRecord | None) -> Path:

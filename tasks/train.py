@@ -129,7 +129,16 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    state = load_torch_file(path, what="checkpoint")
+    """A training checkpoint file's contents (``checked_checkpoint``)."""
+    return checked_checkpoint(load_torch_file(path, what="checkpoint"), path)
+
+
+def checked_checkpoint(state: Any, path: str | Path) -> dict[str, Any]:
+    """``state``, read from ``path``, if it is a training checkpoint of the version this code reads.
+
+    Raises:
+        ValueError: another file, or another version.
+    """
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a softcon training checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:

@@ -41,7 +41,7 @@ def test_file_and_url_fingerprints(tmp_path: Path) -> None:
 
 
 def test_every_stage_has_a_policy_and_unknown_stages_are_refused() -> None:
-    assert sorted(STAGE_POLICIES) == ["evaluate", "ingest", "labels", "preprocess", "train"]
+    assert sorted(STAGE_POLICIES) == ["evaluate", "finetune", "ingest", "labels", "preprocess", "train"]
     with pytest.raises(ValueError, match="no cache policy for stage 'pipeline'"):
         stage_cache_policy("pipeline")
 

@@ -22,6 +22,7 @@ STAGES = [
     "train",
     "evaluate",
     "finetune",
+    "predict",
     "export",
     "embed",
     "pipeline",

@@ -1,5 +1,6 @@
 """Fine-tuning: the metrics on hand-made predictions, what each freeze mode trains, layer-wise lr decay, early
-stopping, segmentation and multi-label runs on tiny data, and the flow through the CLI with its MLflow record."""
+stopping, segmentation and multi-label runs on tiny data, the flow through the CLI with its MLflow record, its Prefect
+cache (and --refresh) and its reproduction from the MLflow record."""
 
 from __future__ import annotations
 
@@ -243,3 +244,29 @@ def test_cli_finetunes_through_the_flow_and_records_a_nested_mlflow_run(
     nested = finetune_flow(config, parent_run_id=parent.info.run_id, experiment=experiment.name)
     child = client.get_run(nested.run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and "test/map_micro" in child.data.metrics
+
+
+def test_flow_rerun_is_served_from_the_cache_until_refresh_and_reproduce_gives_the_same_weights(
+    store: str, tmp_path: Path
+) -> None:
+    from softcon.flows.finetune import finetune_flow
+    from softcon.flows.reproduce import reproduce_run
+
+    config = _config(store, tmp_path / "out", epochs=1)
+    first = finetune_flow(config, experiment="finetune-cache-test")
+    model = Path(first.output)
+    written = model.stat().st_mtime_ns
+
+    cached = finetune_flow(config, experiment="finetune-cache-test")
+    assert cached.run_id != first.run_id and cached.metrics["test/miou"] == first.metrics["test/miou"]
+    assert model.stat().st_mtime_ns == written  # nothing was trained or written
+
+    forced = finetune_flow(config, experiment="finetune-cache-test", refresh=True)
+    assert model.stat().st_mtime_ns != written
+    assert forced.metrics["test/miou"] == first.metrics["test/miou"]  # CPU fine-tuning is deterministic
+
+    reproduction = reproduce_run(first.run_id, workdir=tmp_path / "again")
+    assert reproduction.stage == "finetune" and reproduction.identical, reproduction.differences[:5]
+    saved = torch.load(model, weights_only=True)
+    assert reproduction.compared == len(saved["encoder"]) + len(saved["head"])  # every tensor of both
+    assert Path(reproduction.output) == tmp_path / "again" / "finetune" / "finetuned.pt"
