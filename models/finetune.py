@@ -135,7 +135,10 @@ class FinetuneModel(nn.Module):
 
 def encoder_groups(encoder: nn.Module, *, coarse: bool) -> list[list[str]]:
     """The encoder's parameter names in timm's groups (``group_matcher``), stem first: coarse = stages (CNN) or
-    blocks (ViT), fine = blocks; ``PRETRAINING_ONLY`` parameters left out."""
+    blocks (ViT), fine = blocks; ``PRETRAINING_ONLY`` parameters left out. None for an encoder without parameters
+    (``models.probe.BandStatistics``, the image-statistics baseline, whose head trains alone)."""
+    if next(encoder.parameters(), None) is None:
+        return []
     matcher: Any = encoder.group_matcher(coarse=coarse)  # type: ignore[operator]
     groups = group_parameters(encoder, matcher)
     named = [[name for name in groups[key] if name not in PRETRAINING_ONLY] for key in sorted(groups)]

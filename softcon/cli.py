@@ -30,6 +30,7 @@ from softcon.config import (
     EmbedConfig,
     EvaluateConfig,
     ExportConfig,
+    FinetuneBudgetsConfig,
     FinetuneConfig,
     ImportSSL4EOConfig,
     IngestConfig,
@@ -484,7 +485,7 @@ def evaluate(
     as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
-) -> None:
+) -> Any:
     """Linear probe and kNN of the frozen encoder (and baselines): mAP micro/macro and F1; top-1 on EuroSAT."""
     overrides = {
         "model": model,
@@ -519,6 +520,7 @@ def evaluate(
     table = Path(stage_config.out) / "reports" / result.run_id / "comparison.md"
     if table.is_file() and not as_json:
         console.print(table.read_text())
+    return result
 
 
 @app.command()
@@ -668,15 +670,45 @@ def compare(
     train_fraction: Annotated[
         float | None, typer.Option(help="Fraction of the train split, drawn without replacement (0.1 = 10%).")
     ] = None,
+    finetune_task: Annotated[
+        str | None,
+        typer.Option(
+            help="Also fine-tune (segmentation or multilabel) the model, a random init of its backbone and, for "
+            "multilabel, image statistics at each label budget and seed: did pretraining help. Other fine-tuning "
+            "settings come from the finetune section of --config."
+        ),
+    ] = None,
+    budgets: Annotated[
+        str | None, field_option(FinetuneBudgetsConfig, "budgets", form="comma-separated, with --finetune-task")
+    ] = None,
+    seeds: Annotated[
+        str | None, field_option(FinetuneBudgetsConfig, "seeds", form="comma-separated, with --finetune-task")
+    ] = None,
+    epochs: Annotated[int | None, field_option(FinetuneConfig, "epochs")] = None,
+    freeze: Annotated[str | None, field_option(FinetuneConfig, "freeze", form="frozen, partial or full")] = None,
+    lr: Annotated[float | None, field_option(FinetuneConfig, "lr")] = None,
+    batch_size: Annotated[int | None, field_option(FinetuneConfig, "batch_size")] = None,
+    crop_size: Annotated[int | None, field_option(FinetuneConfig, "crop_size")] = None,
+    device: Annotated[str | None, field_option(FinetuneConfig, "device")] = None,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """SoftCon vs hard contrastive vs random init vs image statistics (vs published weights), one protocol."""
+    """SoftCon vs hard contrastive vs random init vs image statistics (vs published weights), one protocol; with
+    --finetune-task, also fine-tuned at label budgets (a table and a plot in a nested MLflow run)."""
+    budgets_config = None
+    if finetune_task is not None:
+        overrides = {"model": model, "task": finetune_task, "store": store, "bigearthnet": bigearthnet,
+                     "epochs": epochs, "freeze": freeze, "lr": lr, "batch_size": batch_size, "crop_size": crop_size,
+                     "device": device}  # fmt: skip
+        finetune_config = _build(FinetuneConfig, "finetune", config, overrides)
+        budgets_config = _build(FinetuneBudgetsConfig, "compare", None, {
+            "finetune": finetune_config.model_dump(), "budgets": _split_list(budgets), "seeds": _split_list(seeds),
+        })  # fmt: skip
     baselines = ["random", "image-stats"]
     if hard is not None:
         baselines.append(f"hard contrastive (λ=0)={hard}")
     baselines += [f"weights:{path}" for path in weights or []]
-    evaluate(
+    result = evaluate(
         model=model,
         store=store,
         bigearthnet=bigearthnet,
@@ -695,6 +727,24 @@ def compare(
         refresh=refresh,
         config=config,
     )
+    if budgets_config is not None:
+        from softcon.flows.finetune_budgets import finetune_budgets_flow
+
+        nested = run_stage_flow(finetune_budgets_flow, budgets_config, parent_run_id=result.run_id)
+        console.print(f"fine-tuning at label budgets: MLflow run id [bold]{nested.run_id}[/bold] under {result.run_id}")
+        console.print(budgets_summary(Path(nested.output)))
+
+
+def budgets_summary(report: Path) -> Table:
+    """The fine-tuning table of a finetune-budgets report folder (``tasks/finetune_budgets``) for the terminal."""
+    from softcon.tasks.finetune_budgets import FILES, budget_summary, read_budget_runs
+
+    task, runs = read_budget_runs(report / FILES[1])
+    header, rows = budget_summary(runs, task)
+    table = Table(*header, title=f"{task} fine-tuning at label budgets: test metrics (%), mean ± 95 % t-interval")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 @app.command()

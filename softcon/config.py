@@ -531,6 +531,31 @@ class FinetuneConfig(StageConfig):
         return self.model.removeprefix(FINETUNE_WEIGHTS) if self.model.startswith(FINETUNE_WEIGHTS) else None
 
 
+class FinetuneBudgetsConfig(StageConfig):
+    """Did pretraining help: ``finetune`` of the model, of a random init of its backbone and (multilabel) of image
+    statistics, at each label budget and seed (``softcon compare --finetune-task``)."""
+
+    finetune: FinetuneConfig = Field(
+        description="The fine-tuning of every row; its model is the pretrained one, train_fraction and seed are set "
+        "per budget and seed."
+    )
+    budgets: list[float] = Field(
+        default=[0.01, 0.1, 1.0], min_length=1, description="Label budgets: fractions of the train split, in (0, 1]."
+    )
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1, description="Seeds: label subset, head, order, init.")
+    out: str = Field(
+        default_factory=lambda: _default_path("finetune-budgets"),
+        description="Folder of the runs and the report (one subfolder per MLflow run).",
+    )
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> Self:
+        bad = [budget for budget in self.budgets if not 0 < budget <= 1]
+        if bad:
+            raise ValueError(f"label budgets must be in (0, 1]; got {bad}")
+        return self
+
+
 class PredictConfig(StageConfig):
     """A fine-tuned segmentation model run over whole cube tiles: one class map (Cloud-Optimized GeoTIFF) per tile and
     date."""

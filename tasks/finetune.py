@@ -169,11 +169,25 @@ def finetune_data(config: FinetuneConfig, meta: dict[str, Any]) -> FinetuneData:
         )
     if config.train_fraction < 1:
         train = Subset(train, draw_subset(np.arange(len(train)), config.train_fraction, seed=config.seed).tolist())
+    if len(train) < 2:
+        raise ValueError(
+            f"train_fraction {config.train_fraction} leaves {len(train)} training sample of the train split's "
+            f"{len(train.dataset) if isinstance(train, Subset) else len(train)}: batch normalisation needs at least "
+            "2; give a larger train_fraction (label budget) or a larger store"
+        )
     return FinetuneData(train, val, test, class_names, class_codes, set_epoch)
 
 
 def _no_epoch(epoch: int) -> None:
     """BigEarthNet patches are not augmented: every epoch sees the same images."""
+
+
+def split_loader(dataset: Split, config: FinetuneConfig, *, shuffle: bool = False) -> DataLoader:
+    """Batches of one split, in ``config.seed``'s order when shuffled (training)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    # training drops a short last batch: BatchNorm cannot train on one sample's 1 x 1 map
+    return DataLoader(dataset, config.batch_size, shuffle=shuffle, generator=generator,
+                      drop_last=shuffle and len(dataset) > config.batch_size)  # fmt: skip
 
 
 def run_finetune(
@@ -205,10 +219,7 @@ def run_finetune(
     set_trainable(model, config.freeze)
 
     def loader(dataset: Split, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(config.seed)
-        # training drops a short last batch: BatchNorm cannot train on one sample's 1 x 1 map
-        return DataLoader(dataset, config.batch_size, shuffle=shuffle, generator=generator,
-                          drop_last=shuffle and len(dataset) > config.batch_size)  # fmt: skip
+        return split_loader(dataset, config, shuffle=shuffle)
 
     result = fit(
         model, loader(data.train, shuffle=True), loader(data.val), n_classes=n_classes, epochs=config.epochs,

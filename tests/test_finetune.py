@@ -198,6 +198,8 @@ def test_multilabel_on_a_bigearthnet_folder(tmp_path: Path) -> None:
     report = run_finetune(config, None)
     assert report.metrics["n_train"] == 4 and len(report.class_names) == 19
     assert np.isfinite(report.metrics["test/map_micro"])
+    with pytest.raises(ValueError, match="leaves 1 training sample of the train split's 4"):
+        run_finetune(config.model_copy(update={"train_fraction": 0.25}), None)
 
 
 def test_segmentation_needs_a_store_with_masks(tmp_path: Path) -> None:

@@ -1,0 +1,127 @@
+"""Did pretraining help, on the structured sample world: fine-tuning of a SoftCon ResNet-18 vs random init vs image
+statistics at label budgets of 1 %, 10 % and 100 % of the train split, over seeds (``tasks/finetune_budgets.py``, the
+rows ``softcon compare --finetune-task`` adds).
+
+The world (``write_sample_data(world="structured")``, docs/sample_world.md) goes through the real stages: a local
+STAC API, ingest, labels from its Dynamic-World-like map (scheme ``dynamic-world``), preprocess with per-pixel masks.
+A SoftCon ResNet-18 is pretrained briefly on the store; then, for segmentation (masks) and multilabel (the store's
+labels), each budget and seed fine-tunes the pretrained encoder, a random init of ResNet-18 and (multilabel) a
+logistic head on per-band mean and std, all on the same label subset. The tables (test metrics, mean ± 95 %
+t-interval over the seeds) go to ``<out>/finetune_budgets.md``; each task's per-seed runs and figure to
+``<out>/<task>/``.
+
+Full run (sized for about 15-20 minutes on 2 free CPU cores; not run yet on an idle machine):
+
+    python bench/finetune_budgets.py --out /tmp/finetune_budgets
+
+Smoke run (tiny world, budgets 10 % and 100 %, 1 seed, 1 epoch, about 2 minutes; checks the path end to end, its
+numbers mean nothing):
+
+    python bench/finetune_budgets.py --out /tmp/finetune_budgets_smoke --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softcon.config import FinetuneConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
+from softcon.tasks.finetune_budgets import budget_table, run_budgets, write_budget_report
+from softcon.tasks.ingest import run_ingest
+from softcon.tasks.labels import run_labels
+from softcon.tasks.preprocess import run_preprocess
+from softcon.tasks.sample_data import write_sample_data
+from softcon.tasks.stac_server import serve_stac
+from softcon.tasks.train import run_training
+
+TASKS = ("segmentation", "multilabel")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one run of the bench."""
+
+    tiles: int
+    tile_size: int
+    dates: int
+    patch_size: int
+    steps: int
+    """Pretraining steps."""
+    batch_size: int
+    """Pretraining batch."""
+    epochs: int
+    """Fine-tuning epochs at most (patience 5)."""
+    seeds: tuple[int, ...]
+    budgets: tuple[float, ...]
+    """Label budgets; each must leave 2 train patches at least (BatchNorm cannot train on one 1 x 1 map)."""
+
+
+PRESETS = {
+    # 4 tiles x 4 dates of 256 px, 32 px patches: about 370 train patches, so 1 % is 4 of them.
+    "full": Preset(tiles=4, tile_size=256, dates=4, patch_size=32, steps=300, batch_size=64, epochs=10,
+                   seeds=(0, 1, 2), budgets=(0.01, 0.1, 1.0)),
+    # 23 train patches: 1 % would be one
+    "smoke": Preset(tiles=2, tile_size=128, dates=2, patch_size=32, steps=4, batch_size=16, epochs=1, seeds=(0,),
+                    budgets=(0.1, 1.0)),
+}  # fmt: skip
+
+
+def build_store(out: Path, preset: Preset) -> str:
+    """Structured world -> local STAC API -> ingest -> labels (Dynamic-World-like map) -> preprocess with masks
+    (``bench/paper_claim.build_store`` with per-pixel masks, which segmentation needs)."""
+    sample = write_sample_data(out / "sample", tiles=preset.tiles, tile_size=preset.tile_size, dates=preset.dates,
+                               seed=0, world="structured")  # fmt: skip
+    assert sample.dynamic_world is not None  # the structured world writes it
+    cube, store = str(out / "cube.zarr"), str(out / "store.zarr")
+    with serve_stac([sample.items_file]) as stac_url:
+        run_ingest(IngestConfig(stac=stac_url, collections=["sentinel-2-l2a", "sentinel-1-rtc"], bbox=sample.bbox,
+                                start=sample.start, end=sample.end, tile_size=preset.tile_size, cube=cube,
+                                max_cloud=100.0, max_tile_cloud=0.5))  # fmt: skip
+    run_labels(LabelsConfig(cube=cube, source=str(sample.dynamic_world), scheme="dynamic-world"))
+    config = PreprocessConfig(cube=cube, out=store, patch_size=preset.patch_size, split_block=64, val_fraction=0.15,
+                              test_fraction=0.15, n_workers=1, masks=True)  # fmt: skip
+    report = run_preprocess(config)
+    print(f"store: {report.counts}", flush=True)
+    return store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(".softcon/finetune_budgets"))
+    parser.add_argument("--smoke", action="store_true", help="Tiny world, 1 seed, 1 epoch: the path, not numbers.")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    args = parser.parse_args()
+    preset = PRESETS["smoke" if args.smoke else "full"]
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    store = build_store(args.out, preset)
+    print(f"store built ({time.perf_counter() - started:.0f} s)", flush=True)
+    pretraining = TrainConfig(
+        store=store, out=str(args.out / "ckpt"), backbone="resnet18", steps=preset.steps,
+        batch_size=preset.batch_size, warmup_steps=max(1, preset.steps // 10), checkpoint_every=preset.steps,
+        device="cpu", seed=0, registered_model_name=None, log_system_metrics=False,
+    )  # fmt: skip
+    checkpoint = run_training(pretraining).checkpoint
+    print(f"pretrained ({time.perf_counter() - started:.0f} s)", flush=True)
+    tables = []
+    for task in TASKS:
+        config = FinetuneConfig(model=str(checkpoint), task=task, store=store, epochs=preset.epochs, batch_size=32,
+                                device="cpu", out=str(args.out / task))  # fmt: skip
+        runs = run_budgets(config, checkpoint, preset.budgets, preset.seeds, args.out / task / "runs",
+                           on_run=lambda run: print(f"  {run.encoder}, budget {run.budget:g}, seed {run.seed}: "
+                                                    f"{run.metrics}", flush=True))  # fmt: skip
+        write_budget_report(runs, task, args.out / task)
+        tables.append(f"## {task}\n\n{budget_table(runs, task)}")
+        print(f"{task} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    markdown = "\n".join(tables)
+    (args.out / "finetune_budgets.md").write_text(markdown)
+    print(f"\n{markdown}\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
