@@ -167,13 +167,14 @@ def finetune_data(config: FinetuneConfig, meta: dict[str, Any]) -> FinetuneData:
             f"fine-tuning needs samples in the train and val splits (train {len(train)}, val {len(val)}): val picks "
             "the epoch and stops early"
         )
+    n_split = len(train)
     if config.train_fraction < 1:
-        train = Subset(train, draw_subset(np.arange(len(train)), config.train_fraction, seed=config.seed).tolist())
+        train = Subset(train, draw_subset(np.arange(n_split), config.train_fraction, seed=config.seed).tolist())
     if len(train) < 2:
         raise ValueError(
             f"train_fraction {config.train_fraction} leaves {len(train)} training sample of the train split's "
-            f"{len(train.dataset) if isinstance(train, Subset) else len(train)}: batch normalisation needs at least "
-            "2; give a larger train_fraction (label budget) or a larger store"
+            f"{n_split}: batch normalisation needs at least 2; give a larger train_fraction (label budget) or a "
+            "larger store"
         )
     return FinetuneData(train, val, test, class_names, class_codes, set_epoch)
 
