@@ -111,3 +111,18 @@ def write_cube(
     return SyntheticCube(
         path=path, tile_ids=tile_ids, times=tuple(times), size=size, cloudy=(tile_ids[0], 1), nodata=(tile_ids[0], 2)
     )
+
+
+def write_masked_store(cube: SyntheticCube, out: str | Path, *, patch_size: int = 16) -> str:
+    """A training store with per-pixel masks cut from ``cube`` (split blocks of 32 px, 8 samples a block): what the
+    fine-tuning, predict and export tests train on."""
+    from distributed import Client
+
+    from softcon.config import PreprocessConfig
+    from softcon.tasks.preprocess import run_preprocess
+
+    config = PreprocessConfig(cube=cube.path, out=str(out), patch_size=patch_size, split_block=32, val_fraction=0.2,
+                              test_fraction=0.2, max_nodata_fraction=0.5, samples_per_block=8, masks=True)  # fmt: skip
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as client:
+        run_preprocess(config, client=client)
+    return str(out)

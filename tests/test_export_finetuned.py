@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cube_factory import CLASS_CODES, CLASS_NAMES, write_cube
-from distributed import Client
+from cube_factory import CLASS_CODES, CLASS_NAMES, write_cube, write_masked_store
 from safetensors.torch import load_file
 from test_export import _mlm_validator
 
-from softcon.config import ExportConfig, FinetuneConfig, PreprocessConfig, TrainConfig
+from softcon.config import ExportConfig, FinetuneConfig, TrainConfig
 from softcon.tasks.export import run_export, timm_segmentation_model
 from softcon.tasks.finetune import load_finetuned, run_finetune
-from softcon.tasks.preprocess import run_preprocess
 from softcon.tasks.train import load_encoder, run_training
 
 torch.set_num_threads(2)
@@ -34,10 +32,7 @@ FORMATS = ("timm", "onnx", "torchscript")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     cube = write_cube(tmp_path_factory.mktemp("cube") / "cube.zarr")
     out = str(tmp_path_factory.mktemp("store") / "store.zarr")
-    config = PreprocessConfig(cube=cube.path, out=out, patch_size=PATCH, split_block=32, val_fraction=0.2,
-                              test_fraction=0.2, max_nodata_fraction=0.5, samples_per_block=8, masks=True)  # fmt: skip
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as client:
-        run_preprocess(config, client=client)
+    write_masked_store(cube, out, patch_size=PATCH)
     return out
 
 

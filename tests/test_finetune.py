@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cube_factory import SyntheticCube, write_cube
-from distributed import Client
+from cube_factory import SyntheticCube, write_cube, write_masked_store
 from real_data import REAL
 from typer.testing import CliRunner
 
 from softcon.cli import app
-from softcon.config import FinetuneConfig, PreprocessConfig, TrainConfig
+from softcon.config import FinetuneConfig, TrainConfig
 from softcon.models import finetune
 from softcon.models.data import StoreDataset
 from softcon.models.encoder import build_encoder
@@ -31,7 +30,6 @@ from softcon.models.finetune import (
     set_trainable,
 )
 from softcon.tasks.finetune import load_finetuned, run_finetune
-from softcon.tasks.preprocess import run_preprocess
 from softcon.tasks.train import run_training
 
 torch.set_num_threads(2)
@@ -47,10 +45,7 @@ def cube(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCube:
 def store(cube: SyntheticCube, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A store with masks: two 64 px tiles cut into 16 px patches, four class stripes and a nodata corner."""
     out = str(tmp_path_factory.mktemp("store") / "store.zarr")
-    config = PreprocessConfig(cube=cube.path, out=out, patch_size=PATCH, split_block=32, val_fraction=0.2,
-                              test_fraction=0.2, max_nodata_fraction=0.5, samples_per_block=8, masks=True)  # fmt: skip
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as client:
-        run_preprocess(config, client=client)
+    write_masked_store(cube, out, patch_size=PATCH)
     return out
 
 

@@ -13,15 +13,13 @@ import rasterio
 import torch
 import xarray as xr
 from affine import Affine
-from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube
-from distributed import Client
+from cube_factory import CLASS_CODES, CLASS_NAMES, SyntheticCube, write_cube, write_masked_store
 from typer.testing import CliRunner
 
 from softcon.cli import app
-from softcon.config import FinetuneConfig, PredictConfig, PreprocessConfig
+from softcon.config import FinetuneConfig, PredictConfig
 from softcon.tasks.finetune import FINETUNED_FORMAT, load_finetuned, run_finetune
 from softcon.tasks.predict import NODATA, PredictReport, predict_logits, run_predict, window_starts
-from softcon.tasks.preprocess import run_preprocess
 
 torch.set_num_threads(2)
 PATCH = 16
@@ -36,10 +34,7 @@ def cube(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCube:
 def finetuned(cube: SyntheticCube, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A segmentation model of one epoch on a 16 px store of the cube (its window: 16 px)."""
     store = str(tmp_path_factory.mktemp("store") / "store.zarr")
-    config = PreprocessConfig(cube=cube.path, out=store, patch_size=PATCH, split_block=32, val_fraction=0.2,
-                              test_fraction=0.2, max_nodata_fraction=0.5, samples_per_block=8, masks=True)  # fmt: skip
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0") as client:
-        run_preprocess(config, client=client)
+    write_masked_store(cube, store, patch_size=PATCH)
     finetune = FinetuneConfig(model="random", backbone="test_resnet", store=store, epochs=1, batch_size=8,
                               device="cpu", out=str(tmp_path_factory.mktemp("finetuned")))  # fmt: skip
     return run_finetune(finetune, None).checkpoint
