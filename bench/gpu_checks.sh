@@ -1,32 +1,48 @@
 #!/usr/bin/env bash
-# GPU checks for one CUDA machine: what the CPU-only test suite cannot show.
+# GPU checks for one CUDA machine, as one run that fits a 15-minute device window (start-up included).
 #
-#   bash bench/gpu_checks.sh [OUTPUT_FOLDER]        (default ./gpu-checks)
+#   bash bench/gpu_checks.sh [OUTPUT_FOLDER]            (default ./gpu-checks)   on a CUDA machine
+#   bash bench/gpu_checks.sh --smoke [OUTPUT_FOLDER]    on a CPU: the same scripts at toy sizes
 #
-# Steps, each under its own timeout so that one failure or hang does not stop the rest:
+# Without --smoke and without a CUDA device it stops at once (exit 2) and says so. Steps, each under its own
+# timeout (caps summing to 715 s, each cut to what is left of GPU_CHECKS_BUDGET, default 700 s; a step is skipped
+# under 20 s left), so that one failure or hang does not stop the rest; the most wanted figures first:
 #   env            nvidia-smi; torch / CUDA / cuDNN / NCCL versions, device name, capability, bf16 support
-#   pytest-cuda    the CUDA-only tests (GPU augmentation equals the CPU path; pinned memory follows CUDA)
-#   train          bench/gpu_train.py: ResNet-50 and ViT-S/14 SoftCon steps, 224 px, bf16 (+ rows as JSON), and
-#                  the training loader's rate with DataLoader workers next to the step's
-#   loader-threads the same loader decoding on threads in the main process instead of workers
-#   ddp            under torchrun: an NCCL all_reduce, DDP-wrapped trainer steps (NCCL, one rank) against the
-#                  plain trainer, and run_training's own loop on CUDA with checkpoints and load_encoder
-#   compile        the training step of ResNet-50 under torch.compile
-#   pytest-gpu-sensitive  tests whose paths change when CUDA is visible (pinned loaders, CUDA RNG state in
-#                  checkpoints, the benchmark's smoke mode): tests/test_data.py, test_train.py, test_bench_gpu_train.py
-# Without CUDA the GPU steps are reported as skipped and the benchmark's CPU smoke mode runs instead.
-#
-# The output folder gets at most 7 files: env.log pytest.log train.log train.json compile.log ddp.log summary.txt.
-# Environment: PYTHON (default python3); GPU_CHECKS_BUDGET, seconds for all steps (default 330): a step never
-# gets more than what is left, and is skipped when under 20 s are left. Exit status 0 when no step failed.
+#   store          a synthetic training store in the preprocess layout: 264 px, 12 bands, shards of 64 (2,048 samples)
+#   steps          bench/gpu_train.py: SoftCon step against the plain supervised step of the same timm backbone,
+#                  batch and precision (bf16): ResNet-50, ViT-S/14, ViT-B/14 at batch 128, 256, 512, 224 px crops,
+#                  eager; SoftCon / supervised per backbone and batch (steps.json, steps.md)
+#   e2e            run_training (the loop `softcon train` runs: production loader on decode threads, GpuAugment, the
+#                  step, log windows) on the store, ResNet-50, batch 256, crop 224, against the step alone (e2e.json)
+#   loader         the training loader's samples/s per (workers x decode threads), two views, 224 px (loader.json)
+#   ddp            under torchrun, one rank: an NCCL all_reduce, DDP-wrapped trainer steps against the plain trainer,
+#                  run_training on CUDA with checkpoints and load_encoder (ddp.log)
+#   ddp-all        with several GPUs: run_training under torchrun on all of them (DDP), ResNet-50, 128 scenes per
+#                  GPU in the global batch (ddp_all.json); with one GPU the ddp step's one rank is all there is
+#   compiled       (not in smoke mode) the steps rows under torch.compile at batch 256 (compiling takes 30-60 s per row; rows are
+#                  written as they finish, so a timeout keeps the ones done) (compiled.json, compiled.md)
+#   pytest-cuda    the CUDA-only tests and the tests whose paths change when CUDA is visible
+# The output folder gets: env.log store.log steps.{json,md,log} e2e.{json,log} loader.{json,log} ddp.log
+# ddp_all.{json,log} compiled.{json,md,log} pytest.log summary.md. Environment: PYTHON (default python3),
+# GPU_CHECKS_BUDGET (seconds for all steps). Exit status 0 when no step failed, 2 without CUDA (no --smoke).
 set -u
 export PYTHONUNBUFFERED=1
 
+SMOKE=0
+if [[ ${1:-} == --smoke ]]; then
+    SMOKE=1
+    shift
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTDIR=${1:-./gpu-checks}
-mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECKS_BUDGET:-330}
+if ((!SMOKE)) && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_checks: no CUDA device visible to $PY (torch.cuda.is_available() is False): nothing measured." >&2
+    echo "gpu_checks: run it on a GPU machine, or 'bash bench/gpu_checks.sh --smoke OUT' for the CPU smoke mode." >&2
+    exit 2
+fi
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 2
+BUDGET=${GPU_CHECKS_BUDGET:-700}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/softcon-gpu-checks.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 export SOFTCON_HOME="$WORK/home"  # no .softcon folder in the checkout
@@ -44,7 +60,7 @@ step() {
     local left=$((BUDGET - (SECONDS - START)))
     if ((left < 20)); then
         echo "=== $name: skipped, ${left}s of the ${BUDGET}s budget left" | tee -a "$log"
-        RESULTS+=("$(printf '%-22s SKIPPED (time budget spent)' "$name")")
+        RESULTS+=("$(printf '| %s | SKIPPED (time budget spent) | | |' "$name")")
         return
     fi
     local limit=$((cap < left ? cap : left)) began=$SECONDS rc verdict
@@ -57,12 +73,12 @@ step() {
         *) verdict="FAIL (exit $rc)" FAILED=1 ;;
     esac
     echo "=== $name: $verdict in $((SECONDS - began))s" | tee -a "$log"
-    RESULTS+=("$(printf '%-22s %-26s %4ss  exit %s' "$name" "$verdict" "$((SECONDS - began))" "$rc")")
+    RESULTS+=("$(printf '| %s | %s | %ss | %s |' "$name" "$verdict" "$((SECONDS - began))" "$rc")")
 }
 
 skip() {  # skip NAME LOGFILE REASON
     echo "=== $1: skipped ($3)" | tee -a "$OUTDIR/$2"
-    RESULTS+=("$(printf '%-22s SKIPPED (%s)' "$1" "$3")")
+    RESULTS+=("$(printf '| %s | SKIPPED (%s) | | |' "$1" "$3")")
 }
 
 # --- env ------------------------------------------------------------------------------------------------------
@@ -75,8 +91,9 @@ env_report() {
         echo "nvidia-smi: not found"
     fi
     "$PY" - <<'EOF'
-import platform, torch
-print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA build {torch.version.cuda}")
+import os, platform, torch
+print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA build {torch.version.cuda}  "
+      f"{len(os.sched_getaffinity(0))} cores")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device {torch.cuda.get_device_name(0)}  capability {torch.cuda.get_device_capability(0)}  "
@@ -84,55 +101,54 @@ if torch.cuda.is_available():
     print(f"cuDNN {torch.backends.cudnn.version()}  NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}  "
           f"devices {torch.cuda.device_count()}")
 else:
-    print("no CUDA: torch.cuda.is_available() is False")
+    print("no CUDA: torch.cuda.is_available() is False (smoke mode)")
 EOF
 }
 export PY WORK
 export -f env_report  # timeout runs programs, not shell functions: the steps call them through bash
-step env 60 env.log bash -c env_report
+step env 20 env.log bash -c env_report
 
-CUDA=0
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && CUDA=1
-
-# --- CUDA-only tests --------------------------------------------------------------------------------------------
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --basetemp "$WORK/pytest")
-if ((CUDA)); then
-    step pytest-cuda 120 pytest.log "${PYTEST[@]}" \
-        tests/test_data.py::test_gpu_augment_on_cuda_equals_cpu tests/test_data.py::test_pin_memory_follows_cuda_by_default
+# --- sizes: the GPU run, or the smoke run's toy ones ----------------------------------------------------------------
+if ((SMOKE)); then
+    DEVICE=cpu PX=32 SAMPLES=256 MODELS=resnet18 BATCHES=4,8 BATCH=4 STEPS=(--steps 1 --warmup 1)
+    LOADER_COMBOS=0x1,0x2 LOADER_BATCHES=3 E2E_STEPS=(--steps 2 --warmup 1) NGPU=0
 else
-    skip pytest-cuda pytest.log "no CUDA"
+    DEVICE=cuda PX=264 SAMPLES=2048 MODELS=resnet50,vit_small_patch14_dinov2,vit_base_patch14_dinov2
+    BATCHES=128,256,512 BATCH=256 STEPS=(--steps 20 --warmup 5) LOADER_COMBOS=0x1,0x2,0x4,0x8,0x15,2x1,4x1,8x1
+    LOADER_BATCHES=20 E2E_STEPS=(--steps 60 --warmup 5)
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 fi
+SIZE=$((SMOKE ? PX : 224))  # the crop the models see: 224 px from 264 px patches, as SSL4EO-S12 / SoftCon train
+STORE=$WORK/store.zarr
+export STORE PX SAMPLES
 
-# --- training throughput ----------------------------------------------------------------------------------------
-# One synthetic 264 px store in the preprocess stage's layout (cropped to 224 on the GPU, as in training; one batch
-# of 128 two-view scenes is kept on the device and cycled, the step's speed not depending on the data) shared by the
-# eager, the compiled and the loader runs; the loader's own rate is timed over 20 batches, repeating epochs.
+# --- one store in the preprocess layout, shared by every step -------------------------------------------------------
 write_store() {
-    "$PY" - "$WORK/store" <<'EOF'
-import sys, time
+    "$PY" - <<'EOF'
+import os, sys, time
 from pathlib import Path
 sys.path.insert(0, "bench")
-from gpu_train import synthetic_store
+from gpu_train import preprocess_layout_store
 started = time.perf_counter()
-path = synthetic_store(Path(sys.argv[1]), 264, 128)
-print(f"synthetic store {path} written in {time.perf_counter() - started:.1f}s")
+path = preprocess_layout_store(Path(os.environ["STORE"]), int(os.environ["SAMPLES"]), int(os.environ["PX"]))
+print(f"store {path}: {os.environ['SAMPLES']} samples of {os.environ['PX']} px in {time.perf_counter() - started:.1f}s")
 EOF
 }
 export -f write_store
-if ((CUDA)); then
-    step store 90 train.log bash -c write_store
-    STORE=()
-    [[ -d $WORK/store/store.zarr ]] && STORE=(--store "$WORK/store/store.zarr")
-    step train 200 train.log "$PY" bench/gpu_train.py "${STORE[@]}" --n-batches 1 --steps 100 --warmup 10 \
-        --json "$OUTDIR/train.json"
-    # the loader in the main process on decode threads (no shared-memory batches) against the workers above
-    step loader-threads 90 train.log "$PY" bench/gpu_train.py "${STORE[@]}" --models resnet50 --n-batches 1 \
-        --steps 20 --workers 0 --decode-threads "$(($(nproc) > 9 ? 8 : $(nproc) - 1))"
-else
-    skip train train.log "no CUDA"
-    step train-cpu-smoke 240 train.log "$PY" bench/gpu_train.py --device cpu --steps 2 --size 64 \
-        --json "$OUTDIR/train.json"
-fi
+step store 45 store.log bash -c write_store
+BENCH=("$PY" bench/gpu_train.py --device "$DEVICE" --store "$STORE" --size "$SIZE")
+
+# --- SoftCon step vs the supervised step, eager ----------------------------------------------------------------------
+step steps 170 steps.log "${BENCH[@]}" --models "$MODELS" --batch-sizes "$BATCHES" "${STEPS[@]}" \
+    --json "$OUTDIR/steps.json" --markdown "$OUTDIR/steps.md"
+
+# --- end to end: the training loop through the production loader, against the step alone ----------------------------
+step e2e 90 e2e.log "${BENCH[@]}" --e2e --models "${MODELS%%,*}" --batch-sizes "$BATCH" "${E2E_STEPS[@]}" \
+    --json "$OUTDIR/e2e.json"
+
+# --- the loader alone, per workers x decode threads -------------------------------------------------------------------
+step loader 70 loader.log "${BENCH[@]}" --models "${MODELS%%,*}" --batch-sizes "$BATCH" \
+    --loader-table "$LOADER_COMBOS" --loader-batches "$LOADER_BATCHES" --json "$OUTDIR/loader.json"
 
 # --- NCCL / DDP and the real training loop on CUDA ------------------------------------------------------------
 cat >"$WORK/ddp_check.py" <<'EOF'
@@ -249,41 +265,57 @@ print(
 )
 print("ddp check: OK")
 EOF
-if ((CUDA)); then
-    step ddp 150 ddp.log "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+if ((SMOKE)); then
+    skip ddp ddp.log "smoke mode: DDP on CPU is tests/test_ddp.py and tests/test_torchrun.py"
+else
+    step ddp 70 ddp.log "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
         "$WORK/ddp_check.py" "$WORK" cuda
+fi
+if ((NGPU > 1)); then
+    step ddp-all 80 ddp_all.log "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
+        bench/gpu_train.py --device cuda --store "$STORE" --size "$SIZE" --e2e --models resnet50 \
+        --batch-sizes $((128 * NGPU)) "${E2E_STEPS[@]}" --json "$OUTDIR/ddp_all.json"
 else
-    skip ddp ddp.log "no CUDA"
+    skip ddp-all ddp_all.log "$NGPU GPU: the ddp step ran one rank"
 fi
 
-# --- the training step under torch.compile (compiling takes 1-2 minutes) -------------------------------------------
-if ((CUDA)); then
-    step compile 160 compile.log "$PY" bench/gpu_train.py "${STORE[@]}" --n-batches 1 --steps 100 --warmup 10 \
-        --models resnet50 --compile
+# --- the step under torch.compile -------------------------------------------------------------------------------------
+if ((SMOKE)); then
+    skip compiled compiled.log "smoke mode: inductor on CPU compiles for minutes"
 else
-    skip compile compile.log "no CUDA"
+    step compiled 110 compiled.log "${BENCH[@]}" --models "$MODELS" --batch-sizes "$BATCH" "${STEPS[@]}" --compile \
+        --json "$OUTDIR/compiled.json" --markdown "$OUTDIR/compiled.md"
 fi
 
-# --- tests whose code paths change when CUDA is visible ----------------------------------------------------------
+# --- tests that need CUDA, or whose code paths change when CUDA is visible -----------------------------------------
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --basetemp "$WORK/pytest")
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 4)  # pytest-xdist, when there: four test processes
-if ((CUDA)); then
-    step pytest-gpu-sensitive 150 pytest.log "${PYTEST[@]}" "${XDIST[@]}" tests/test_data.py tests/test_train.py \
-        tests/test_bench_gpu_train.py
+if ((SMOKE)); then
+    skip pytest-cuda pytest.log "smoke mode"
 else
-    skip pytest-gpu-sensitive pytest.log "no CUDA"
+    step pytest-cuda 60 pytest.log "${PYTEST[@]}" "${XDIST[@]}" tests/test_data.py tests/test_train.py \
+        tests/test_bench_gpu_train.py
 fi
 
 # --- summary ----------------------------------------------------------------------------------------------------
 {
-    echo "softcon GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START))s, CUDA visible: $CUDA"
-    grep -h "^device \|^python " "$OUTDIR/env.log" 2>/dev/null
+    echo "# softcon GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START))s, smoke: $SMOKE"
+    echo
+    grep -h "^device \|^python \|^cuDNN " "$OUTDIR/env.log" 2>/dev/null | sed 's/^/    /'
+    echo
+    echo "| step | result | time | exit |"
+    echo "|---|---|---|---|"
     printf '%s\n' "${RESULTS[@]}"
-    for log in train.log compile.log; do
-        [[ -f $OUTDIR/$log ]] && grep -h -A5 "^SoftCon training step on" "$OUTDIR/$log"
+    for table in steps.md compiled.md; do
+        [[ -f $OUTDIR/$table ]] && { echo; cat "$OUTDIR/$table"; }
+    done
+    for json in e2e.json loader.json ddp_all.json; do
+        [[ -f $OUTDIR/$json ]] && { echo; echo "$json:"; echo '```'; cat "$OUTDIR/$json"; echo; echo '```'; }
     done
     grep -h "^DDP vs plain\|^run_training on\|^all_reduce on" "$OUTDIR/ddp.log" 2>/dev/null
     grep -h -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$OUTDIR/pytest.log" 2>/dev/null
+    echo
     echo "failed steps: $FAILED"
-} | tee "$OUTDIR/summary.txt"
+} | tee "$OUTDIR/summary.md"
 exit "$FAILED"

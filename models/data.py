@@ -34,20 +34,22 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate, get_worker_info
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from softcon.compat.torch_internals import storage_use_count
 from softcon.compat.zarr_internals import chunk_key, sharding_layout
@@ -61,6 +63,129 @@ N_AUG = 5
 
 
 _EMPTY_CHUNK = np.uint64(2**64 - 1)
+WHOLE_SHARD_FRACTION = 0.5
+"""On object storage a shard's chunks are fetched in one GET of the whole shard when the samples the dataset can
+ask for hold at least this fraction of its bytes; otherwise as coalesced byte ranges."""
+MAX_RANGE_GAP = 1 << 20
+"""Byte ranges of one shard closer than this are fetched as one (one request costs more than a MiB on the wire)."""
+
+
+def coalesce_ranges(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """Sorted [start, stop) byte ranges, those at most ``max_gap`` apart merged into one."""
+    order = np.argsort(starts, kind="stable")
+    merged: list[tuple[int, int]] = []
+    for start, stop in zip(starts[order].tolist(), stops[order].tolist(), strict=True):
+        if merged and start - merged[-1][1] <= max_gap:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
+
+
+def check_shard_index(raw: bytes, per_shard: int, where: str) -> np.ndarray:
+    """(per_shard, 2) uint64 offsets and sizes from a shard's index bytes (CRC32C checked)."""
+    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise ValueError(f"shard index checksum mismatch in {where}: the training store is corrupt")
+    return np.frombuffer(raw[:-4], dtype="<u8").reshape(per_shard, 2)
+
+
+@dataclass(frozen=True)
+class FetchedShard:
+    """What was fetched of one shard on object storage: its index and the compressed bytes of its chunks."""
+
+    index: np.ndarray | None
+    """(per_shard, 2) offsets and sizes; None for a shard not written (every sample is the fill value)."""
+    chunks: dict[int, memoryview]
+    """Position in the shard -> that inner chunk's compressed bytes (the positions the dataset can ask for)."""
+
+
+class RemoteShards:
+    """The shards of one array on object storage, fetched ahead of use with ranged GETs and kept in an LRU.
+
+    A shard costs one GET of its index (a suffix range: its size is known from the codec, 16 bytes per inner
+    chunk + a CRC32C) and one GET of its chunks: the whole shard when the samples that can be asked for
+    (``wanted``, the dataset's split) hold most of its bytes, else their byte ranges, coalesced. Fetches run on
+    their own threads (``prefetch``), so the loader asks for the next shards while it decodes the current ones;
+    the filesystem is fsspec's for the store's URL, with the credentials the rest of the project uses for it
+    (the ``AWS_*`` variables for ``s3://``).
+    """
+
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, path: Callable[[int], str], per_shard: int, wanted: np.ndarray | None
+    ) -> None:
+        self.fs = fs
+        self.path = path
+        self.per_shard = per_shard
+        self.wanted = wanted
+        self.capacity = 8
+        self.requests = 0
+        """GET requests made (index and chunk ranges): what the tests count."""
+        self._shards: OrderedDict[int, Future[FetchedShard]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="softcon-fetch")
+
+    def prefetch(self, shards: Iterable[int]) -> None:
+        """Start fetching ``shards`` (those not already held or in flight)."""
+        for shard in shards:
+            self._future(shard)
+
+    def get(self, shard: int) -> FetchedShard:
+        """The fetched shard, waiting for it when it is still on its way."""
+        return self._future(shard).result()
+
+    def read_range(self, shard: int, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of a shard, one GET (a chunk that was not among the wanted ones)."""
+        self._count(1)
+        return self.fs.cat_file(self.path(shard), start=start, end=stop)
+
+    def _count(self, requests: int) -> None:
+        with self._lock:
+            self.requests += requests
+
+    def _future(self, shard: int) -> Future[FetchedShard]:
+        with self._lock:
+            future = self._shards.get(shard)
+            if future is None:
+                future = self._shards[shard] = self._pool.submit(self._fetch, shard)
+            self._shards.move_to_end(shard)
+            while len(self._shards) > self.capacity:
+                self._shards.popitem(last=False)
+            return future
+
+    def _fetch(self, shard: int) -> FetchedShard:
+        path = self.path(shard)
+        self._count(1)
+        try:
+            raw = self.fs.cat_file(path, start=-(16 * self.per_shard + 4))
+        except FileNotFoundError:
+            return FetchedShard(None, {})
+        index = check_shard_index(raw, self.per_shard, path)
+        written = np.flatnonzero(index[:, 0] != _EMPTY_CHUNK)
+        positions = written
+        if self.wanted is not None:
+            first = shard * self.per_shard
+            lo, hi = np.searchsorted(self.wanted, [first, first + self.per_shard])
+            positions = np.intersect1d(written, self.wanted[lo:hi] - first)
+        if not len(positions):
+            return FetchedShard(index, {})
+        starts, sizes = index[positions, 0].astype(np.int64), index[positions, 1].astype(np.int64)
+        all_bytes = int(index[written, 1].sum())
+        if sizes.sum() >= WHOLE_SHARD_FRACTION * all_bytes:
+            every = index[written].astype(np.int64)
+            ranges = [(int(every[:, 0].min()), int((every[:, 0] + every[:, 1]).max()))]
+        else:
+            ranges = coalesce_ranges(starts, starts + sizes, MAX_RANGE_GAP)
+        self._count(len(ranges))
+        blobs = self.fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges],
+                                   on_error="raise")  # fmt: skip
+        range_starts = np.array([r[0] for r in ranges], np.int64)
+        which = np.searchsorted(range_starts, starts, side="right") - 1  # the range holding each chunk
+        chunks = {}
+        for position, start, size, r in zip(positions.tolist(), starts.tolist(), sizes.tolist(), which.tolist(),
+                                            strict=True):  # fmt: skip
+            offset = start - ranges[r][0]
+            chunks[position] = memoryview(blobs[r])[offset : offset + size]
+        return FetchedShard(index, chunks)
 
 
 class SampleReader:
@@ -72,10 +197,14 @@ class SampleReader:
     decoded straight into its own array. Reading a whole shard through zarr instead costs a fresh
     ``shard``-sized array per read (page faults: it is above malloc's mmap threshold), a copy of every
     decoded inner chunk, zarr's thread hand-offs and, with DataLoader workers, one decode of every shard per
-    worker; measured in ``bench/bench_loader.py``. Any other layout or store falls back to ``array[sample]``.
+    worker; measured in ``bench/bench_loader.py``. On object storage (an fsspec URL: ``s3://``, ``gs://``...)
+    the same layout is read through ``RemoteShards`` (``remote``): per shard one ranged GET of the index and
+    one of the chunks the dataset can ask for (``wanted``: sorted store sample indices, None for all), held in
+    memory for ``index_cache`` shards and decoded with the same code. Any other layout or store falls back to
+    ``array[sample]``.
     """
 
-    def __init__(self, array: zarr.Array, index_cache: int) -> None:
+    def __init__(self, array: zarr.Array, index_cache: int, wanted: np.ndarray | None = None) -> None:
         self.array = array
         self.sample_shape: tuple[int, ...] = tuple(array.shape[1:])
         self.dtype = np.dtype(array.dtype)
@@ -83,10 +212,12 @@ class SampleReader:
         self.indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()  # shard -> (n, 2) offsets, sizes
         self._lock = threading.Lock()  # the index cache is shared by a dataset's decode threads
         self.root: Path | None = None
+        self.remote: RemoteShards | None = None
         self.blosc = False
         layout = sharding_layout(array)
         shards = array.shards
-        if not (isinstance(array.store, LocalStore) and sys.byteorder == "little" and layout is not None and shards):
+        store = array.store
+        if not (isinstance(store, LocalStore | FsspecStore) and sys.byteorder == "little" and layout and shards):
             return
         if (
             layout.chunk_shape != (1, *self.sample_shape)
@@ -98,7 +229,25 @@ class SampleReader:
             return
         self.blosc = layout.codecs == ("bytes", "blosc")
         self.per_shard = int(shards[0])
-        self.root = Path(array.store.root)
+        if isinstance(store, LocalStore):
+            self.root = Path(store.root)
+            return
+        fs, root = fsspec.core.url_to_fs(store.fs.unstrip_protocol(store.path))
+        self.remote = RemoteShards(fs, partial(self._shard_path, root.rstrip("/")), self.per_shard, wanted)
+
+    @property
+    def fast(self) -> bool:
+        """Whether samples are read as byte ranges of their shard (local or remote), not through zarr."""
+        return self.root is not None or self.remote is not None
+
+    def _shard_path(self, root: str, shard: int) -> str:
+        return f"{root}/{self.array.path}/{chunk_key(self.array, (shard,) + (0,) * len(self.sample_shape))}"
+
+    def prefetch(self, samples: Iterable[int]) -> None:
+        """Start fetching the shards of ``samples`` from object storage (nothing for a local store)."""
+        if self.remote is not None:
+            self.remote.capacity = self.index_cache
+            self.remote.prefetch(sorted({sample // self.per_shard for sample in samples}))
 
     def _index(self, shard: int) -> np.ndarray | None:
         """(per_shard, 2) uint64 offsets and sizes of a shard's samples, None for a shard not written."""
@@ -117,9 +266,7 @@ class SampleReader:
         except FileNotFoundError:
             index = None
         else:
-            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise ValueError(f"shard index checksum mismatch in {path}: the training store is corrupt")
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)
+            index = check_shard_index(raw, self.per_shard, str(path))
         with self._lock:
             self.indexes[shard] = index
             while len(self.indexes) > self.index_cache:
@@ -128,7 +275,7 @@ class SampleReader:
 
     def read(self, sample: int) -> np.ndarray:
         """Raw (C, H, W) values of store sample ``sample`` in a new array."""
-        if self.root is None:
+        if not self.fast:
             return np.asarray(self.array[sample])
         return self.read_into(sample, np.empty(self.sample_shape, self.dtype))
 
@@ -137,24 +284,40 @@ class SampleReader:
         dtype, e.g. one slot of a batch (no intermediate array, no copy)."""
         if out.shape != self.sample_shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"read_into needs a C-contiguous {self.sample_shape} {self.dtype} array")
-        if self.root is None:
+        if not self.fast:
             out[...] = self.array[sample]
             return out
         shard, position = divmod(sample, self.per_shard)
-        index = self._index(shard)
-        if index is None or index[position, 0] == _EMPTY_CHUNK:
+        data = self._chunk(shard, position)
+        if data is None:
             out.fill(self.array.fill_value)
-            return out
-        offset, size = (int(v) for v in index[position])
-        key = chunk_key(self.array, (shard,) + (0,) * len(self.sample_shape))
-        with open(self.root / self.array.path / key, "rb") as file:
-            file.seek(offset)
-            data = file.read(size)
-        if self.blosc:
+        elif self.blosc:
             numcodecs.blosc.decompress(data, out)
         else:
             out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
         return out
+
+    def _chunk(self, shard: int, position: int) -> bytes | memoryview | None:
+        """The compressed bytes of one inner chunk, None when it was never written (fill value)."""
+        if self.remote is not None:
+            self.remote.capacity = self.index_cache
+            fetched = self.remote.get(shard)
+            if fetched.index is None or fetched.index[position, 0] == _EMPTY_CHUNK:
+                return None
+            data = fetched.chunks.get(position)
+            if data is None:  # a sample outside ``wanted``
+                offset, size = (int(v) for v in fetched.index[position])
+                return self.remote.read_range(shard, offset, offset + size)
+            return data
+        index = self._index(shard)
+        if index is None or index[position, 0] == _EMPTY_CHUNK:
+            return None
+        offset, size = (int(v) for v in index[position])
+        assert self.root is not None
+        key = chunk_key(self.array, (shard,) + (0,) * len(self.sample_shape))
+        with open(self.root / self.array.path / key, "rb") as file:
+            file.seek(offset)
+            return file.read(size)
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
@@ -378,7 +541,7 @@ class StoreDataset(Dataset):
         """This process's reader of the image array (opened on first use, so again in each worker)."""
         if self._reader is None:
             array = _array(zarr.open_group(self.store, mode="r"), self.sensor)
-            self._reader = SampleReader(array, index_cache=self.cache_blocks)
+            self._reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
         self._reader.index_cache = self.cache_blocks  # make_loader may have raised it
         return self._reader
 
@@ -387,7 +550,7 @@ class StoreDataset(Dataset):
         """This process's reader of the ``masks`` array (opened on first use)."""
         if self._mask_reader is None:
             array = _array(zarr.open_group(self.store, mode="r"), "masks")
-            self._mask_reader = SampleReader(array, index_cache=self.cache_blocks)
+            self._mask_reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
         self._mask_reader.index_cache = self.cache_blocks
         return self._mask_reader
 
@@ -406,6 +569,14 @@ class StoreDataset(Dataset):
     def _blocks(self) -> OrderedDict[int, np.ndarray | None]:
         """The cached shard indexes (a few bytes per sample; no decoded blocks are kept)."""
         return self.reader.indexes
+
+    def prefetch(self, positions: Iterable[int]) -> None:
+        """Start fetching what the samples at dataset ``positions`` need from object storage (their shards), so
+        that it arrives while earlier batches decode; nothing for a local store."""
+        samples = self.indices[np.asarray(list(positions), dtype=np.int64)].tolist()
+        self.reader.prefetch(samples)
+        if self.masks:
+            self.mask_reader.prefetch(samples)
 
     def read_sample(self, sample: int) -> np.ndarray:
         """Raw (C, H, W) values of one store sample: one byte-range read of its shard, one decode."""
@@ -508,6 +679,9 @@ class StoreDataset(Dataset):
             "index": torch.from_numpy(samples.astype(np.int64)),
         }
         reader = self.reader
+        reader.prefetch([*samples.tolist(), *(others["b"].tolist() if self.two_views else [])])
+        if self.masks:
+            self.mask_reader.prefetch(samples.tolist())
         for view in views:
             suffix = f"_{view}" if view else ""
             if self.defer_augment:
@@ -761,6 +935,35 @@ class BlockShuffleSampler(Sampler[int]):
         return len(self.dataset)
 
 
+class PrefetchingBatches(Sampler[list[int]]):
+    """A batch sampler's batches, each handed to ``dataset.prefetch`` ``ahead`` samples before it is loaded.
+
+    For a store on object storage read in the main process (``num_workers=0``): the shards of the next buffer are
+    on their way while the current one decodes. The batches themselves are ``batches``' own, unchanged.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], dataset: StoreDataset, ahead: int) -> None:
+        self.batches = batches
+        self.sampler = getattr(batches, "sampler", None)
+        self.dataset = dataset
+        self.ahead = ahead
+
+    def __iter__(self) -> Iterator[list[int]]:
+        queue: deque[list[int]] = deque()
+        queued = 0  # samples in the queue
+        for batch in self.batches:
+            self.dataset.prefetch(batch)
+            queue.append(batch)
+            queued += len(batch)
+            while queued - len(queue[0]) >= self.ahead:  # the batches behind the first cover the look-ahead
+                queued -= len(queue[0])
+                yield queue.popleft()
+        yield from queue
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
 def _one_thread_per_worker(worker_id: int) -> None:
     # Each worker decodes its own batches; intra-op threads in every worker would oversubscribe the cores.
     # torch's worker loop sets one thread too (torch 2.x); said here so the loader does not rely on it.
@@ -795,7 +998,9 @@ def make_loader(
             ``sampler`` and ``drop_last``: e.g. ``models.distributed.ShardedBatchSampler``, one rank's share of
             an epoch's global batches from a resumed position. When its ``sampler`` attribute is a
             ``BlockShuffleSampler``, the cache is raised to that sampler's buffer.
-        num_workers: worker processes reading and decoding (0: in the main process).
+        num_workers: worker processes reading and decoding (0: in the main process). On object storage, 0 also
+            fetches the shards one buffer ahead (``PrefetchingBatches``); a worker fetches its batch's shards when it
+            gets the batch (each worker its own copy, so several workers fetch a buffer's shards several times).
         pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; default when CUDA is
             available.
         drop_last: drop the last incomplete batch.
@@ -817,8 +1022,13 @@ def make_loader(
     elif sampler is not None:
         raise ValueError("make_loader takes sampler or batch_sampler, not both (batch_sampler holds its own order)")
     order = getattr(batch_sampler, "sampler", None)  # BatchSampler and ShardedBatchSampler keep the order they cut
-    if isinstance(order, BlockShuffleSampler):
-        dataset.cache_blocks = max(dataset.cache_blocks, order.buffer_blocks)
+    buffer_blocks = order.buffer_blocks if isinstance(order, BlockShuffleSampler) else 1
+    dataset.cache_blocks = max(dataset.cache_blocks, buffer_blocks)
+    if num_workers == 0 and dataset.reader.remote is not None:
+        # Object storage: the next buffer's shards are fetched while this one decodes, so twice the buffer is held
+        # (and a shard each side for other dates across a shard's edge).
+        dataset.cache_blocks = max(dataset.cache_blocks, 2 * buffer_blocks + 2)
+        batch_sampler = PrefetchingBatches(batch_sampler, dataset, buffer_blocks * dataset.block_size)
     workers: dict[str, Any] = (
         {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
     )

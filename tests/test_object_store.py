@@ -103,6 +103,38 @@ def test_stages_write_and_read_s3_stores_identical_to_local_ones(s3_env, tmp_pat
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret  # the check above looked for the value in use
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"seed": 3}, {"two_views": False, "augment": False}, {"defer_augment": True, "crop_size": 12, "seed": 5}],
+    ids=["two-views", "augment-off", "deferred"],
+)
+@pytest.mark.parametrize("decode_threads", [1, 2])
+def test_loader_reads_an_s3_store_by_shards_with_the_local_batches(
+    s3_env, tmp_path: Path, options: dict, decode_threads: int
+) -> None:
+    """The loader's shard path on S3: per shard one ranged GET of its index and one of its chunks (the shard
+    whole, or the split's chunks as coalesced ranges), batches equal to the same store read from local disk."""
+    import fsspec
+    import numpy as np
+    from store_factory import write_store
+
+    from softcon.models.data import StoreDataset, make_loader
+
+    local = write_store(tmp_path / "store.zarr", sharded=True, chunk=8).path
+    url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
+    fsspec.filesystem("s3").put(str(local), url, recursive=True)
+    datasets = [StoreDataset(store, **options, decode_threads=decode_threads) for store in (local, url)]
+    local_batches, s3_batches = (list(make_loader(dataset, 8)) for dataset in datasets)
+    assert len(s3_batches) == len(local_batches) > 0
+    for s3_batch, local_batch in zip(s3_batches, local_batches, strict=True):
+        assert s3_batch.keys() == local_batch.keys()
+        assert all(torch.equal(s3_batch[key], local_batch[key]) for key in s3_batch)
+    reader = datasets[1].reader
+    assert reader.remote is not None and reader.fast  # the shard path, not zarr's sample-by-sample fallback
+    shards = len(np.unique(datasets[1].indices // datasets[1].block_size))
+    assert reader.remote.requests == 2 * shards
+
+
 def test_wrong_credentials_stop_preprocess_with_the_cube_named_and_the_secret_unprinted(s3_server, tmp_path):
     wrong = "wrong-" + secrets.token_hex(8)
     cube = f"s3://{BUCKET}/nothing.zarr"

@@ -1,0 +1,163 @@
+"""Loader on object storage: the same training store read from local disk and from an S3 server, same process.
+
+The store is ``bench_loader.py``'s (13 x 264 x 264 uint16 synthetic patches in the preprocess layout: shards of 64
+samples, inner chunks of one sample, LZ4HC), written to a temporary folder and uploaded to a SeaweedFS S3 gateway
+on 127.0.0.1 (the test suite's server, ``tests/s3_fixtures.py``; credentials in the ``AWS_*`` variables, as the
+project reads them). Both sides go through ``make_loader`` with the same options and seed, so they deliver the same
+batches (checked at start-up); the S3 side takes the loader's shard path (``SampleReader.remote``: per shard one
+ranged GET of its index and one of its chunks, fetched a buffer ahead).
+
+Rows, each at 2 cores' worth of loading: "0 workers + 2 decode threads" (the main-process path training uses) and
+"2 workers" (DataLoader processes, one decode thread each); "raw" batches 13 x 264 x 264 uint16 as training with
+``augment_on_device`` reads them, "CPU augment" one normalised 224 px crop per sample. Rounds alternate local and
+S3 so that the shared machine's noise hits both; a pass is ``--epochs`` epochs of the store through one loader,
+timed from its first batch request (the first fetches included). Per row: the best round's samples/s on each side,
+the median of the per-round S3/local ratios (the target: at least 0.7), the CPU-seconds of this process and of
+the S3 server per 1,000 samples (the server shares the machine's cores), and the CPU ratio: local CPU-seconds per
+sample over S3's (client + server), the throughput ratio when every core is busy.
+
+    python bench/bench_loader_s3.py          # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as importing the `models` package does
+
+import fsspec
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+
+from bench_loader import BLOCK, CROP, synthetic_patches, write_store  # noqa: E402
+from s3_fixtures import BUCKET, aws_env, seaweedfs  # noqa: E402
+
+from softcon.models.data import BlockShuffleSampler, StoreDataset, make_loader  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One pass: samples/s, and CPU-seconds per 1,000 samples of this process (with its workers) and the server."""
+
+    rate: float
+    cpu: float
+    server_cpu: float
+
+
+class EpochsSampler(BlockShuffleSampler):
+    """``epochs`` block-shuffled epochs in one order, so one loader (one start of its workers) reads them all."""
+
+    def __init__(self, dataset: StoreDataset, epochs: int) -> None:
+        super().__init__(dataset, seed=0)
+        self.epochs = epochs
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.epochs):
+            self.set_epoch(epoch)
+            yield from super().__iter__()
+
+    def __len__(self) -> int:
+        return self.epochs * super().__len__()
+
+
+def dataset(store: str, *, raw: bool, threads: int) -> StoreDataset:
+    """The training dataset over ``store``: raw 264 px patches, or one augmented 224 px crop per sample."""
+    return StoreDataset(
+        store, two_views=False, crop_size=None if raw else CROP, defer_augment=raw, decode_threads=threads
+    )
+
+
+def measure(store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int) -> Speed:
+    """One pass of ``epochs`` epochs through a loader over a freshly opened store (opening it is not timed)."""
+    data = dataset(store, raw=raw, threads=threads)
+    me = psutil.Process()
+    cpu_self, cpu_server = _cpu(me), _cpu(server)
+    started, seen = time.perf_counter(), 0
+    for batch in make_loader(data, 32, sampler=EpochsSampler(data, epochs), num_workers=workers):
+        seen += len(batch["raw" if raw else "image"])
+    seconds = time.perf_counter() - started
+    return Speed(seen / seconds, 1000 * (_cpu(me) - cpu_self) / seen, 1000 * (_cpu(server) - cpu_server) / seen)
+
+
+def _cpu(process: psutil.Process) -> float:
+    """CPU-seconds of ``process`` and of its children that have exited (DataLoader workers)."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def check_same_batches(local: str, url: str) -> None:
+    """The S3 store delivers the local store's batches, through the shard path."""
+    for raw in (True, False):
+        data = [dataset(store, raw=raw, threads=2) for store in (local, url)]
+        for one, other in zip(*(make_loader(d, 32) for d in data), strict=True):
+            assert all(torch.equal(one[key], other[key]) for key in one), f"local and S3 batches differ (raw={raw})"
+        remote = data[1].reader.remote
+        assert remote is not None and remote.requests > 0, "the S3 store was not read by shards"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1024, help="samples in the store (shards of 64)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed pass")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as in bench_loader.py: the decode threads are the parallelism measured
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_s3_") as folder:
+        work = Path(folder)
+        (work / "seaweedfs").mkdir()
+        with seaweedfs(work / "seaweedfs") as s3:
+            os.environ.update(aws_env(s3, s3.secret_key))
+            server = next(p for p in psutil.Process().children() if "weed" in p.name())
+            started = time.perf_counter()
+            local = work / "store.zarr"
+            write_store(local, args.samples, synthetic_patches(BLOCK, seed=0))
+            url = f"s3://{BUCKET}/store.zarr"
+            fsspec.filesystem("s3").put(str(local), url, recursive=True)
+            size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+            print(f"store: {args.samples} samples, {size / 2**20:.0f} MiB, written and uploaded in "
+                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+            check_same_batches(str(local), url)
+
+            rows = {
+                ("raw", "0 workers + 2 decode threads"): dict(raw=True, workers=0, threads=2),
+                ("raw", "2 workers"): dict(raw=True, workers=2, threads=1),
+                ("CPU augment", "0 workers + 2 decode threads"): dict(raw=False, workers=0, threads=2),
+                ("CPU augment", "2 workers"): dict(raw=False, workers=2, threads=1),
+            }
+            results: dict[tuple[str, str], dict[str, list[Speed]]] = {}
+            for _ in range(args.rounds):
+                for row, options in rows.items():
+                    for side, store in (("local", str(local)), ("s3", url)):
+                        speed = measure(store, server, **options, epochs=args.epochs)  # type: ignore[arg-type]
+                        results.setdefault(row, {}).setdefault(side, []).append(speed)
+
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; batch 32, buffer 4 shards of {BLOCK}")
+    print(f"{'loader':<46} {'local/s':>8} {'S3/s':>8} {'S3/local':>9} {'CPU-s/1k':>9} {'S3 CPU-s/1k':>12} "
+          f"{'server CPU-s/1k':>16} {'CPU ratio':>9}  S3/local per round")  # fmt: skip
+    for (kind, how), sides in results.items():
+        local, s3 = sides["local"], sides["s3"]
+        ratios = [there.rate / here.rate for there, here in zip(s3, local, strict=True)]
+        cpu_local, cpu_s3 = float(np.median([s.cpu for s in local])), float(np.median([s.cpu for s in s3]))
+        cpu_server = float(np.median([s.server_cpu for s in s3]))
+        print(
+            f"{kind + ', ' + how:<46} {max(s.rate for s in local):>8.0f} {max(s.rate for s in s3):>8.0f} "
+            f"{float(np.median(ratios)):>9.2f} {cpu_local:>9.2f} {cpu_s3:>12.2f} {cpu_server:>16.2f} "
+            f"{cpu_local / (cpu_s3 + cpu_server):>9.2f}  " + " ".join(f"{r:.2f}" for r in ratios)
+        )
+
+
+if __name__ == "__main__":
+    main()
