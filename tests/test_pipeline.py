@@ -46,7 +46,7 @@ def test_demo_runs_end_to_end_and_reuses_its_data_on_a_second_run(tmp_path: Path
     first = run_demo(home)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert "linear-probe mAP micro" in first.stdout
-    assert "image-stats" in first.stdout and "bigearthnet" in first.stdout  # the comparison on the structured world
+    assert "image-statistics" in first.stdout and "bigearthnet" in first.stdout  # the structured world's comparison
     assert "mlflow ui --backend-store-uri" in first.stdout
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
@@ -74,7 +74,7 @@ def test_demo_runs_end_to_end_and_reuses_its_data_on_a_second_run(tmp_path: Path
     assert ("store", "input") in datasets["train"]
     assert {("store", "input"), ("bigearthnet", "input")} <= datasets["evaluate"]
     assert children["labels"].data.params["scheme"] == "dynamic-world"
-    assert "bigearthnet/baselines/image-stats/linear_map_micro" in evaluation
+    assert "bigearthnet/baselines/image-statistics/linear_map_micro" in evaluation
     store_digest = {i.dataset.digest for i in children["preprocess"].inputs.dataset_inputs if "store" in i.dataset.name}
     assert store_digest == {i.dataset.digest for i in children["train"].inputs.dataset_inputs}
     cube = home / "data" / "demo-structured-cube.zarr"
