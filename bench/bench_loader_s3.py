@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 from bench_loader import BLOCK, CROP, synthetic_patches, write_store  # noqa: E402
+from gpu_train import EpochsSampler  # noqa: E402
 from s3_fixtures import BUCKET, aws_env, seaweedfs  # noqa: E402
 
-from softcon.models.data import BlockShuffleSampler, StoreDataset, make_loader  # noqa: E402
+from softcon.models.data import StoreDataset, make_loader  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,6 @@ class Speed:
     rate: float
     cpu: float
     server_cpu: float
-
-
-class EpochsSampler(BlockShuffleSampler):
-    """``epochs`` block-shuffled epochs in one order, so one loader (one start of its workers) reads them all."""
-
-    def __init__(self, dataset: StoreDataset, epochs: int) -> None:
-        super().__init__(dataset, seed=0)
-        self.epochs = epochs
-
-    def __iter__(self) -> Iterator[int]:
-        for epoch in range(self.epochs):
-            self.set_epoch(epoch)
-            yield from super().__iter__()
-
-    def __len__(self) -> int:
-        return self.epochs * super().__len__()
 
 
 def dataset(store: str, *, raw: bool, threads: int) -> StoreDataset:
