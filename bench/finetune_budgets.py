@@ -28,14 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from paper_claim import build_store
 
-from softcon.config import FinetuneConfig, IngestConfig, LabelsConfig, PreprocessConfig, TrainConfig
+from softcon.config import FinetuneConfig, TrainConfig
 from softcon.tasks.finetune_budgets import budget_table, run_budgets, write_budget_report
-from softcon.tasks.ingest import run_ingest
-from softcon.tasks.labels import run_labels
-from softcon.tasks.preprocess import run_preprocess
-from softcon.tasks.sample_data import write_sample_data
-from softcon.tasks.stac_server import serve_stac
 from softcon.tasks.train import run_training
 
 TASKS = ("segmentation", "multilabel")
@@ -70,25 +66,6 @@ PRESETS = {
 }  # fmt: skip
 
 
-def build_store(out: Path, preset: Preset) -> str:
-    """Structured world -> local STAC API -> ingest -> labels (Dynamic-World-like map) -> preprocess with masks
-    (``bench/paper_claim.build_store`` with per-pixel masks, which segmentation needs)."""
-    sample = write_sample_data(out / "sample", tiles=preset.tiles, tile_size=preset.tile_size, dates=preset.dates,
-                               seed=0, world="structured")  # fmt: skip
-    assert sample.dynamic_world is not None  # the structured world writes it
-    cube, store = str(out / "cube.zarr"), str(out / "store.zarr")
-    with serve_stac([sample.items_file]) as stac_url:
-        run_ingest(IngestConfig(stac=stac_url, collections=["sentinel-2-l2a", "sentinel-1-rtc"], bbox=sample.bbox,
-                                start=sample.start, end=sample.end, tile_size=preset.tile_size, cube=cube,
-                                max_cloud=100.0, max_tile_cloud=0.5))  # fmt: skip
-    run_labels(LabelsConfig(cube=cube, source=str(sample.dynamic_world), scheme="dynamic-world"))
-    config = PreprocessConfig(cube=cube, out=store, patch_size=preset.patch_size, split_block=64, val_fraction=0.15,
-                              test_fraction=0.15, n_workers=1, masks=True)  # fmt: skip
-    report = run_preprocess(config)
-    print(f"store: {report.counts}", flush=True)
-    return store
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".softcon/finetune_budgets"))
@@ -99,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    store = build_store(args.out, preset)
+    _, store, _ = build_store(args.out, preset, masks=True)  # paper_claim's world and store, with masks
     print(f"store built ({time.perf_counter() - started:.0f} s)", flush=True)
     pretraining = TrainConfig(
         store=store, out=str(args.out / "ckpt"), backbone="resnet18", steps=preset.steps,

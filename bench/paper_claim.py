@@ -101,8 +101,9 @@ def rows(soft_loss: str, ablations: bool) -> list[Row]:
     ]
 
 
-def build_store(out: Path, preset: Preset) -> tuple[SampleData, str, dict[str, float]]:
-    """Structured world -> local STAC API -> ingest -> labels (Dynamic-World-like map) -> preprocess."""
+def build_store(out: Path, preset: Preset, *, masks: bool = False) -> tuple[SampleData, str, dict[str, float]]:
+    """Structured world -> local STAC API -> ingest -> labels (Dynamic-World-like map) -> preprocess (with per-pixel
+    masks when asked: segmentation fine-tuning needs them). ``preset`` needs tiles, tile_size, dates, patch_size."""
     timings = {}
     started = time.perf_counter()
     sample = write_sample_data(out / "sample", tiles=preset.tiles, tile_size=preset.tile_size, dates=preset.dates,
@@ -120,8 +121,9 @@ def build_store(out: Path, preset: Preset) -> tuple[SampleData, str, dict[str, f
     run_labels(LabelsConfig(cube=cube, source=str(sample.dynamic_world), scheme="dynamic-world"))
     timings["labels"] = time.perf_counter() - started
     started = time.perf_counter()
-    report = run_preprocess(PreprocessConfig(cube=cube, out=store, patch_size=preset.patch_size, split_block=64,
-                                             val_fraction=0.15, test_fraction=0.15, n_workers=1))  # fmt: skip
+    config = PreprocessConfig(cube=cube, out=store, patch_size=preset.patch_size, split_block=64, val_fraction=0.15,
+                              test_fraction=0.15, n_workers=1, masks=masks)  # fmt: skip
+    report = run_preprocess(config)
     timings["preprocess"] = time.perf_counter() - started
     print(f"store: {report.counts}", flush=True)
     return sample, store, timings
