@@ -10,7 +10,7 @@ logistic head on per-band mean and std, all on the same label subset. The tables
 t-interval over the seeds) go to ``<out>/finetune_budgets.md``; each task's per-seed runs and figure to
 ``<out>/<task>/``.
 
-Full run (sized for about 15-20 minutes on 2 free CPU cores; not run yet on an idle machine):
+Full run (12 min 38 s on 2 partly shared CPU cores, 2026-12-02; its table is in the README):
 
     python bench/finetune_budgets.py --out /tmp/finetune_budgets
 

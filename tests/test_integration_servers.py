@@ -1,11 +1,13 @@
 """Integration: real Prefect server + process worker + MLflow server on loopback, deployments, a backfill
-started through the Prefect API as the UI's custom run does; SQLite backends, then PostgreSQL for both.
+started through the Prefect API as the UI's custom run does, and (SQLite) the finetune deployment run for segmentation
+and multilabel; SQLite backends, then PostgreSQL for both.
 
 Each test takes a few minutes on 2 busy cores (server start-ups dominate); both are marked slow.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import xarray as xr
 import zarr
+from cube_factory import write_cube, write_masked_store
 
 from softcon.serve import deploy, free_port, serve
 from softcon.tasks.sample_data import SampleData, write_sample_data
@@ -171,6 +174,25 @@ def _daily_through_the_api(api_url: str, sample: SampleData, cube: Path, experim
         return _wait_until_final(client, run, timeout)
 
 
+def _finetune_through_the_api(api_url: str, store: str, home: Path, experiment: str, timeout: float) -> list[Any]:
+    """Run the finetune deployment once per task (segmentation on the masks, multilabel on the labels) from
+    random init, as the UI's custom run does; return the finished runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    runs = []
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("finetune/finetune")
+        for task in ("segmentation", "multilabel"):
+            config = {"model": "random", "backbone": "test_resnet", "task": task, "store": store, "epochs": 2,
+                      "batch_size": 8, "device": "cpu", "out": str(home / "data" / f"finetune-{task}")}  # fmt: skip
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"config": config, "experiment": experiment}
+            )
+            runs.append(_wait_until_final(client, run, timeout))
+    return runs
+
+
 def _cube_days(cube: Path) -> list[date]:
     tile = next(iter(zarr.open_group(str(cube), mode="r")["tiles"].group_keys()))
     times = xr.open_zarr(str(cube), group=f"tiles/{tile}", consolidated=False).time.values
@@ -184,6 +206,7 @@ def _check_backfill(
     prefect_database_url: str | None = None,
     mlflow_backend_uri: str | None = None,
     daily: bool = False,
+    finetune: bool = False,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -200,6 +223,9 @@ def _check_backfill(
         assert all(child.state.is_completed() for child in children), [c.state for c in children]
         assert sorted(child.name for child in children) == [f"ingest-{day.isoformat()}" for day in BACKFILL_DAYS]
         assert _cube_days(cube) == BACKFILL_DAYS
+        # max_in_flight 2 is honoured: the ingest deployment has no concurrency limit, so two children ran at once.
+        spans = sorted((child.start_time, child.end_time) for child in children)
+        assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
         client = MlflowClient(services.mlflow_url)
         experiment = client.get_experiment_by_name("integration")
@@ -217,12 +243,27 @@ def _check_backfill(
             worker_log = services.logs["worker"].read_text(errors="replace")[-4000:]
             assert run.state is not None and run.state.is_completed(), f"{run.state}\n{worker_log}"
             assert _cube_days(daily_cube) == [DAILY_DAY]  # the day before the scheduled time, not the clock's
+        if finetune:
+            store = write_masked_store(write_cube(home / "data" / "masked-cube.zarr"), home / "data" / "masked.zarr")
+            runs = _finetune_through_the_api(services.prefect_api_url, store, home, "integration", 600)
+            worker_log = services.logs["worker"].read_text(errors="replace")[-4000:]
+            assert all(run.state.is_completed() for run in runs), f"{[run.state for run in runs]}\n{worker_log}"
+            finetunes = client.search_runs(
+                [experiment.experiment_id], filter_string="tags.`softcon.stage` = 'finetune'"
+            )
+            assert {run.data.tags["prefect.flow_run_id"] for run in finetunes} == {str(run.id) for run in runs}
+            by_task = {run.data.params["task"]: run for run in finetunes}
+            assert 0 <= by_task["segmentation"].data.metrics["test/miou"] <= 1
+            assert 0 <= by_task["multilabel"].data.metrics["test/map_micro"] <= 1
+            for run in finetunes:
+                artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+                assert {"finetuned", "confusion_matrix.png", "finetune.json"} <= artifacts, artifacts
         print(f"servers up in {up - started:.0f} s, deploy + backfill in {time.monotonic() - up:.0f} s")
 
 
 @pytest.mark.slow
-def test_backfill_deployment_on_real_servers_with_sqlite(sample: SampleData, tmp_path: Path) -> None:
-    _check_backfill(tmp_path / "home", sample, daily=True)
+def test_backfill_and_finetune_deployments_on_real_servers_with_sqlite(sample: SampleData, tmp_path: Path) -> None:
+    _check_backfill(tmp_path / "home", sample, daily=True, finetune=True)
 
 
 @pytest.mark.slow
