@@ -12,7 +12,17 @@
 2. Memory: ``run_ingest`` over 1x, 4x and 16x the tiles (256 px), each in its own subprocess (peak RSS
    per size). Target: peak RSS at 16x within 20 % of 1x.
 
-Run: ``python bench/bench_ingest.py`` (a few minutes); prints tables to paste into the README.
+3. Workers: one ingest run fanned out over Dask workers, ``SCALING_TILES`` tiles of 256 px: in this process
+   (``n_workers`` 1), on a LocalCluster of 1 worker and of 2 workers (each cluster started once and kept, its
+   start-up timed apart; a warm-up run first, so that the workers' imports are not timed). Interleaved rounds;
+   reported: tiles/s (best and median) and the ratios 2 workers / in process and 2 workers / 1 worker. The
+   per-worker overhead is the 1-worker run's extra time over the in-process one, per tile, plus the cluster's
+   start-up. Target: 2 workers >= 1.7x the tiles/s of one, on 2 cores.
+
+Parts 1 and 2 run ingest in this process (``n_workers`` 1), as the baseline does.
+
+Run: ``python bench/bench_ingest.py`` (a few minutes; ``--workers`` runs part 3 only); prints tables to paste into
+the README.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ S2_KEYS = ("coastal", "blue", "green", "red", "rededge1", "rededge2", "rededge3"
 def _config(sample, cube: Path, tile_size: int = TILE_SIZE, **overrides: Any) -> IngestConfig:  # type: ignore[no-untyped-def]
     return IngestConfig(
         stac=str(sample.items_file), bbox=sample.bbox, start=sample.start, end=sample.end, tile_size=tile_size,
-        cube=str(cube), max_cloud=100, max_tile_cloud=1.0, max_tile_nodata=1.0, retry_delay=0, **overrides,
+        cube=str(cube), max_cloud=100, max_tile_cloud=1.0, max_tile_nodata=1.0, retry_delay=0,
+        **({"n_workers": 1} | overrides),
     )  # fmt: skip
 
 
@@ -119,6 +130,79 @@ def throughput(work: Path, tile_size: int, tiles: int, repeats: int = REPEATS) -
     return {"tile_size": tile_size, "tiles": tiles, "rows": rows}
 
 
+SCALING_TILES, SCALING_ROUNDS = 16, 5
+
+
+def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALING_ROUNDS) -> dict[str, Any]:
+    """Tiles/s of one ingest run in this process and fanned out over kept LocalClusters of 1 and 2 workers."""
+    from distributed import Client
+
+    from softcon.tasks.dask_cluster import local_cluster
+
+    sample = write_sample_data(work / f"scaling{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
+    startup: dict[int, float] = {}
+    clusters = {}
+    for workers in (1, 2):
+        started = time.perf_counter()
+        cluster = local_cluster(workers, trim_memory=False)  # as ingest starts its own
+        Client(cluster).close()
+        startup[workers] = time.perf_counter() - started
+        clusters[workers] = cluster
+    setups: dict[str, dict[str, Any]] = {
+        "in process": {"n_workers": 1},
+        "Dask, 1 worker": {"dask_address": clusters[1].scheduler_address},
+        "Dask, 2 workers": {"dask_address": clusters[2].scheduler_address},
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in setups}
+    tile_dates = 0
+    try:
+        for k in range(-1, rounds):  # round -1 warms the workers up (imports, GDAL) and is not kept
+            for name, overrides in setups.items():
+                cube = work / f"scaling-cube{k}.zarr"
+                report = run_ingest(_config(sample, cube, **overrides))
+                assert len(report.tiles) == tiles and report.tile_dates_written > 0
+                tile_dates = report.tile_dates_written
+                if k >= 0:
+                    seconds[name].append(report.seconds)
+                shutil.rmtree(cube)
+    finally:
+        for cluster in clusters.values():
+            cluster.close()
+    rows = {
+        name: {"best_s": min(v), "median_s": float(np.median(v)), "tiles_s": tiles / min(v),
+               "median_tiles_s": tiles / float(np.median(v)), "all": v}
+        for name, v in seconds.items()
+    }  # fmt: skip
+    per_round = [a / b for a, b in zip(seconds["in process"], seconds["Dask, 2 workers"], strict=True)]
+    return {
+        "tiles": tiles, "tile_dates": tile_dates, "rows": rows, "startup_s": startup,
+        "two_vs_in_process": rows["in process"]["best_s"] / rows["Dask, 2 workers"]["best_s"],
+        "two_vs_in_process_median_round": float(np.median(per_round)),
+        "two_vs_one_worker": rows["Dask, 1 worker"]["best_s"] / rows["Dask, 2 workers"]["best_s"],
+        "two_vs_one_worker_median": rows["Dask, 1 worker"]["median_s"] / rows["Dask, 2 workers"]["median_s"],
+        "overhead_per_tile_s": (rows["Dask, 1 worker"]["best_s"] - rows["in process"]["best_s"]) / tiles,
+    }  # fmt: skip
+
+
+def print_scaling(scaling: dict[str, Any]) -> None:
+    print(f"\nworkers: {scaling['tiles']} tiles of {TILE_SIZE} px ({scaling['tile_dates']} tile-dates: S2+SCL and S1), "
+          f"{SCALING_ROUNDS} rounds")  # fmt: skip
+    print("| run | best s | tiles/s (best) | tiles/s (median) | every round, s |")
+    print("|---|---|---|---|---|")
+    for name, row in scaling["rows"].items():
+        print(f"| {name} | {row['best_s']:.2f} | {row['tiles_s']:.2f} | {row['median_tiles_s']:.2f} | "
+              f"{' '.join(f'{t:.2f}' for t in row['all'])} |")  # fmt: skip
+    print(f"2 workers / in process: {scaling['two_vs_in_process']:.2f}x (best), "
+          f"{scaling['two_vs_in_process_median_round']:.2f}x (median per round); "
+          f"2 workers / 1 worker: {scaling['two_vs_one_worker']:.2f}x (best), "
+          f"{scaling['two_vs_one_worker_median']:.2f}x (medians)")  # fmt: skip
+    one = scaling["rows"]["Dask, 1 worker"]["median_s"]
+    per = one / scaling["tile_dates"]
+    print(f"per worker: {1 / per:.1f} tile-dates/s ({per * 1000:.0f} ms each, median)")
+    print(f"per-worker overhead: {scaling['overhead_per_tile_s'] * 1000:.0f} ms per tile; cluster start-up "
+          f"{scaling['startup_s'][1]:.1f} s (1 worker), {scaling['startup_s'][2]:.1f} s (2 workers)")  # fmt: skip
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: ru_maxrss is carried over execve from the parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -142,6 +226,12 @@ def main() -> None:
         peak_rss_child(Path(sys.argv[2]), int(sys.argv[3]))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    if sys.argv[1:] == ["--workers"]:
+        try:
+            print_scaling(workers_scaling(work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         # Write the inputs first (sample generation is not measured, and its memory stays out of the children).
         for tiles in (1, 4, 16):
@@ -152,6 +242,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--rss", str(work), str(tiles)], capture_output=True,
                                  text=True, check=True).stdout  # fmt: skip
             rss.append(json.loads(out.strip().splitlines()[-1]))
+        scaling = workers_scaling(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for speed in speeds:
@@ -169,6 +260,7 @@ def main() -> None:
     for row in rss:
         print(f"| {row['tiles']} | {row['tile_dates']} | {row['peak_rss_mb']:.0f} | "
               f"{row['peak_rss_mb'] / rss[0]['peak_rss_mb']:.2f}x |")  # fmt: skip
+    print_scaling(scaling)
 
 
 if __name__ == "__main__":

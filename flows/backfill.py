@@ -3,14 +3,15 @@
 ``backfill`` searches the range once, keeps the periods (day, week, month) that have usable acquisitions and
 are not in the cube's ledger yet (``tasks/backfill.py``), and ingests each as a child flow run nested under
 one MLflow parent run. Run from a deployment (``deployment="ingest/ingest"``), each child is a run of the
-ingest deployment on the work pool, at most ``max_in_flight`` at a time; the ingest deployment's own
-concurrency limit (1, in ``infra/prefect.yaml``) keeps two runs from appending to the cube at once. Run in
-process (the CLI), the children are subflows, one after the other. A period is recorded in the ledger when
-its child completes having written its tile-dates (or found them already there), with the tile-dates the cube
-then holds for it, so a backfill restarted after a crash skips the finished periods, while a period that wrote
-nothing but nodata or cloudy skips, had failed items, or whose tile-dates have since left the cube, runs again
-(``tasks/backfill.py`` says exactly when); ``refresh`` runs every period with items whatever the ledger says.
-The ingest itself is idempotent (existing days are skipped, a half-written append is repaired).
+ingest deployment on the work pool, at most ``max_in_flight`` at a time, appending to the cube at once (each
+tile is locked while a run appends to it: ``tasks/cube_store.py``). Run in process (the CLI), the children are
+subflows, one after the other; each one's tiles still fan out over Dask workers (``IngestConfig.n_workers``).
+A period is recorded in the ledger when its child completes having written its tile-dates (or found them already
+there), with the tile-dates the cube then holds for it, so a backfill restarted after a crash skips the finished
+periods, while a period that wrote nothing but nodata or cloudy skips, had failed items, or whose tile-dates
+have since left the cube, runs again (``tasks/backfill.py`` says exactly when); ``refresh`` runs every period
+with items whatever the ledger says. The ingest itself is idempotent (existing days are skipped, a half-written
+append is repaired).
 
 ``daily-ingest`` is what the schedule runs: its window is the day(s) before the run's *scheduled* time in
 the schedule's timezone, so a late run, or a re-run of an old scheduled run, ingests the right day.
@@ -268,7 +269,7 @@ def backfill_flow(
     Args:
         request: the ingest request; its start and end are the backfill's range.
         period: day, week or month: how the range is cut into child runs.
-        max_in_flight: child runs started and not yet finished at any time (deployment mode).
+        max_in_flight: child runs started and not yet finished at any time (deployment mode; they run at once).
         deployment: ingest/ingest to run each period on the work pool as a run of that deployment;
             empty runs them in this process as subflows, one after the other.
         experiment: MLflow experiment of the parent run and the nested ingest runs.

@@ -42,6 +42,8 @@ def preprocess_flow(
         metrics = report.metrics()
         mlflow.log_metrics(norm_stat_metrics(report.norm_stats))
         mlflow.log_dict(report.norm_stats, "norm_stats.json")
+        if report.cube_fingerprint:  # the exact cube version the store was built from
+            mlflow.set_tag("softcon.cube_fingerprint", report.cube_fingerprint)
         if report.dashboard_link:
             mlflow.set_tag(DASHBOARD_LINK, report.dashboard_link)
         stage.logger.info("wrote %s (%s)", config.out, ", ".join(f"{k}={v:g}" for k, v in metrics.items()))

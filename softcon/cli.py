@@ -269,6 +269,8 @@ def ingest(
     sign: Annotated[str | None, field_option(IngestConfig, "sign")] = None,
     header: Annotated[list[str] | None, field_option(IngestConfig, "headers", "--header", form=HEADER_FORM)] = None,
     cube: Annotated[str | None, field_option(IngestConfig, "cube")] = None,
+    dask_address: Annotated[str | None, field_option(IngestConfig, "dask_address")] = None,
+    n_workers: Annotated[int | None, field_option(IngestConfig, "n_workers")] = None,
     as_json: JsonOption = False,
     refresh: RefreshOption = False,
     config: ConfigOption = None,
@@ -291,6 +293,8 @@ def ingest(
         "sign": sign,
         "headers": _parse_headers(header),
         "cube": cube,
+        "dask_address": dask_address,
+        "n_workers": n_workers,
     }
     stage_config = _build(IngestConfig, "ingest", config, overrides)
     configure_runtime()

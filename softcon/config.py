@@ -120,7 +120,7 @@ Retries = Annotated[int, Field(ge=0, description="Retries of a transient HTTP/re
 RetryDelay = Annotated[float, Field(ge=0, description="First retry delay, seconds (doubles each retry).")]
 
 
-class IngestConfig(StageConfig):
+class IngestConfig(DaskStageConfig):
     """Search a STAC source and load Sentinel-2/-1 onto a fixed UTM tile grid in a Zarr cube."""
 
     stac: str = Field(description="STAC API URL, static catalog, or ItemCollection file.")

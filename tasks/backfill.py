@@ -30,6 +30,8 @@ from softcon.config import IngestConfig
 from softcon.tasks.collections import sensor_of
 from softcon.tasks.cube_store import SENSOR_ARRAYS, existing_days, open_cube, tile_group, tile_lock
 from softcon.tasks.ingest import tiles_for_area
+from softcon.tasks.object_writes import conditional_writes, swap_object
+from softcon.tasks.stac_access import is_url
 from softcon.tasks.stac_search import read_area
 
 Period = Literal["day", "week", "month"]
@@ -133,7 +135,8 @@ def request_parameters(config: IngestConfig) -> dict[str, Any]:
     Out, because they do not change what is written: ``start``/``end`` (each ledger entry holds its own window);
     ``cube`` (the ledger lives in it); ``sign`` and ``headers`` (how assets are reached: a read they make fail
     is a failed item, and a period with failed items is never recorded); ``retries``, ``retry_delay`` and
-    ``read_threads`` (how often and how many reads are tried at once, not what they return).
+    ``read_threads`` (how often and how many reads are tried at once, not what they return); ``dask_address`` and
+    ``n_workers`` (which processes write the tiles, not what they write).
     """
     return {
         "stac": config.stac,
@@ -355,12 +358,20 @@ def done_windows(config: IngestConfig) -> set[DateWindow]:
     return read_ledger_state(config).done
 
 
+def _ledger_with(ledger: Sequence[Mapping[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ledger with ``entry`` in place of any entry of the same request and window."""
+    same = ("request", "start", "end")
+    return [dict(e) for e in ledger if tuple(e.get(k) for k in same) != tuple(entry[k] for k in same)] + [entry]
+
+
 def record_window(
     config: IngestConfig, window: DateWindow, *, tile_dates: TileDates | None = None, **details: Any
 ) -> None:
-    """Add ``window`` to the cube's ledger with the tile-dates it covered: a read-modify-write of the root attrs
-    under the cube's ledger lock, so that concurrent backfills of one local cube do not drop each other's
-    entries (no lock for URLs).
+    """Add ``window`` to the cube's ledger with the tile-dates it covered, so that concurrent backfills of one
+    cube never drop each other's entries: a local cube's root attributes are rewritten under the cube's ledger
+    lock; on S3-compatible object storage its root ``zarr.json`` is swapped with a conditional write
+    (``If-Match``), read again and retried when another writer committed first (other object stores: a plain
+    rewrite, one writer per cube).
 
     Args:
         config: the request (its key is recorded with the window).
@@ -369,28 +380,27 @@ def record_window(
             ``done_windows`` counts the window as done only while the cube still holds all of them.
         details: recorded as they are (the child's flow-run and MLflow run ids).
     """
-    key = request_key(config)
+    entry = {
+        "request": request_key(config),
+        "start": window.start.isoformat(),
+        "end": window.end.isoformat(),
+        "tile_dates": tile_dates or {},
+        **details,
+    }
+    if is_url(config.cube) and conditional_writes(config.cube):
+        open_cube(config.cube, mode="a")  # the root group exists (a period with nothing to write may be first)
+
+        def add_entry(metadata: bytes) -> bytes:
+            root = json.loads(metadata)
+            attributes = root.setdefault("attributes", {})
+            attributes[LEDGER_ATTR] = _ledger_with(attributes.get(LEDGER_ATTR, []), entry)
+            return json.dumps(root, indent=2).encode()
+
+        swap_object(f"{config.cube.rstrip('/')}/zarr.json", add_entry)
+        return
     with tile_lock(config.cube, LEDGER_LOCK):
         root = open_cube(config.cube, mode="a")
-        ledger = [
-            entry
-            for entry in _root_attrs(root).get(LEDGER_ATTR, [])
-            if not (
-                entry.get("request") == key
-                and entry.get("start") == window.start.isoformat()
-                and entry.get("end") == window.end.isoformat()
-            )
-        ]
-        ledger.append(
-            {
-                "request": key,
-                "start": window.start.isoformat(),
-                "end": window.end.isoformat(),
-                "tile_dates": tile_dates or {},
-                **details,
-            }
-        )
-        root.attrs[LEDGER_ATTR] = ledger
+        root.attrs[LEDGER_ATTR] = _ledger_with(_root_attrs(root).get(LEDGER_ATTR, []), entry)
 
 
 def window_config(config: IngestConfig, window: DateWindow) -> IngestConfig:

@@ -27,9 +27,10 @@ half-created tile, freeing their space) and raises ``StoreFullError`` naming the
 (``rolled_back_on_full_disk``).
 
 Concurrent writers: every change to a tile (creation, repair, append) happens under an exclusive lock on
-``<cube>/.ingest-locks/<tile_id>.lock`` (``tile_lock``: ``fcntl.flock``, released by the kernel if the process
-dies); callers re-read the tile's existing days under the lock just before appending. Stores given as URLs
-(object storage) get no lock: run one writer per cube there.
+``<cube>/.ingest-locks/<tile_id>.lock`` (``tile_lock``): locally ``fcntl.flock``, released by the kernel if the
+process dies; on object storage a lease object created with a conditional write, taken over once stale
+(``tasks/object_writes.py``). Callers re-read the tile's existing days under the lock just before appending.
+Tiles share no written object, so writers of different tiles never wait for each other.
 
 Damage: ``check_tiles`` checks existing tiles from their listing and metadata (``tasks/check_store.py:
 check_tile`` without reading image chunks). Every committed step has a chunk file of each of its data arrays
@@ -65,6 +66,7 @@ import zarr
 from softcon.compat.zarr_internals import AsyncArray, array_from_async, create_array_async, shape_view
 from softcon.compat.zarr_internals import sync as zarr_sync
 from softcon.tasks.grid import Tile
+from softcon.tasks.object_writes import conditional_writes, object_lease
 from softcon.tasks.stac_access import is_url
 
 try:  # POSIX advisory locks; on other systems concurrent writers are not protected
@@ -131,6 +133,23 @@ def open_cube(cube: str, mode: Literal["r", "r+", "a"] = "r", *, consolidated: b
         FileNotFoundError: when there is no cube at ``cube`` (zarr's ``GroupNotFoundError`` is one).
     """
     return zarr.open_group(cube, mode=mode, zarr_format=3, use_consolidated=consolidated)
+
+
+def ensure_cube(cube: str) -> zarr.Group:
+    """The cube's root group, created (with its ``tiles`` group) if absent; safe when several writers create it at
+    once: the one that loses the race opens what the winner wrote. Ingest calls it before it fans its tiles out,
+    so that workers only ever open the root."""
+    try:
+        root = open_cube(cube, mode="r+")
+    except FileNotFoundError:
+        try:
+            root = zarr.open_group(cube, mode="w-", zarr_format=3)
+        except zarr.errors.ContainsGroupError:
+            root = open_cube(cube, mode="r+")
+    if TILES not in root:
+        with contextlib.suppress(zarr.errors.ContainsGroupError):
+            root.create_group(TILES)
+    return root
 
 
 def tile_ids(root: zarr.Group) -> list[str]:
@@ -282,9 +301,7 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
     Call it holding the tile lock.
     """
     template, encoding = tile_template(tile, bands)
-    group = zarr.open_group(cube, mode="a", zarr_format=3).create_group(
-        tile_path(tile.tile_id), attributes=dict(template.attrs), overwrite=True
-    )
+    group = ensure_cube(cube).create_group(tile_path(tile.tile_id), attributes=dict(template.attrs), overwrite=True)
     specs: dict[str, tuple[dict[str, Any], np.ndarray | None]] = {}
     time_attrs = {"units": TIME_UNITS, "calendar": "proleptic_gregorian"}
     for name in ("s2", "scl", "s1", "band", "pol", "x", "y", "spatial_ref", "time_s1", "time"):
@@ -333,8 +350,14 @@ def create_tile(cube: str, tile: Tile, bands: Sequence[str]) -> tuple[zarr.Group
 
 @contextlib.contextmanager
 def tile_lock(cube: str, tile_id: str) -> Iterator[None]:
-    """Exclusive lock on one tile of a local cube, held across processes (none for URLs, see module doc)."""
-    if is_url(cube) or fcntl is None:
+    """Exclusive lock on one tile of the cube, held across processes and machines: ``flock`` on a local cube,
+    a lease object written conditionally on S3-compatible object storage (``tasks/object_writes.py``); no lock on
+    other object stores (``gs://``, ``az://``), where a cube takes one writer at a time."""
+    if is_url(cube) and conditional_writes(cube):
+        with object_lease(f"{cube.rstrip('/')}/{LOCKS}/{tile_id}.lock"):
+            yield
+        return
+    if is_url(cube) or fcntl is None:  # other object stores: one writer per cube
         yield
         return
     folder = Path(cube) / LOCKS

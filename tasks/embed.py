@@ -407,7 +407,7 @@ def run_embed(config: EmbedConfig, checkpoint: str, *, client: Client | None = N
 def _embed_store(
     config: DaskStageConfig, store: str, checkpoint: str, partial: Path, client: Client | None
 ) -> tuple[int, int, int]:
-    from softcon.tasks.preprocess import open_dask_client
+    from softcon.tasks.dask_cluster import open_dask_client
 
     group = training_store.open_store(store)
     attrs: dict[str, Any] = dict(group.attrs)
@@ -480,7 +480,7 @@ def cube_blocks(cube: str, size: int, sensor: str, s1_gap: np.timedelta64) -> tu
 def _embed_cube(
     config: DaskStageConfig, cube: str, checkpoint: str, partial: Path, client: Client | None
 ) -> tuple[int, int, int]:
-    from softcon.tasks.preprocess import open_dask_client
+    from softcon.tasks.dask_cluster import open_dask_client
 
     state = read_checkpoint(checkpoint)
     size, sensor = int(state["meta"]["img_size"]), str(state["meta"].get("sensor", "s2"))

@@ -32,8 +32,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -59,6 +60,7 @@ from softcon.tasks.cube_store import (
     OpenTile,
     append_steps,
     check_tiles,
+    ensure_cube,
     open_tile,
     rolled_back_on_full_disk,
     solar_day,
@@ -68,6 +70,7 @@ from softcon.tasks.cube_store import (
     tile_path,
     write_lost_steps,
 )
+from softcon.tasks.dask_cluster import open_dask_client
 from softcon.tasks.grid import Tile, tiles_for_bbox
 from softcon.tasks.scene_load import ReadOptions, load_days, s2_day_quality
 from softcon.tasks.stac_access import StacAccess, is_url
@@ -253,12 +256,27 @@ class _TileBatch:
 
 @dataclass
 class _RunState:
+    """What ingest did to one tile (a worker's result) or to the run (the tiles' states merged)."""
+
     skipped: Counter[str] = field(default_factory=Counter)
     ingested: set[str] = field(default_factory=set)
     failures: dict[str, str] = field(default_factory=dict)
     written: int = 0
     repaired: int = 0
     pixel_bytes: int = 0
+    days: set[date] = field(default_factory=set)
+    """Sentinel-2 days of the tile(s) afterwards."""
+    messages: list[str] = field(default_factory=list)
+    """What the tile's ingest said (skipped tile-dates, what it wrote), for the run's log."""
+
+    def merge(self, other: _RunState) -> None:
+        self.skipped.update(other.skipped)
+        self.ingested |= other.ingested
+        self.failures.update(other.failures)
+        self.written += other.written
+        self.repaired += other.repaired
+        self.pixel_bytes += other.pixel_bytes
+        self.days |= other.days
 
 
 def _flush(
@@ -386,6 +404,73 @@ def ingest_tile(
     return opened.days("time", lon) if opened is not None else set()
 
 
+@dataclass(frozen=True)
+class TileWork:
+    """One tile's share of a run: what a worker needs to ingest it."""
+
+    tile: Tile
+    items: list[dict[str, Any]]
+    """The usable items whose footprint meets the tile."""
+    lost: tuple[LostStep, ...]
+    """Committed steps of the tile whose chunk files are lost (``check_tiles``), to write again."""
+    within: np.ndarray | None
+    """The tile's pixels in the requested area (``area_mask``)."""
+
+
+def ingest_one_tile(config: IngestConfig, work: TileWork, read: ReadOptions | None = None) -> _RunState:
+    """Ingest one tile into the cube and return what it did: the unit of work a Dask worker runs.
+
+    Everything the tile writes is inside its own group, under its lock, and committed step by step (see
+    ``tasks/cube_store.py``), so a worker that dies mid-tile leaves the committed steps and nothing partial
+    visible; the tile's next ingest (Dask's retry of the task, or a re-run) repairs and completes it.
+    ``read``: the run's read options (in process); a worker builds its own from ``config``.
+    """
+    if read is None:
+        read = ReadOptions.from_access(StacAccess.from_config(config), threads=config.read_threads)
+    state = _RunState()
+    state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost, work.within)
+    return state
+
+
+def _fans_out(config: IngestConfig, tiles: int) -> bool:
+    """Whether the run's tiles go to Dask: a scheduler is given, or the LocalCluster would have more than one
+    worker with a tile each (one tile, or ``n_workers`` 1, runs in this process)."""
+    return bool(config.dask_address) or min(config.n_workers, tiles) > 1
+
+
+def _run_tiles(config: IngestConfig, work: Sequence[TileWork], read: ReadOptions) -> Iterator[tuple[Tile, _RunState]]:
+    """Each tile's outcome as it finishes: in this process one after the other, or one Dask task per tile (the
+    cluster at ``config.dask_address``, else a LocalCluster of ``config.n_workers`` processes).
+
+    Every tile is tried before a failure is raised (the first one; the others are logged), so a tile that fails
+    does not lose its neighbours' work.
+    """
+    if not _fans_out(config, len(work)):
+        for one in work:
+            yield one.tile, ingest_one_tile(config, one, read)
+        return
+    from distributed import as_completed
+
+    with open_dask_client(config, None, trim_memory=False) as client:
+        log.info("ingest: %d tiles over the Dask cluster %s", len(work), client.dashboard_link)
+        futures = {
+            client.submit(ingest_one_tile, config, one, key=f"ingest-{one.tile.tile_id}-{uuid.uuid4().hex}"): one.tile
+            for one in work
+        }
+        errors: list[tuple[Tile, BaseException]] = []
+        for future in as_completed(futures):
+            tile = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as error:  # the other tiles finish first
+                log.error("tile %s failed: %s", tile.tile_id, error)
+                errors.append((tile, error))
+                continue
+            yield tile, outcome
+    if errors:
+        raise errors[0][1]
+
+
 def run_ingest(config: IngestConfig) -> IngestReport:
     """Search, filter and load Sentinel-2/-1 items onto the tile grid of the area into the cube.
 
@@ -444,16 +529,20 @@ def run_ingest(config: IngestConfig) -> IngestReport:
 
     tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
     lost_steps = check_tiles(config.cube, tiles, usable)
+    ensure_cube(config.cube)  # before the tiles fan out: workers that create tiles at once never create the root
     local = None if is_url(config.cube) else Path(config.cube)
     bytes_before = {tile.tile_id: _tree_bytes(local / tile_path(tile.tile_id)) for tile in tiles} if local else {}
-    cube_days: set[date] = set()
-    for done, tile in enumerate(tiles, start=1):
-        cube_days |= ingest_tile(
-            config, tile, _intersecting(usable, tile), read, state, progress, lost_steps.get(tile.tile_id, ()),
-            area_mask(tile, area),
-        )  # fmt: skip
+    work = [
+        TileWork(tile, _intersecting(usable, tile), tuple(lost_steps.get(tile.tile_id, ())), area_mask(tile, area))
+        for tile in tiles
+    ]
+    for done, (tile, outcome) in enumerate(_run_tiles(config, work, read), start=1):
+        for message in outcome.messages:
+            progress(message)
+        state.merge(outcome)
         log.info("tile %d/%d done: %s", done, len(tiles), tile.tile_id)
         stage_progress.report("tiles", done, len(tiles))
+    cube_days = state.days
 
     bytes_written = (
         sum(max(0, _tree_bytes(local / tile_path(t.tile_id)) - bytes_before[t.tile_id]) for t in tiles) if local else 0

@@ -16,12 +16,11 @@ store; see ``models/training_store.py`` for the layout and how a killed run resu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import time as timer
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +28,14 @@ import numpy as np
 import xarray as xr
 
 from softcon import progress as stage_progress
-from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, DaskStageConfig, PreprocessConfig
+from softcon.config import S1_POLARIZATIONS, S2_L1C_BANDS, S2_L2A_BANDS, PreprocessConfig
 from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
 from softcon.tasks import norm_stats, patches, split
 from softcon.tasks.cube_store import open_cube, open_tile_dataset
 from softcon.tasks.cube_store import tile_ids as cube_tile_ids
+from softcon.tasks.dask_cluster import open_dask_client
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -102,6 +102,8 @@ class PreprocessReport:
     """True when a complete store with the same fingerprint was found and nothing was computed."""
     damage: str = ""
     """What this call found wrong with the store it was resuming or reusing (and repaired); empty if nothing."""
+    cube_fingerprint: str = ""
+    """``cube_fingerprint`` of the cube the store was built from (empty for a store written before it was kept)."""
 
     def metrics(self) -> dict[str, float]:
         """Flat float metrics for MLflow."""
@@ -219,6 +221,22 @@ def store_fingerprint(config: PreprocessConfig, index: CubeIndex, samples_per_bl
     }
     if index.bands != S2_L2A_BANDS:  # stores of the full L2A set keep the fingerprint they were written under
         payload["bands"] = index.bands
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cube_fingerprint(index: CubeIndex) -> str:
+    """The version of the cube a store is built from: SHA-256 of its tiles, their shapes, every committed time
+    step of both sensors and the land-cover classes. A committed step never changes in place (ingest only
+    appends, and repairs rewrite the same items), so two cubes with one fingerprint give the store the same
+    pixels; it is recorded in the store's ``cube_fingerprint`` attribute and on the preprocess MLflow run."""
+    payload = {
+        "tiles": index.tiles,
+        "shapes": index.tile_shapes,
+        "times": [[str(t) for t in times] for times in index.times],
+        "s1_times": [[str(t) for t in times] for times in index.s1_times],
+        "classes": [index.class_codes, index.class_names],
+        "bands": index.bands,
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -455,36 +473,11 @@ def _add_partials(*partials: Any) -> Any:
     return s2, s1
 
 
-@contextlib.contextmanager
-def open_dask_client(config: DaskStageConfig, client: Client | None) -> Iterator[Client]:
-    """The given client, or one to config.dask_address, or a LocalCluster; closes only what it started."""
-    if client is not None:
-        yield client
-        return
-    from distributed import Client, LocalCluster  # imported here: nothing heavy at import time
-
-    if config.dask_address:
-        with Client(config.dask_address) as remote:
-            yield remote
-        return
-    with (
-        # Scheduler and dashboard on loopback: a bare ":0" dashboard listens on every interface.
-        LocalCluster(
-            n_workers=config.n_workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
-        Client(cluster) as local,
-    ):
-        yield local
-
-
 def _report_from_attrs(out: str, attrs: dict[str, Any], seconds: float, **extra: Any) -> PreprocessReport:
     return PreprocessReport(
-        store=out, counts=dict(attrs["counts"]), seconds=seconds, norm_stats=attrs["norm_stats"], **extra
-    )
+        store=out, counts=dict(attrs["counts"]), seconds=seconds, norm_stats=attrs["norm_stats"],
+        cube_fingerprint=attrs.get("cube_fingerprint", ""), **extra,
+    )  # fmt: skip
 
 
 def run_preprocess(
@@ -551,7 +544,7 @@ def run_preprocess(
         bounds = training_store.block_bounds(len(plan), samples_per_block)
         written = _write_blocks(config, index, plan, bounds, done, dask_client, progress)
         stats = train_stats(config.out, bounds, dask_client, progress, index.bands)
-        training_store.finish_store(config.out, {"norm_stats": stats})
+        training_store.finish_store(config.out, {"norm_stats": stats, "cube_fingerprint": cube_fingerprint(index)})
     seconds = timer.perf_counter() - started
     logger.info("wrote %s: %s in %.1f s (%d blocks written now)", config.out, counts, seconds, written)
     return PreprocessReport(
@@ -562,6 +555,7 @@ def run_preprocess(
         dashboard_link=dashboard_link,
         blocks_written=written,
         damage=damage.describe(),
+        cube_fingerprint=cube_fingerprint(index),
     )
 
 

@@ -33,7 +33,8 @@ from softcon.models import training_store
 from softcon.models.training_store import SamplePlan
 from softcon.progress import ProgressCallback
 from softcon.tasks import split, ssl4eo_zarr
-from softcon.tasks.preprocess import DASHBOARD_LINK, collect_blocks, existing_store, open_dask_client, train_stats
+from softcon.tasks.dask_cluster import open_dask_client
+from softcon.tasks.preprocess import DASHBOARD_LINK, collect_blocks, existing_store, train_stats
 from softcon.tasks.schemes import DYNAMIC_WORLD
 from softcon.tasks.ssl4eo_labels import SeasonLabels, read_ssl4eo_labels
 from softcon.tasks.ssl4eo_layout import (

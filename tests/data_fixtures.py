@@ -42,9 +42,11 @@ def widened(bbox: tuple[float, float, float, float], factor: float) -> tuple[flo
 
 
 def sample_ingest_config(sample: SampleData, stac: str, cube: Path, **overrides: object) -> IngestConfig:
+    """The sample's ingest request; ``n_workers`` 1 (every tile in this process, where a test's patches apply)
+    unless overridden."""
     values: dict[str, object] = {
         "stac": stac, "bbox": sample.bbox, "start": sample.start, "end": sample.end,
-        "tile_size": SAMPLE_TILE_SIZE, "cube": str(cube), "max_cloud": 100.0, "max_tile_cloud": 0.5,
+        "tile_size": SAMPLE_TILE_SIZE, "cube": str(cube), "max_cloud": 100.0, "max_tile_cloud": 0.5, "n_workers": 1,
     }  # fmt: skip
     values.update(overrides)
     return IngestConfig(**values)  # type: ignore[arg-type]
@@ -55,5 +57,6 @@ def data_cube(
     data_sample: SampleData, data_stac_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, IngestReport]:
     cube = tmp_path_factory.mktemp("cube") / "cube.zarr"
-    report = run_ingest(sample_ingest_config(data_sample, data_stac_url, cube))
+    # The default fan-out (a LocalCluster of 2 workers): the tests that ingest in process compare with this cube.
+    report = run_ingest(sample_ingest_config(data_sample, data_stac_url, cube, n_workers=2))
     return cube, report

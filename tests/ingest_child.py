@@ -136,7 +136,9 @@ def main() -> None:
     AsyncGroup.create_array = create_array
     if args.write_batch:
         ingest.WRITE_BATCH = args.write_batch
-    report = ingest.run_ingest(IngestConfig(**json.loads(Path(args.config).read_text())))
+    # n_workers 1: every tile in this process, where the patches above apply.
+    values = json.loads(Path(args.config).read_text()) | {"n_workers": 1, "dask_address": None}
+    report = ingest.run_ingest(IngestConfig(**values))
     print(json.dumps({"written": report.tile_dates_written, "skipped": report.tile_dates_skipped}))
 
 

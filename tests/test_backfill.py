@@ -203,7 +203,7 @@ def test_request_key_leaves_out_only_what_does_not_change_what_is_written(tmp_pa
     left_out: dict[str, object] = {
         "start": date(2024, 6, 2), "end": date(2024, 6, 3), "cube": str(tmp_path / "moved.zarr"),
         "sign": "none", "headers": {"Authorization": "MY_TOKEN"}, "retries": 9, "retry_delay": 0.0,
-        "read_threads": 8,
+        "read_threads": 8, "n_workers": 4, "dask_address": "tcp://127.0.0.1:8786",
     }  # fmt: skip
     for field, value in left_out.items():
         assert request_key(request.model_copy(update={field: value})) == request_key(request), field

@@ -24,9 +24,9 @@ from header_proxy import HeaderProxy, serve_header_proxy
 import softcon.serve as serve
 from softcon.config import PreprocessConfig
 from softcon.flows.reproduce import reproduce_run
+from softcon.tasks.dask_cluster import open_dask_client
 from softcon.tasks.grid import tile_from_id
 from softcon.tasks.ingest import run_ingest
-from softcon.tasks.preprocess import open_dask_client
 from softcon.tasks.sample_data import SampleData
 from softcon.tasks.stac_server import serve_stac
 
