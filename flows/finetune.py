@@ -8,6 +8,8 @@ masks beside the truth as figures; the epoch history and class names as ``finetu
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 from prefect import flow
 
@@ -17,7 +19,7 @@ from softcon.flows.datasets import data_dataset, folder_dataset, log_datasets
 from softcon.flows.evaluate import resolve_checkpoint
 from softcon.flows.result import StageResult
 from softcon.flows.tracking import run_stage
-from softcon.tasks.finetune import confusion_figure, prediction_figure, run_finetune
+from softcon.tasks.finetune import confusion_figure, finetune_rank, prediction_figure, run_finetune
 
 FINETUNED_ARTIFACT = "finetuned"
 """Artifact folder of the fine-tuned model in a finetune run."""
@@ -45,6 +47,20 @@ class EpochLogger:
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch, run_id=self.run_id)
+
+
+def finetune_on_this_rank(config: FinetuneConfig, *, refresh: bool = False) -> StageResult | None:
+    """The finetune stage as each process of a ``torchrun`` job runs it (one process alone is rank 0).
+
+    Rank 0 runs ``finetune_flow``, which records to MLflow and writes the model; the other ranks train their shard
+    in step with it (``finetune_rank``) and return None. Under torchrun the cache is bypassed, as for train: a
+    cached result on rank 0 would leave the other ranks waiting.
+    """
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world_size > 1 and rank != 0:
+        finetune_rank(config, encoder_checkpoint(config.model))
+        return None
+    return finetune_flow(config, refresh=refresh or world_size > 1)
 
 
 @flow(name="finetune")

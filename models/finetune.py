@@ -25,7 +25,9 @@ Read top to bottom, this is the whole method (no framework):
 4. ``fit``: epochs of AdamW steps under a cosine schedule; after each epoch the val metric (``PRIMARY_METRIC``);
    the best epoch's weights are kept and restored at the end; ``patience`` epochs without a better val metric stop
    the run early. On CUDA the forward passes run under bf16 autocast (``precision``), the loss in float32, as
-   pretraining does; bf16 needs no gradient scaler.
+   pretraining does; bf16 needs no gradient scaler. Under torchrun each rank trains on its shard of the training
+   split through ``DistributedDataParallel`` (BatchNorm statistics per rank, taken from rank 0 before each val
+   pass), and rank 0's val metric decides for all.
 
 5. ``evaluate``: segmentation through a confusion matrix over the pixels with a class (``IGNORE_INDEX`` = 255 is
    ignored): mIoU (mean over classes present in truth or prediction), per-class IoU, pixel accuracy; multilabel
@@ -280,21 +282,51 @@ def evaluate(model: FinetuneModel, loader: Iterable[dict[str, torch.Tensor]], n_
 
 
 def task_loss(
-    model: FinetuneModel, batch: dict[str, torch.Tensor], device: torch.device, precision: Precision = "fp32"
+    model: FinetuneModel,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    precision: Precision = "fp32",
+    *,
+    forward: nn.Module | None = None,
 ) -> torch.Tensor | None:
     """Cross-entropy over the pixels with a class (segmentation) or BCE over the labelled samples (multilabel), in
-    float32 whatever the forward's autocast; None for a batch with nothing to learn from."""
+    float32 whatever the forward's autocast; None for a batch with nothing to learn from.
+
+    ``forward``: the module that runs the batch, the DDP wrapper of ``model`` under torchrun. With one, a batch with
+    nothing to learn from gives a zero loss through the logits instead of None: every rank must run backward at
+    every step, or the others wait for its gradients.
+    """
     with autocast(device, precision):
-        logits = model(batch["image"].to(device)).float()
+        logits = (forward or model)(batch["image"].to(device)).float()
     if model.task == "segmentation":
         mask = batch["mask"].to(device)  # (B, H, W)
-        if not (mask != IGNORE_INDEX).any():
-            return None
-        return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
-    labelled = batch["labelled"].to(device)
-    if not labelled.any():
-        return None
-    return multilabel_loss(logits, batch["labels"].to(device), labelled)
+        learn = bool((mask != IGNORE_INDEX).any())
+        loss = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX) if learn else None
+    else:
+        labelled = batch["labelled"].to(device)
+        learn = bool(labelled.any())
+        loss = multilabel_loss(logits, batch["labels"].to(device), labelled) if learn else None
+    if loss is None and forward is not None:
+        return logits.sum() * 0.0
+    return loss
+
+
+def _rank0_value(value: float, distributed: bool, device: torch.device) -> float:
+    """``value`` as rank 0 has it (every rank then takes the same epoch decisions); ``value`` in one process."""
+    if not distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def _mean_over_ranks(loss_sum: float, steps: int, distributed: bool, device: torch.device) -> float:
+    """The epoch's mean training loss over every rank's steps."""
+    if not distributed:
+        return loss_sum / max(steps, 1)
+    totals = torch.tensor([loss_sum, float(steps)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    return float(totals[0] / max(totals[1].item(), 1.0))
 
 
 @dataclass
@@ -323,6 +355,7 @@ def fit(
     precision: Precision = "fp32",
     set_epoch: Callable[[int], None] = lambda epoch: None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    distributed: bool = False,
 ) -> FitResult:
     """Train the model's trainable parameters on ``train``, choosing the epoch by the val metric (module doc, 4).
 
@@ -330,8 +363,17 @@ def fit(
         precision: bf16 runs the forward passes under bf16 autocast on CUDA (``autocast``).
         set_epoch: called with each epoch before it runs (new augmentations of the training data).
         on_epoch: called after each epoch with the epoch and its ``history`` entry.
+        distributed: one rank of a torchrun job (the process group is up): the steps run through
+            ``DistributedDataParallel`` on this rank's ``train`` shard; before each val pass the buffers (BatchNorm
+            statistics) are taken from rank 0, every rank evaluates the whole val split, and rank 0's val metric
+            decides the best epoch and early stopping on all of them.
     """
     model.to(device)
+    forward: nn.Module | None = None
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(parameter_groups(model, lr, layer_decay, weight_decay))
     total_steps = max(1, epochs * len(train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -346,7 +388,7 @@ def fit(
         train_mode(model)
         loss_sum, steps = 0.0, 0
         for batch in train:
-            loss = task_loss(model, batch, device, precision)
+            loss = task_loss(model, batch, device, precision, forward=forward)
             if loss is None:
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -356,14 +398,18 @@ def fit(
             loss_sum, steps = loss_sum + loss.item(), steps + 1
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: lower lr ({lr})")
+        if distributed:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         scores = evaluate(model, val, n_classes, device, precision).metrics
-        record = {"epoch": float(epoch), "train_loss": loss_sum / max(steps, 1),
+        metric = _rank0_value(scores[primary], distributed, device)
+        record = {"epoch": float(epoch), "train_loss": _mean_over_ranks(loss_sum, steps, distributed, device),
                   "lr": float(scheduler.get_last_lr()[0]), **{f"val_{k}": v for k, v in scores.items()}}  # fmt: skip
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
-        if scores[primary] > best or best_epoch == 0:  # the first epoch is the best so far, even with a NaN metric
-            best, best_epoch, best_state = scores[primary], epoch, copy.deepcopy(model.state_dict())
+        if metric > best or best_epoch == 0:  # the first epoch is the best so far, even with a NaN metric
+            best, best_epoch, best_state = metric, epoch, copy.deepcopy(model.state_dict())
         elif patience is not None and epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)

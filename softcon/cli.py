@@ -595,7 +595,8 @@ def finetune(
     config: ConfigOption = None,
 ) -> None:
     """Fine-tune a pretrained encoder on your labels: per-pixel land cover (a store written with --masks) or
-    multi-label classes, with a frozen, partly or fully trained encoder; val and test metrics, the fine-tuned model."""
+    multi-label classes, with a frozen, partly or fully trained encoder; val and test metrics, the fine-tuned model
+    (torchrun for several GPUs)."""
     overrides = {
         "model": model,
         "task": task,
@@ -617,10 +618,11 @@ def finetune(
     }
     stage_config = _build(FinetuneConfig, "finetune", config, overrides)
     configure_runtime()
-    from softcon.flows.finetune import finetune_flow
+    from softcon.flows.finetune import finetune_on_this_rank
 
-    result = run_stage_flow(finetune_flow, stage_config, refresh=refresh, as_json=as_json)
-    _print_result(result, as_json=as_json)
+    result = run_stage_flow(finetune_on_this_rank, stage_config, refresh=refresh, as_json=as_json)
+    if result is not None:
+        _print_result(result, as_json=as_json)
 
 
 @app.command()

@@ -37,12 +37,13 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from softcon.config import FINETUNE_RANDOM, FINETUNE_WEIGHTS, FinetuneConfig
 from softcon.models.data import StoreDataset
+from softcon.models.distributed import DistributedContext, init_distributed, rank_batch_size
 from softcon.models.encoder import build_encoder, load_torch_file
-from softcon.models.finetune import FinetuneModel, evaluate, fit, set_trainable
+from softcon.models.finetune import FinetuneModel, FitResult, evaluate, fit, set_trainable
 from softcon.models.training_store import MASK_NODATA
 from softcon.tasks.bigearthnet import S1_POLS, S2_BANDS, BigEarthNetDataset, assign_splits, find_patches
 from softcon.tasks.bigearthnet import subset_without_replacement as draw_subset
@@ -191,6 +192,16 @@ def split_loader(dataset: Split, config: FinetuneConfig, *, shuffle: bool = Fals
                       drop_last=shuffle and len(dataset) > config.batch_size)  # fmt: skip
 
 
+def rank_train_loader(dataset: Split, config: FinetuneConfig, context: DistributedContext) -> DataLoader:
+    """This rank's shard of the shuffled training split, ``batch_size / world_size`` samples a step (the global
+    batch is ``batch_size``, as in pretraining); every rank draws the same number of steps."""
+    per_rank = rank_batch_size(config.batch_size, context.world_size)
+    sampler: DistributedSampler[dict[str, torch.Tensor]] = DistributedSampler(
+        dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    return DataLoader(dataset, per_rank, sampler=sampler, drop_last=len(dataset) > config.batch_size)
+
+
 def run_finetune(
     config: FinetuneConfig,
     checkpoint: str | Path | None,
@@ -205,28 +216,74 @@ def run_finetune(
         checkpoint: a training checkpoint file (the flow resolves run ids and ``models:/`` URIs to one).
         on_epoch: called after each epoch with its number and metrics (train_loss, lr, val_<metric>).
 
+    Under torchrun this is rank 0's part (the flow's): every rank trains on its shard (``rank_train_loader``,
+    ``fit``'s distributed mode), the other ranks through ``finetune_rank``; rank 0 alone evaluates and writes.
+
     Example:
         >>> config = FinetuneConfig(model="ckpt/step_000300.pt", task="segmentation", store="store.zarr")
         >>> report = run_finetune(config, "ckpt/step_000300.pt")
         >>> report.metrics["test/miou"], report.checkpoint
     """
     started = time.perf_counter()
+    fitted = _fit(config, checkpoint, on_epoch, main_only=True)
+    return _report(config, *fitted, started)
+
+
+def finetune_rank(config: FinetuneConfig, checkpoint: str | Path | None) -> None:
+    """A rank other than 0 of a torchrun job: trains its shard of the training split in step with the others."""
+    _fit(config, checkpoint, None, main_only=False)
+
+
+def _fit(
+    config: FinetuneConfig,
+    checkpoint: str | Path | None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+    *,
+    main_only: bool,
+) -> tuple[FinetuneModel, FinetuneData, dict[str, Any], FitResult, torch.device]:
+    """Build the model and data, join the torchrun job if there is one, and train (``fit``)."""
     device = resolve_device(config.device)
-    seed_everything(config.seed)
-    encoder, meta = encoder_and_meta(config, checkpoint)
-    data = finetune_data(config, meta)
+    context = init_distributed(device.type)
+    try:
+        if main_only and not context.is_main:
+            raise RuntimeError(
+                f"run_finetune runs on rank 0 of a torchrun job; rank {context.rank} calls finetune_rank"
+            )
+        if context.enabled and device.type == "cuda":
+            device = torch.device("cuda", context.local_rank)
+        seed_everything(config.seed)
+        encoder, meta = encoder_and_meta(config, checkpoint)
+        data = finetune_data(config, meta)
+        model = FinetuneModel(encoder, config.task, len(data.class_names))
+        set_trainable(model, config.freeze)
+        train = split_loader(data.train, config, shuffle=True)
+        set_epoch = data.set_epoch
+        if context.enabled:
+            train = rank_train_loader(data.train, config, context)
+
+            def set_epoch(epoch: int) -> None:
+                data.set_epoch(epoch)
+                train.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+        result = fit(
+            model, train, split_loader(data.val, config), n_classes=len(data.class_names), epochs=config.epochs,
+            lr=config.lr, layer_decay=config.layer_decay, weight_decay=config.weight_decay, patience=config.patience,
+            device=device, precision=config.precision, set_epoch=set_epoch, on_epoch=on_epoch,
+            distributed=context.enabled,
+        )  # fmt: skip
+    finally:
+        context.close()
+    return model, data, meta, result, device
+
+
+def _report(config: FinetuneConfig, model: FinetuneModel, data: FinetuneData, meta: dict[str, Any],
+            result: FitResult, device: torch.device, started: float) -> FinetuneReport:  # fmt: skip
+    """Evaluate the best epoch on val and test, write ``<out>/finetuned.pt`` (and the examples), report."""
     n_classes = len(data.class_names)
-    model = FinetuneModel(encoder, config.task, n_classes)
-    set_trainable(model, config.freeze)
 
-    def loader(dataset: Split, shuffle: bool = False) -> DataLoader:
-        return split_loader(dataset, config, shuffle=shuffle)
+    def loader(dataset: Split) -> DataLoader:
+        return split_loader(dataset, config)
 
-    result = fit(
-        model, loader(data.train, shuffle=True), loader(data.val), n_classes=n_classes, epochs=config.epochs,
-        lr=config.lr, layer_decay=config.layer_decay, weight_decay=config.weight_decay, patience=config.patience,
-        device=device, precision=config.precision, set_epoch=data.set_epoch, on_epoch=on_epoch,
-    )  # fmt: skip
     metrics: dict[str, float] = {}
     evaluations = {}
     for name, dataset in (("val", data.val), ("test", data.test)):
