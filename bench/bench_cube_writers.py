@@ -181,11 +181,6 @@ def concurrent_round(method: str, steps: int, metrics: str) -> tuple[float, list
 
 def setup() -> None:
     """The cube with tiles ``a0``, ``a`` and the writers', the icechunk repository with ``b`` and the writers'."""
-    fs, deadline = s3fs.S3FileSystem(), time.monotonic() + 30
-    while not fs.exists(BUCKET):  # `weed mini` creates the bucket shortly after its gateway is up
-        assert time.monotonic() < deadline, f"bucket {BUCKET} not created within 30 s"
-        fs.invalidate_cache()
-        time.sleep(0.2)
     create_tiles(zarr.open_group(CUBE, mode="a"), ["a0", "a", *WRITERS])
     session = ice_repo(create=True).writable_session("main")
     create_tiles(zarr.open_group(session.store, mode="a"), ["b", *WRITERS])

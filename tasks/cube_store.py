@@ -137,13 +137,13 @@ def open_cube(cube: str, mode: Literal["r", "r+", "a"] = "r", *, consolidated: b
 
 def ensure_cube(cube: str) -> zarr.Group:
     """The cube's root group, created (with its ``tiles`` group) if absent; safe when several writers create it at
-    once: the one that loses the race opens what the winner wrote. Ingest calls it before it fans its tiles out,
-    so that workers only ever open the root."""
+    once (ingest workers creating the first tiles of a new cube): the one that loses the race opens what the winner
+    wrote."""
     try:
         root = open_cube(cube, mode="r+")
     except FileNotFoundError:
         try:
-            root = zarr.open_group(cube, mode="w-", zarr_format=3)
+            root = zarr.open_group(cube, mode="a", zarr_format=3)
         except zarr.errors.ContainsGroupError:
             root = open_cube(cube, mode="r+")
     if TILES not in root:

@@ -29,6 +29,8 @@ of its day are loaded.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import logging
 import time
@@ -60,7 +62,6 @@ from softcon.tasks.cube_store import (
     OpenTile,
     append_steps,
     check_tiles,
-    ensure_cube,
     open_tile,
     rolled_back_on_full_disk,
     solar_day,
@@ -268,6 +269,8 @@ class _RunState:
     """Sentinel-2 days of the tile(s) afterwards."""
     messages: list[str] = field(default_factory=list)
     """What the tile's ingest said (skipped tile-dates, what it wrote), for the run's log."""
+    records: list[logging.LogRecord] = field(default_factory=list)
+    """What the project's loggers said on the worker that ingested the tile, to be logged again in the run."""
 
     def merge(self, other: _RunState) -> None:
         self.skipped.update(other.skipped)
@@ -425,11 +428,45 @@ def ingest_one_tile(config: IngestConfig, work: TileWork, read: ReadOptions | No
     visible; the tile's next ingest (Dask's retry of the task, or a re-run) repairs and completes it.
     ``read``: the run's read options (in process); a worker builds its own from ``config``.
     """
-    if read is None:
-        read = ReadOptions.from_access(StacAccess.from_config(config), threads=config.read_threads)
     state = _RunState()
-    state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost, work.within)
+    if read is not None:
+        state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost,
+                                 work.within)  # fmt: skip
+        return state
+    read = ReadOptions.from_access(StacAccess.from_config(config), threads=config.read_threads)
+    with _collected_records() as state.records:
+        state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost,
+                                 work.within)  # fmt: skip
     return state
+
+
+class _RecordList(logging.Handler):
+    """Keeps copies of the records it is given, formatted into their message (so that they pickle)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kept = copy.copy(record)
+        kept.msg, kept.args, kept.exc_info, kept.exc_text = record.getMessage(), None, None, None
+        self.records.append(kept)
+
+
+@contextlib.contextmanager
+def _collected_records() -> Iterator[list[logging.LogRecord]]:
+    """The INFO and higher records of the project's loggers while the block runs: a worker's log stays in its own
+    process, so ``run_ingest`` logs them again where the run is (its Prefect and MLflow logs, the user's console)."""
+    project = logging.getLogger("softcon")
+    handler, level = _RecordList(), project.level
+    project.addHandler(handler)
+    if not project.isEnabledFor(logging.INFO):
+        project.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        project.removeHandler(handler)
+        project.setLevel(level)
 
 
 def _fans_out(config: IngestConfig, tiles: int) -> bool:
@@ -529,7 +566,6 @@ def run_ingest(config: IngestConfig) -> IngestReport:
 
     tiles = tiles_for_area(area, resolution=config.resolution, tile_size=config.tile_size, epsg=config.epsg)
     lost_steps = check_tiles(config.cube, tiles, usable)
-    ensure_cube(config.cube)  # before the tiles fan out: workers that create tiles at once never create the root
     local = None if is_url(config.cube) else Path(config.cube)
     bytes_before = {tile.tile_id: _tree_bytes(local / tile_path(tile.tile_id)) for tile in tiles} if local else {}
     work = [
@@ -537,6 +573,8 @@ def run_ingest(config: IngestConfig) -> IngestReport:
         for tile in tiles
     ]
     for done, (tile, outcome) in enumerate(_run_tiles(config, work, read), start=1):
+        for record in outcome.records:
+            logging.getLogger(record.name).handle(record)
         for message in outcome.messages:
             progress(message)
         state.merge(outcome)

@@ -54,6 +54,19 @@ def _free_port_block(count: int) -> list[int]:
     raise RuntimeError("no block of free loopback ports found")
 
 
+def _wait_for_bucket(server: S3Server, deadline: float) -> None:
+    """``weed mini`` creates the bucket a moment after its gateway answers: a test that wrote at once failed with
+    "The specified bucket does not exist"."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, skip_instance_cache=True,
+                           client_kwargs={"endpoint_url": server.endpoint, "region_name": "us-east-1"})  # fmt: skip
+    while not fs.exists(BUCKET):
+        assert time.monotonic() < deadline, f"SeaweedFS did not create the bucket {BUCKET} within 60 s"
+        fs.invalidate_cache()
+        time.sleep(0.2)
+
+
 @contextmanager
 def seaweedfs(root: Path) -> Iterator[S3Server]:
     """A SeaweedFS S3 gateway on 127.0.0.1 with one identity and the bucket ``softcon``, its files under ``root``;
@@ -83,7 +96,9 @@ def seaweedfs(root: Path) -> Iterator[S3Server]:
             except OSError:
                 assert time.monotonic() < deadline, "SeaweedFS S3 gateway not up within 60 s"
                 time.sleep(0.3)
-        yield S3Server(endpoint, access_key, secret_key)
+        server = S3Server(endpoint, access_key, secret_key)
+        _wait_for_bucket(server, deadline)
+        yield server
     finally:
         process.terminate()
         try:
