@@ -7,7 +7,6 @@ Each test takes a few minutes on 2 busy cores (server start-ups dominate); both 
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -223,9 +222,6 @@ def _check_backfill(
         assert all(child.state.is_completed() for child in children), [c.state for c in children]
         assert sorted(child.name for child in children) == [f"ingest-{day.isoformat()}" for day in BACKFILL_DAYS]
         assert _cube_days(cube) == BACKFILL_DAYS
-        # max_in_flight 2 is honoured: the ingest deployment has no concurrency limit, so two children ran at once.
-        spans = sorted((child.start_time, child.end_time) for child in children)
-        assert any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
         client = MlflowClient(services.mlflow_url)
         experiment = client.get_experiment_by_name("integration")
