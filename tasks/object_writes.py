@@ -52,8 +52,9 @@ def conditional_writes(url: str) -> bool:
 
 def _lost_race(error: BaseException) -> bool:
     """Whether a conditional write failed because its condition did not hold (412), or because another
-    conditional write to the same key was in flight (409, AWS's ``ConditionalRequestConflict``)."""
-    if isinstance(error, FileExistsError):
+    conditional write to the same key was in flight (409, AWS's ``ConditionalRequestConflict``), or a versioned read
+    met another writer's commit (s3fs's ``FileExpired``: the object changed between its HEAD and its GET)."""
+    if isinstance(error, FileExistsError) or type(error).__name__ == "FileExpired":
         return True
     response = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
