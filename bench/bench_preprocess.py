@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from cube_factory import write_cube  # noqa: E402
 
 from softcon.config import PreprocessConfig  # noqa: E402
+from softcon.tasks.dask_cluster import local_cluster  # noqa: E402
 from softcon.tasks.preprocess import run_preprocess  # noqa: E402
 
 TILE_SIZE, PATCH, DATES, ROUNDS = 256, 64, 3, 3
@@ -52,12 +53,9 @@ def _peak_rss_mb() -> float:
 
 def peak_rss_child(cube: Path, out: Path) -> None:
     """Child mode: preprocess ``cube`` on a fresh 2-worker cluster; print the driver's and workers' peak RSS."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with (
-        LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(2) as cluster, Client(cluster) as client:
         report = run_preprocess(_config(cube, out), client=client)
         workers = client.run(_peak_rss_mb)
     print(json.dumps({"samples": sum(report.counts.values()), "driver_mb": _peak_rss_mb(),
@@ -77,14 +75,13 @@ def memory(work: Path) -> list[dict[str, Any]]:
 
 def workers_scaling(work: Path, rounds: int = ROUNDS) -> dict[str, Any]:
     """Seconds per run of the largest cube on kept clusters of 1 and 2 workers, interleaved rounds."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     cube, tiles = work / f"cube{SIZES[-1]}.zarr", SIZES[-1]
     clusters, clients, startup = {}, {}, {}
     for workers in (1, 2):
         started = time.perf_counter()
-        clusters[workers] = LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1",
-                                         dashboard_address="127.0.0.1:0")  # fmt: skip
+        clusters[workers] = local_cluster(workers)  # as preprocess starts its own
         clients[workers] = Client(clusters[workers])
         startup[workers] = time.perf_counter() - started
     seconds: dict[int, list[float]] = {1: [], 2: []}

@@ -256,9 +256,10 @@ def _fit(
         data = finetune_data(config, meta)
         model = FinetuneModel(encoder, config.task, len(data.class_names))
         set_trainable(model, config.freeze)
-        train = split_loader(data.train, config, shuffle=True)
         set_epoch = data.set_epoch
-        if context.enabled:
+        if not context.enabled:
+            train = split_loader(data.train, config, shuffle=True)
+        else:
             train = rank_train_loader(data.train, config, context)
 
             def set_epoch(epoch: int) -> None:

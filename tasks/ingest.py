@@ -429,12 +429,13 @@ def ingest_one_tile(config: IngestConfig, work: TileWork, read: ReadOptions | No
     ``read``: the run's read options (in process); a worker builds its own from ``config``.
     """
     state = _RunState()
-    if read is not None:
-        state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost,
-                                 work.within)  # fmt: skip
-        return state
-    read = ReadOptions.from_access(StacAccess.from_config(config), threads=config.read_threads)
-    with _collected_records() as state.records:
+    on_worker = read is None  # its log stays in the worker's process unless it is returned
+    if read is None:
+        read = ReadOptions.from_access(StacAccess.from_config(config), threads=config.read_threads)
+    collect: contextlib.AbstractContextManager[list[logging.LogRecord]] = (
+        _collected_records() if on_worker else contextlib.nullcontext([])
+    )
+    with collect as state.records:
         state.days = ingest_tile(config, work.tile, work.items, read, state, state.messages.append, work.lost,
                                  work.within)  # fmt: skip
     return state

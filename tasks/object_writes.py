@@ -63,12 +63,8 @@ def _lost_race(error: BaseException) -> bool:
 
 
 def _put_if_match(fs: fsspec.AbstractFileSystem, path: str, data: bytes, etag: str) -> None:
-    """Write ``data`` to ``path`` only if the object is still the version ``etag`` (raises when it is not)."""
-    if not hasattr(fs, "call_s3"):
-        raise NotImplementedError(
-            f"conditional writes are implemented for S3-compatible stores only, not {fs.protocol}: run one writer "
-            "per cube there"
-        )
+    """Write ``data`` to ``path`` only if the object is still the version ``etag`` (raises when it is not); an
+    S3-compatible store only (``conditional_writes``)."""
     bucket, _, key = path.partition("/")
     fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
     fs.invalidate_cache(path)

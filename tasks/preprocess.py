@@ -544,7 +544,8 @@ def run_preprocess(
         bounds = training_store.block_bounds(len(plan), samples_per_block)
         written = _write_blocks(config, index, plan, bounds, done, dask_client, progress)
         stats = train_stats(config.out, bounds, dask_client, progress, index.bands)
-        training_store.finish_store(config.out, {"norm_stats": stats, "cube_fingerprint": cube_fingerprint(index)})
+        cube_version = cube_fingerprint(index)
+        training_store.finish_store(config.out, {"norm_stats": stats, "cube_fingerprint": cube_version})
     seconds = timer.perf_counter() - started
     logger.info("wrote %s: %s in %.1f s (%d blocks written now)", config.out, counts, seconds, written)
     return PreprocessReport(
@@ -555,7 +556,7 @@ def run_preprocess(
         dashboard_link=dashboard_link,
         blocks_written=written,
         damage=damage.describe(),
-        cube_fingerprint=cube_fingerprint(index),
+        cube_fingerprint=cube_version,
     )
 
 
