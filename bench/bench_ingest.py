@@ -13,20 +13,22 @@
    per size). Target: peak RSS at 16x within 20 % of 1x.
 
 3. Workers: one ingest run fanned out over Dask workers, ``SCALING_TILES`` tiles of 256 px: in this process
-   (``n_workers`` 1), on a LocalCluster of 1 worker and of 2 workers (each cluster started once and kept, its
-   start-up timed apart; a warm-up run first, so that the workers' imports are not timed). Interleaved rounds;
-   reported: tiles/s (best and median) and the ratios 2 workers / in process and 2 workers / 1 worker. The
+   (``n_workers`` 1), on a LocalCluster of 1 worker and of 2 workers (a cluster per run, its start-up timed
+   apart, warmed up by a 2-tile ingest so that the workers' imports are not timed). Interleaved rounds;
+   reported: tiles/s (best and median), cores busy (CPU time of this process and its children over the run's
+   wall time), and the ratios 2 workers / in process and 2 workers / 1 worker. The
    per-worker overhead is the 1-worker run's extra time over the in-process one, per tile, plus the cluster's
    start-up. Target: 2 workers >= 1.7x the tiles/s of one, on 2 cores.
 
 Parts 1 and 2 run ingest in this process (``n_workers`` 1), as the baseline does.
 
-Run: ``python bench/bench_ingest.py`` (a few minutes; ``--workers`` runs part 3 only); prints tables to paste into
-the README.
+Run: ``python bench/bench_ingest.py`` (a few minutes; ``--workers [TILES]`` runs part 3 only, on ``TILES`` tiles);
+prints tables to paste into the README.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -134,48 +136,53 @@ SCALING_TILES, SCALING_ROUNDS = 16, 5
 
 
 def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALING_ROUNDS) -> dict[str, Any]:
-    """Tiles/s of one ingest run in this process and fanned out over kept LocalClusters of 1 and 2 workers."""
+    """Tiles/s of one ingest run in this process and fanned out over LocalClusters of 1 and 2 workers.
+
+    Each Dask run gets a cluster of its own, started (and timed) before it, warmed up with a 2-tile ingest and
+    closed after it: a cluster kept idle beside another setup's run costs that run about 0.05 cores per worker.
+    """
     from distributed import Client
 
     from softcon.tasks.dask_cluster import local_cluster
 
     sample = write_sample_data(work / f"scaling{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
-    startup: dict[int, float] = {}
-    clusters = {}
-    for workers in (1, 2):
-        started = time.perf_counter()
-        cluster = local_cluster(workers, trim_memory=False)  # as ingest starts its own
-        Client(cluster).close()
-        startup[workers] = time.perf_counter() - started
-        clusters[workers] = cluster
-    setups: dict[str, dict[str, Any]] = {
-        "in process": {"n_workers": 1},
-        "Dask, 1 worker": {"dask_address": clusters[1].scheduler_address},
-        "Dask, 2 workers": {"dask_address": clusters[2].scheduler_address},
-    }
+    warm_sample = write_sample_data(work / "scaling-warm-up", tiles=2, tile_size=TILE_SIZE, dates=DATES)
+    setups = {"in process": 0, "Dask, 1 worker": 1, "Dask, 2 workers": 2}
     seconds: dict[str, list[float]] = {name: [] for name in setups}
+    cores: dict[str, list[float]] = {name: [] for name in setups}
+    startup: dict[int, list[float]] = {1: [], 2: []}
     tile_dates = 0
-    try:
-        for k in range(-1, rounds):  # round -1 warms the workers up (imports, GDAL) and is not kept
-            for name, overrides in setups.items():
-                cube = work / f"scaling-cube{k}.zarr"
+    for k in range(-1, rounds):  # round -1 warms this process up (imports, GDAL) and is not kept
+        for name, workers in setups.items():
+            cube = work / f"scaling-cube{k}.zarr"
+            with contextlib.ExitStack() as stack:
+                overrides: dict[str, Any] = {"n_workers": 1}
+                if workers:
+                    started = time.perf_counter()
+                    cluster = stack.enter_context(local_cluster(workers, trim_memory=False, profile=False))
+                    stack.enter_context(Client(cluster))
+                    startup[workers].append(time.perf_counter() - started)
+                    overrides = {"dask_address": cluster.scheduler_address}
+                    run_ingest(_config(warm_sample, work / "warm-up.zarr", **overrides))
+                    shutil.rmtree(work / "warm-up.zarr")
+                cpu_before = _tree_cpu_s()
                 report = run_ingest(_config(sample, cube, **overrides))
-                assert len(report.tiles) == tiles and report.tile_dates_written > 0
-                tile_dates = report.tile_dates_written
-                if k >= 0:
-                    seconds[name].append(report.seconds)
-                shutil.rmtree(cube)
-    finally:
-        for cluster in clusters.values():
-            cluster.close()
+                busy = (_tree_cpu_s() - cpu_before) / report.seconds
+            assert len(report.tiles) == tiles and report.tile_dates_written > 0
+            tile_dates = report.tile_dates_written
+            if k >= 0:
+                seconds[name].append(report.seconds)
+                cores[name].append(busy)
+            shutil.rmtree(cube)
     rows = {
         name: {"best_s": min(v), "median_s": float(np.median(v)), "tiles_s": tiles / min(v),
-               "median_tiles_s": tiles / float(np.median(v)), "all": v}
+               "median_tiles_s": tiles / float(np.median(v)), "cores": float(np.median(cores[name])), "all": v}
         for name, v in seconds.items()
     }  # fmt: skip
     per_round = [a / b for a, b in zip(seconds["in process"], seconds["Dask, 2 workers"], strict=True)]
     return {
-        "tiles": tiles, "tile_dates": tile_dates, "rows": rows, "startup_s": startup,
+        "tiles": tiles, "tile_dates": tile_dates, "rows": rows,
+        "startup_s": {n: float(np.median(v)) for n, v in startup.items()},
         "two_vs_in_process": rows["in process"]["best_s"] / rows["Dask, 2 workers"]["best_s"],
         "two_vs_in_process_median_round": float(np.median(per_round)),
         "two_vs_one_worker": rows["Dask, 1 worker"]["best_s"] / rows["Dask, 2 workers"]["best_s"],
@@ -187,10 +194,11 @@ def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALIN
 def print_scaling(scaling: dict[str, Any]) -> None:
     print(f"\nworkers: {scaling['tiles']} tiles of {TILE_SIZE} px ({scaling['tile_dates']} tile-dates: S2+SCL and S1), "
           f"{SCALING_ROUNDS} rounds")  # fmt: skip
-    print("| run | best s | tiles/s (best) | tiles/s (median) | every round, s |")
-    print("|---|---|---|---|---|")
+    print("| run | best s | tiles/s (best) | tiles/s (median) | cores busy (median) | every round, s |")
+    print("|---|---|---|---|---|---|")
     for name, row in scaling["rows"].items():
         print(f"| {name} | {row['best_s']:.2f} | {row['tiles_s']:.2f} | {row['median_tiles_s']:.2f} | "
+              f"{row['cores']:.2f} | "
               f"{' '.join(f'{t:.2f}' for t in row['all'])} |")  # fmt: skip
     print(f"2 workers / in process: {scaling['two_vs_in_process']:.2f}x (best), "
           f"{scaling['two_vs_in_process_median_round']:.2f}x (median per round); "
@@ -199,8 +207,20 @@ def print_scaling(scaling: dict[str, Any]) -> None:
     one = scaling["rows"]["Dask, 1 worker"]["median_s"]
     per = one / scaling["tile_dates"]
     print(f"per worker: {1 / per:.1f} tile-dates/s ({per * 1000:.0f} ms each, median)")
-    print(f"per-worker overhead: {scaling['overhead_per_tile_s'] * 1000:.0f} ms per tile; cluster start-up "
+    print(f"per-worker overhead: {scaling['overhead_per_tile_s'] * 1000:.0f} ms per tile; cluster start-up (median) "
           f"{scaling['startup_s'][1]:.1f} s (1 worker), {scaling['startup_s'][2]:.1f} s (2 workers)")  # fmt: skip
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds so far of this process (the run, the scheduler, the nannies) and its children (the workers)."""
+    import psutil
+
+    total = 0.0
+    for process in (psutil.Process(), *psutil.Process().children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _peak_rss_mb() -> float:
@@ -226,9 +246,9 @@ def main() -> None:
         peak_rss_child(Path(sys.argv[2]), int(sys.argv[3]))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    if sys.argv[1:] == ["--workers"]:
+    if sys.argv[1:2] == ["--workers"]:
         try:
-            print_scaling(workers_scaling(work))
+            print_scaling(workers_scaling(work, *map(int, sys.argv[2:3])))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return

@@ -489,12 +489,14 @@ def _run_tiles(config: IngestConfig, work: Sequence[TileWork], read: ReadOptions
         return
     from distributed import as_completed
 
-    with open_dask_client(config, None, trim_memory=False) as client:
+    with open_dask_client(config, None, trim_memory=False, profile=False) as client:
         log.info("ingest: %d tiles over the Dask cluster %s", len(work), client.dashboard_link)
+        # Tiles with the most items first, so that no long tile is left to run alone at the end of the run.
         futures = {
-            client.submit(ingest_one_tile, config, one, key=f"ingest-{one.tile.tile_id}-{uuid.uuid4().hex}"): one.tile
-            for one in work
-        }
+            client.submit(ingest_one_tile, config, one, key=f"ingest-{one.tile.tile_id}-{uuid.uuid4().hex}",
+                          priority=len(one.items)): one.tile
+            for one in sorted(work, key=lambda one: len(one.items), reverse=True)
+        }  # fmt: skip
         errors: list[tuple[Tile, BaseException]] = []
         for future in as_completed(futures):
             tile = futures[future]
