@@ -305,10 +305,14 @@ def test_tiles_with_more_items_go_to_the_workers_first(monkeypatch: pytest.Monke
         return ingest._RunState(written=len(work.items))  # the task runs on a copy: it reports what it got
 
     monkeypatch.setattr(ingest, "ingest_one_tile", record)
-    tiles = [Tile(32632, 600_000.0 + 640 * k, 5_000_000.0, 10.0, 64) for k in range(5)]
-    work = [ingest.TileWork(tile, [{"id": str(i)}] * n, (), None) for tile, n, i in zip(tiles, [1, 4, 2, 5, 3], range(5))]
+    work = [
+        ingest.TileWork(Tile(32632, 600_000.0 + 640 * k, 5_000_000.0, 10.0, 64), [{"id": str(k)}] * n, (), None)
+        for k, n in enumerate([1, 4, 2, 5, 3])
+    ]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        config = IngestConfig(stac="items.json", bbox=(11.0, 46.0, 11.01, 46.01), start=date(2024, 6, 1),
-                              end=date(2024, 6, 2), cube="cube.zarr", dask_address=cluster.scheduler_address)  # fmt: skip
+        config = IngestConfig(
+            stac="items.json", bbox=(11.0, 46.0, 11.01, 46.01), start=date(2024, 6, 1), end=date(2024, 6, 2),
+            cube="cube.zarr", dask_address=cluster.scheduler_address,
+        )  # fmt: skip
         done = [state.written for _, state in ingest._run_tiles(config, work, read=None)]  # type: ignore[arg-type]
     assert done == [5, 4, 3, 2, 1]  # one worker thread: tiles finish in the order they started
