@@ -5,7 +5,8 @@ samples, inner chunks of one sample, LZ4HC), written to a temporary folder and u
 on 127.0.0.1 (the test suite's server, ``tests/s3_fixtures.py``; credentials in the ``AWS_*`` variables, as the
 project reads them). Both sides go through ``make_loader`` with the same options and seed, so they deliver the same
 batches (checked at start-up); the S3 side takes the loader's shard path (``SampleReader.remote``: per shard one
-ranged GET of its index and one of its chunks, fetched a buffer ahead).
+ranged GET of its index and one of its chunks, fetched a buffer ahead), its ranges fetched by obstore (the
+loader's default for ``s3://``) and, as a second S3 side, by s3fs.
 
 Rows, each at 2 cores' worth of loading: "0 workers + 2 decode threads" (the main-process path training uses) and
 "2 workers" (DataLoader processes, one decode thread each); "raw" batches 13 x 264 x 264 uint16 as training with
@@ -44,7 +45,12 @@ from bench_loader import BLOCK, CROP, synthetic_patches, write_store  # noqa: E4
 from gpu_train import EpochsSampler  # noqa: E402
 from s3_fixtures import BUCKET, aws_env, seaweedfs  # noqa: E402
 
+import softcon.models.data  # noqa: E402
 from softcon.models.data import StoreDataset, make_loader  # noqa: E402
+from softcon.models.range_reads import FsspecRanges, range_reads  # noqa: E402
+
+CLIENTS = {"obstore": range_reads, "s3fs": FsspecRanges}
+"""How the S3 side fetches its ranges: the loader's default for s3:// (obstore), and fsspec's s3fs."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,12 @@ def dataset(store: str, *, raw: bool, threads: int) -> StoreDataset:
     )
 
 
-def measure(store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int) -> Speed:
-    """One pass of ``epochs`` epochs through a loader over a freshly opened store (opening it is not timed)."""
+def measure(
+    store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int, client: str = "obstore"
+) -> Speed:
+    """One pass of ``epochs`` epochs through a loader over a freshly opened store (opening it is not timed), an
+    S3 store's ranges fetched by ``client`` (DataLoader workers are forked, so they use it too)."""
+    softcon.models.data.range_reads = CLIENTS[client]  # type: ignore[assignment]
     data = dataset(store, raw=raw, threads=threads)
     me = psutil.Process()
     cpu_self, cpu_server = _cpu(me), _cpu(server)
@@ -89,6 +99,7 @@ def check_same_batches(local: str, url: str) -> None:
             assert all(torch.equal(one[key], other[key]) for key in one), f"local and S3 batches differ (raw={raw})"
         remote = data[1].reader.remote
         assert remote is not None and remote.requests > 0, "the S3 store was not read by shards"
+        assert remote.reads.name == "obstore", f"the S3 store was read by {remote.reads.name}, not obstore"
 
 
 def main() -> None:
@@ -124,23 +135,27 @@ def main() -> None:
             results: dict[tuple[str, str], dict[str, list[Speed]]] = {}
             for _ in range(args.rounds):
                 for row, options in rows.items():
-                    for side, store in (("local", str(local)), ("s3", url)):
-                        speed = measure(store, server, **options, epochs=args.epochs)  # type: ignore[arg-type]
+                    for side, store, client in (("local", str(local), "obstore"), ("s3", url, "obstore"),
+                                                ("s3fs", url, "s3fs")):  # fmt: skip
+                        speed = measure(store, server, **options, epochs=args.epochs, client=client)  # type: ignore[arg-type]
                         results.setdefault(row, {}).setdefault(side, []).append(speed)
 
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; batch 32, buffer 4 shards of {BLOCK}")
-    print(f"{'loader':<46} {'local/s':>8} {'S3/s':>8} {'S3/local':>9} {'CPU-s/1k':>9} {'S3 CPU-s/1k':>12} "
-          f"{'server CPU-s/1k':>16} {'CPU ratio':>9}  S3/local per round")  # fmt: skip
+    print(f"{'loader':<46} {'client':<8} {'local/s':>8} {'S3/s':>8} {'S3/local':>9} {'CPU-s/1k':>9} "
+          f"{'S3 CPU-s/1k':>12} {'server CPU-s/1k':>16} {'CPU ratio':>9}  S3/local per round")  # fmt: skip
     for (kind, how), sides in results.items():
-        local, s3 = sides["local"], sides["s3"]
-        ratios = [there.rate / here.rate for there, here in zip(s3, local, strict=True)]
-        cpu_local, cpu_s3 = float(np.median([s.cpu for s in local])), float(np.median([s.cpu for s in s3]))
-        cpu_server = float(np.median([s.server_cpu for s in s3]))
-        print(
-            f"{kind + ', ' + how:<46} {max(s.rate for s in local):>8.0f} {max(s.rate for s in s3):>8.0f} "
-            f"{float(np.median(ratios)):>9.2f} {cpu_local:>9.2f} {cpu_s3:>12.2f} {cpu_server:>16.2f} "
-            f"{cpu_local / (cpu_s3 + cpu_server):>9.2f}  " + " ".join(f"{r:.2f}" for r in ratios)
-        )
+        local = sides["local"]
+        for side, client in (("s3", "obstore"), ("s3fs", "s3fs")):
+            s3 = sides[side]
+            ratios = [there.rate / here.rate for there, here in zip(s3, local, strict=True)]
+            cpu_local, cpu_s3 = float(np.median([s.cpu for s in local])), float(np.median([s.cpu for s in s3]))
+            cpu_server = float(np.median([s.server_cpu for s in s3]))
+            print(
+                f"{kind + ', ' + how:<46} {client:<8} {max(s.rate for s in local):>8.0f} "
+                f"{max(s.rate for s in s3):>8.0f} {float(np.median(ratios)):>9.2f} {cpu_local:>9.2f} "
+                f"{cpu_s3:>12.2f} {cpu_server:>16.2f} "
+                f"{cpu_local / (cpu_s3 + cpu_server):>9.2f}  " + " ".join(f"{r:.2f}" for r in ratios)
+            )
 
 
 if __name__ == "__main__":

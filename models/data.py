@@ -53,6 +53,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from softcon.compat.torch_internals import storage_use_count
 from softcon.compat.zarr_internals import chunk_key, sharding_layout
+from softcon.models.range_reads import RangeReads, range_reads
 from softcon.models.training_store import open_store
 
 Sensor = Literal["s2", "s1"]
@@ -82,8 +83,9 @@ def coalesce_ranges(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> list
     return merged
 
 
-def check_shard_index(raw: bytes, per_shard: int, where: str) -> np.ndarray:
+def check_shard_index(raw: bytes | memoryview, per_shard: int, where: str) -> np.ndarray:
     """(per_shard, 2) uint64 offsets and sizes from a shard's index bytes (CRC32C checked)."""
+    raw = bytes(raw)  # 16 bytes per sample: the copy is nothing beside the fetch
     if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         raise ValueError(f"shard index checksum mismatch in {where}: the training store is corrupt")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(per_shard, 2)
@@ -105,15 +107,15 @@ class RemoteShards:
     A shard costs one GET of its index (a suffix range: its size is known from the codec, 16 bytes per inner
     chunk + a CRC32C) and one GET of its chunks: the whole shard when the samples that can be asked for
     (``wanted``, the dataset's split) hold most of its bytes, else their byte ranges, coalesced. Fetches run on
-    their own threads (``prefetch``), so the loader asks for the next shards while it decodes the current ones;
-    the filesystem is fsspec's for the store's URL, with the credentials the rest of the project uses for it
-    (the ``AWS_*`` variables for ``s3://``).
+    their own threads (``prefetch``), so the loader asks for the next shards while it decodes the current ones.
+    ``reads`` fetches the bytes (``models/range_reads.py``: obstore for ``s3://``, else fsspec), with the
+    credentials the rest of the project uses (the ``AWS_*`` variables for ``s3://``).
     """
 
     def __init__(
-        self, fs: fsspec.AbstractFileSystem, path: Callable[[int], str], per_shard: int, wanted: np.ndarray | None
+        self, reads: RangeReads, path: Callable[[int], str], per_shard: int, wanted: np.ndarray | None
     ) -> None:
-        self.fs = fs
+        self.reads = reads
         self.path = path
         self.per_shard = per_shard
         self.wanted = wanted
@@ -133,10 +135,10 @@ class RemoteShards:
         """The fetched shard, waiting for it when it is still on its way."""
         return self._future(shard).result()
 
-    def read_range(self, shard: int, start: int, stop: int) -> bytes:
+    def read_range(self, shard: int, start: int, stop: int) -> bytes | memoryview:
         """Bytes [start, stop) of a shard, one GET (a chunk that was not among the wanted ones)."""
         self._count(1)
-        return self.fs.cat_file(self.path(shard), start=start, end=stop)
+        return self.reads.ranges(self.path(shard), [start], [stop])[0]
 
     def _count(self, requests: int) -> None:
         with self._lock:
@@ -156,7 +158,7 @@ class RemoteShards:
         path = self.path(shard)
         self._count(1)
         try:
-            raw = self.fs.cat_file(path, start=-(16 * self.per_shard + 4))
+            raw = self.reads.suffix(path, 16 * self.per_shard + 4)
         except FileNotFoundError:
             return FetchedShard(None, {})
         index = check_shard_index(raw, self.per_shard, path)
@@ -176,8 +178,7 @@ class RemoteShards:
         else:
             ranges = coalesce_ranges(starts, starts + sizes, MAX_RANGE_GAP)
         self._count(len(ranges))
-        blobs = self.fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges],
-                                   on_error="raise")  # fmt: skip
+        blobs = self.reads.ranges(path, [r[0] for r in ranges], [r[1] for r in ranges])
         range_starts = np.array([r[0] for r in ranges], np.int64)
         which = np.searchsorted(range_starts, starts, side="right") - 1  # the range holding each chunk
         chunks = {}
@@ -233,7 +234,7 @@ class SampleReader:
             self.root = Path(store.root)
             return
         fs, root = fsspec.core.url_to_fs(store.fs.unstrip_protocol(store.path))
-        self.remote = RemoteShards(fs, partial(self._shard_path, root.rstrip("/")), self.per_shard, wanted)
+        self.remote = RemoteShards(range_reads(fs), partial(self._shard_path, root.rstrip("/")), self.per_shard, wanted)
 
     @property
     def fast(self) -> bool:

@@ -467,6 +467,7 @@ def test_fsspec_store_takes_the_shard_path_and_equals_the_local_one(
     _assert_batches_equal(_batches(make_loader(local, 8)), _batches(make_loader(remote, 8)))
     fetched = remote.reader.remote
     assert fetched is not None and remote.reader.fast and remote.reader.root is None
+    assert fetched.reads.name == "fsspec"  # obstore reads s3:// only
     shards = len(np.unique(remote.indices // remote.block_size))
     assert fetched.requests == 2 * shards  # per shard: its index, then its wanted chunks in one range
     fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)

@@ -131,8 +131,64 @@ def test_loader_reads_an_s3_store_by_shards_with_the_local_batches(
         assert all(torch.equal(s3_batch[key], local_batch[key]) for key in s3_batch)
     reader = datasets[1].reader
     assert reader.remote is not None and reader.fast  # the shard path, not zarr's sample-by-sample fallback
+    assert reader.remote.reads.name == "obstore"
     shards = len(np.unique(datasets[1].indices // datasets[1].block_size))
     assert reader.remote.requests == 2 * shards
+
+
+FORKED_READ = """
+import sys, torch
+from softcon.models.data import StoreDataset, make_loader
+local, url = sys.argv[1:3]
+def batches(store, workers):
+    return list(make_loader(StoreDataset(store, seed=3), 8, num_workers=workers))
+first = batches(url, 0)  # obstore's runtime starts in this process
+forked = batches(url, 2)  # forked DataLoader workers: they must not use it
+for one, other, three in zip(batches(local, 0), first, forked, strict=True):
+    assert all(torch.equal(one[k], other[k]) and torch.equal(one[k], three[k]) for k in one)
+print("batches", len(first))
+"""
+
+
+def test_dataloader_workers_forked_after_obstore_was_used_read_the_same_batches(s3_env, tmp_path: Path) -> None:
+    """obstore's runtime does not survive a fork: forked workers of a process that used it read through fsspec
+    (before, they hung)."""
+    import fsspec
+    from store_factory import write_store
+
+    local = write_store(tmp_path / "store.zarr", sharded=True, chunk=8).path
+    url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
+    fsspec.filesystem("s3").put(str(local), url, recursive=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_READ, str(local), url], capture_output=True, text=True, timeout=180,
+        cwd=Path(__file__).resolve().parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batches" in result.stdout
+
+
+def test_obstore_range_reads_match_s3fs_and_raise_the_built_in_errors(s3_env) -> None:
+    """obstore, configured from the s3fs filesystem, returns s3fs's bytes; a missing object is FileNotFoundError
+    and a wrong secret a PermissionError that names the variables, not the secret."""
+    import fsspec
+
+    from softcon.models.range_reads import FsspecRanges, range_reads
+
+    fs = fsspec.filesystem("s3")
+    path = f"{BUCKET}/ranges/{secrets.token_hex(4)}.bin"
+    fs.pipe(path, os.urandom(5000))
+    reads, plain = range_reads(fs), FsspecRanges(fs)
+    assert reads.name == "obstore"
+    assert bytes(reads.suffix(path, 20)) == plain.suffix(path, 20)
+    starts, ends = [0, 4000, 100], [10, 5000, 300]
+    assert [bytes(b) for b in reads.ranges(path, starts, ends)] == [bytes(b) for b in plain.ranges(path, starts, ends)]
+    with pytest.raises(FileNotFoundError):
+        reads.suffix(f"{BUCKET}/ranges/missing.bin", 20)
+    wrong = "wrong-" + secrets.token_hex(8)
+    denied = range_reads(fsspec.filesystem("s3", key=s3_env.access_key, secret=wrong, skip_instance_cache=True))
+    with pytest.raises(PermissionError, match="AWS_SECRET_ACCESS_KEY") as raised:
+        denied.ranges(path, [0], [10])
+    assert wrong not in str(raised.value)
 
 
 def test_wrong_credentials_stop_preprocess_with_the_cube_named_and_the_secret_unprinted(s3_server, tmp_path):
