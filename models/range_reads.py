@@ -1,16 +1,17 @@
 """Byte ranges of objects on object storage: what the loader's shard path (``models/data.py``) fetches.
 
 Two clients behind one small interface: obstore (Rust's ``object_store``) for ``s3://``, and fsspec for every
-other URL (and for ``s3://`` where obstore is not installed). Measured against the tests' S3 server on loopback
-(``bench/bench_loader_s3.py``, ``docs/scaling.md``): s3fs spends 2.2-7 ms of client CPU per MB read, obstore 1.4,
-and on a loader that is CPU-bound that is the difference in samples/s.
+other URL (and for ``s3://`` where obstore is not installed). Against the tests' S3 server on loopback a bare 64 MB
+GET cost 1.4 ms of client CPU per MB through obstore and 2.2-7 through s3fs; the loader's main-process path read
+1.16-1.32x the samples/s with obstore (``bench/bench_loader_s3.py``, ``docs/scaling.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import fsspec
@@ -142,27 +143,19 @@ def _s3_store(fs: Any, bucket: str) -> S3Store:
     return S3Store(bucket, config=config, client_options={"allow_http": bool(endpoint)}, credential_provider=provide)
 
 
-class _as_python_errors:
-    """obstore's missing-object and access errors as the built-in ones the loader and fsspec raise."""
+@contextlib.contextmanager
+def _as_python_errors(path: str) -> Iterator[None]:
+    """obstore's access errors as the PermissionError fsspec raises (a missing object is already a
+    FileNotFoundError), naming where the credentials come from and never the secret."""
+    from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
-        if error is None:
-            return
-        from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
-
-        if isinstance(error, NotFoundError):
-            raise FileNotFoundError(f"s3://{self.path.removeprefix('s3://')}") from None
-        if isinstance(error, PermissionDeniedError | UnauthenticatedError):
-            raise PermissionError(
-                f"access to s3://{self.path.removeprefix('s3://')} was denied; check the credentials "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the AWS profile) and AWS_ENDPOINT_URL"
-            ) from None
+    try:
+        yield
+    except (PermissionDeniedError, UnauthenticatedError):
+        raise PermissionError(
+            f"access to s3://{path.removeprefix('s3://')} was denied; check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the AWS profile) and AWS_ENDPOINT_URL"
+        ) from None
 
 
 def range_reads(fs: fsspec.AbstractFileSystem) -> RangeReads:
