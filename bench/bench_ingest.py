@@ -12,8 +12,8 @@
 2. Memory: ``run_ingest`` over 1x, 4x and 16x the tiles (256 px), each in its own subprocess (peak RSS
    per size). Target: peak RSS at 16x within 20 % of 1x.
 
-3. Workers: one ingest run fanned out over Dask workers, ``SCALING_TILES`` tiles of 256 px: in this process
-   (``n_workers`` 1), on a LocalCluster of 1 worker and of 2 workers (a cluster per run, its start-up timed
+3. Workers: one ingest run fanned out over Dask workers, ``SCALING_TILES`` tiles of 256 px (or as given): in this
+   process (``n_workers`` 1), on a LocalCluster of 1 worker and of 2 workers (a cluster per run, its start-up timed
    apart, warmed up by a 2-tile ingest so that the workers' imports are not timed). Interleaved rounds;
    reported: tiles/s (best and median), cores busy (CPU time of this process and its children over the run's
    wall time), and the ratios 2 workers / in process and 2 workers / 1 worker. The
@@ -22,7 +22,8 @@
 
 Parts 1 and 2 run ingest in this process (``n_workers`` 1), as the baseline does.
 
-Run: ``python bench/bench_ingest.py`` (a few minutes; ``--workers [TILES]`` runs part 3 only, on ``TILES`` tiles);
+Run: ``python bench/bench_ingest.py`` (a few minutes; ``--workers [TILES [PX]]`` runs part 3 only, on ``TILES`` tiles
+of ``PX`` pixels, default 16 of 256);
 prints tables to paste into the README.
 """
 
@@ -135,7 +136,9 @@ def throughput(work: Path, tile_size: int, tiles: int, repeats: int = REPEATS) -
 SCALING_TILES, SCALING_ROUNDS = 16, 5
 
 
-def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALING_ROUNDS) -> dict[str, Any]:
+def workers_scaling(
+    work: Path, tiles: int = SCALING_TILES, rounds: int = SCALING_ROUNDS, tile_size: int = TILE_SIZE
+) -> dict[str, Any]:
     """Tiles/s of one ingest run in this process and fanned out over LocalClusters of 1 and 2 workers.
 
     Each Dask run gets a cluster of its own, started (and timed) before it, warmed up with a 2-tile ingest and
@@ -145,8 +148,8 @@ def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALIN
 
     from softcon.tasks.dask_cluster import local_cluster
 
-    sample = write_sample_data(work / f"scaling{tiles}", tiles=tiles, tile_size=TILE_SIZE, dates=DATES)
-    warm_sample = write_sample_data(work / "scaling-warm-up", tiles=2, tile_size=TILE_SIZE, dates=DATES)
+    sample = write_sample_data(work / f"scaling{tiles}", tiles=tiles, tile_size=tile_size, dates=DATES)
+    warm_sample = write_sample_data(work / "scaling-warm-up", tiles=2, tile_size=tile_size, dates=DATES)
     setups = {"in process": 0, "Dask, 1 worker": 1, "Dask, 2 workers": 2}
     seconds: dict[str, list[float]] = {name: [] for name in setups}
     cores: dict[str, list[float]] = {name: [] for name in setups}
@@ -163,10 +166,10 @@ def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALIN
                     stack.enter_context(Client(cluster))
                     startup[workers].append(time.perf_counter() - started)
                     overrides = {"dask_address": cluster.scheduler_address}
-                    run_ingest(_config(warm_sample, work / "warm-up.zarr", **overrides))
+                    run_ingest(_config(warm_sample, work / "warm-up.zarr", tile_size, **overrides))
                     shutil.rmtree(work / "warm-up.zarr")
                 cpu_before = _tree_cpu_s()
-                report = run_ingest(_config(sample, cube, **overrides))
+                report = run_ingest(_config(sample, cube, tile_size, **overrides))
                 busy = (_tree_cpu_s() - cpu_before) / report.seconds
             assert len(report.tiles) == tiles and report.tile_dates_written > 0
             tile_dates = report.tile_dates_written
@@ -181,7 +184,7 @@ def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALIN
     }  # fmt: skip
     per_round = [a / b for a, b in zip(seconds["in process"], seconds["Dask, 2 workers"], strict=True)]
     return {
-        "tiles": tiles, "tile_dates": tile_dates, "rows": rows,
+        "tiles": tiles, "tile_size": tile_size, "tile_dates": tile_dates, "rows": rows,
         "startup_s": {n: float(np.median(v)) for n, v in startup.items()},
         "two_vs_in_process": rows["in process"]["best_s"] / rows["Dask, 2 workers"]["best_s"],
         "two_vs_in_process_median_round": float(np.median(per_round)),
@@ -192,8 +195,8 @@ def workers_scaling(work: Path, tiles: int = SCALING_TILES, rounds: int = SCALIN
 
 
 def print_scaling(scaling: dict[str, Any]) -> None:
-    print(f"\nworkers: {scaling['tiles']} tiles of {TILE_SIZE} px ({scaling['tile_dates']} tile-dates: S2+SCL and S1), "
-          f"{SCALING_ROUNDS} rounds")  # fmt: skip
+    print(f"\nworkers: {scaling['tiles']} tiles of {scaling['tile_size']} px ({scaling['tile_dates']} tile-dates: "
+          f"S2+SCL and S1), {SCALING_ROUNDS} rounds")  # fmt: skip
     print("| run | best s | tiles/s (best) | tiles/s (median) | cores busy (median) | every round, s |")
     print("|---|---|---|---|---|---|")
     for name, row in scaling["rows"].items():
@@ -248,7 +251,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     if sys.argv[1:2] == ["--workers"]:
         try:
-            print_scaling(workers_scaling(work, *map(int, sys.argv[2:3])))
+            tiles = int(sys.argv[2]) if sys.argv[2:] else SCALING_TILES
+            tile_size = int(sys.argv[3]) if sys.argv[3:] else TILE_SIZE
+            print_scaling(workers_scaling(work, tiles, tile_size=tile_size))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return

@@ -7,7 +7,12 @@ is the ratio of median step times. With lambda = 0 the soft term is evaluated un
 (``models/loss.py``), so the difference is the soft term's graph: B x B label similarity, sigmoid-BCE and its
 backward. A third row times that soft term alone (forward + backward) at growing batch sizes.
 
+With ``--optimizer`` the same interleaved rounds compare the AdamW implementations instead: fused (one kernel
+over all parameters, what ``Trainer`` uses), foreach (one kernel per operation over lists of tensors) and the
+per-tensor loop (PyTorch's default on CPU), each on an otherwise identical SoftCon trainer.
+
     python bench/bench_softcon_step.py                       # CPU: resnet18, 64 px, batch 64
+    python bench/bench_softcon_step.py --optimizer --size 32 # the demo's step (resnet18, 32 px, batch 64)
     python bench/bench_softcon_step.py --device cuda --backbone resnet50 --size 224 --batch-size 256
 """
 
@@ -39,6 +44,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LAMBDAS = {"softcon": (1.0, {}), "lambda0": (0.0, {})}
+"""The soft term's cost: SoftCon against lambda = 0, both with the trainer's AdamW."""
+OPTIMIZERS = {
+    "fused": (1.0, {"fused": True, "foreach": None}),
+    "foreach": (1.0, {"fused": None, "foreach": True}),
+    "per-tensor loop": (1.0, {"fused": None, "foreach": False}),
+}
+"""AdamW implementations, set on the trainer's parameter groups (its step reads them there)."""
+
+
 def time_soft_term(batch_size: int, dim: int, classes: int, device: torch.device, repeats: int = 20) -> float:
     """Median seconds of the soft term alone (forward + backward) on a (B, D) batch."""
     loss_fn = SoftConLoss(lambda_soft=1.0).to(device)
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (each: steps of A, then of B)")
     parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--optimizer", action="store_true", help="compare AdamW fused / foreach / per-tensor loop")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -76,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         store = args.store or synthetic_store(Path(folder), args.size, args.batch_size * 2)
         batches, _ = load_batches(store, args.size, args.batch_size, 2, device)
         total = args.rounds * args.steps_per_round + 1
+        variants = OPTIMIZERS if args.optimizer else LAMBDAS
         trainers = {}
-        for name, lambda_soft in (("softcon", 1.0), ("lambda0", 0.0)):
+        for name, (lambda_soft, implementation) in variants.items():
             torch.manual_seed(0)
             config = TrainConfig(
                 store=str(store), backbone=args.backbone, batch_size=args.batch_size, steps=total, warmup_steps=1,
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             trainers[name] = build_trainer(
                 config, first["view_a"].shape[1], img_size=args.size, n_classes=first["labels"].shape[1], device=device
             )
+            for group in trainers[name].optimizer.param_groups:
+                group.update(implementation)
             trainers[name].step(batches[0], 0)  # warm-up: allocations, autotuning
         times: dict[str, list[float]] = {name: [] for name in trainers}
         step = 1
@@ -100,6 +119,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     times[name].append(time.perf_counter() - started)
             step += args.steps_per_round
 
+    if args.optimizer:
+        fused = statistics.median(times["fused"])
+        print(f"\nAdamW implementations in the SoftCon step: {args.backbone}, {args.size} px, batch {args.batch_size}, "
+              f"{device}")  # fmt: skip
+        print(f"{'AdamW':34s} {'median step s':>14s} {'steps':>6s} {'x fused':>8s}")
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        for name, median in medians.items():
+            print(f"{name:34s} {median:14.4f} {len(times[name]):6d} {median / fused:8.2f}")
+        return medians
     softcon, baseline = statistics.median(times["softcon"]), statistics.median(times["lambda0"])
     overhead = (softcon - baseline) / softcon
     classes = batches[0]["labels"].shape[1]

@@ -374,7 +374,7 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(parameter_groups(model, lr, layer_decay, weight_decay))
+    optimizer = torch.optim.AdamW(parameter_groups(model, lr, layer_decay, weight_decay), fused=True)
     total_steps = max(1, epochs * len(train))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))

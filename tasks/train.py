@@ -9,7 +9,10 @@ dozen lines over named steps, in the order they run: ``training_dataset``, ``res
 ``window_metrics`` (log), ``checkpoint_state`` and ``save_checkpoint`` (save), then the DDP barrier.
 
 On CUDA the forward runs under bf16 autocast (``precision``; fp16 adds a gradient scaler) with
-channels_last inputs and weights; ``compile=True`` wraps the student's forward in ``torch.compile``.
+channels_last inputs and weights; ``compile=True`` wraps the student's forward in ``torch.compile``. AdamW
+runs fused (one kernel over all parameters, CPU and CUDA): the demo's CPU step (ResNet-18, 32 px, batch 64) took
+0.18-0.21 s against 0.20-0.25 s with PyTorch's CPU default, the per-tensor loop (``bench/bench_softcon_step.py
+--optimizer``).
 Launched by ``torchrun --nproc-per-node N`` the run is data-parallel (DDP, NCCL on GPUs, gloo on CPU): the
 global batch is split across ranks (``models.distributed``), the loss is taken per rank on its share
 (negatives come from the rank's own share), gradients are averaged, rank 0 logs and writes checkpoints.
@@ -239,7 +242,7 @@ class Trainer:
 
         trained: list[nn.Module] = [self.student] if self.supervised else [self.student, self.loss_fn]
         self.parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
+        self.optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(warmup_cosine, warmup=config.warmup_steps, total=config.steps)
         )
@@ -340,6 +343,8 @@ class Trainer:
                 self.teacher.classifier.load_state_dict(state["teacher_classifier"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the implementation is not state: older checkpoints say unfused
+            group.update(fused=True, foreach=None)
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
