@@ -14,7 +14,14 @@ from softcon import progress
 from softcon.config import TrainConfig
 from softcon.models.data import StoreDataset, collate_batch, make_loader
 from softcon.models.distributed import DistributedContext, ShardedBatchSampler
-from softcon.tasks.train import collapse_warning, decode_threads, load_encoder, read_checkpoint, run_training
+from softcon.tasks.train import (
+    build_trainer,
+    collapse_warning,
+    decode_threads,
+    load_encoder,
+    read_checkpoint,
+    run_training,
+)
 
 torch.set_num_threads(2)
 
@@ -135,6 +142,20 @@ def test_checkpoint_holds_everything_a_resume_needs(store: SyntheticStore, tmp_p
     assert expected | {"rng", "config", "meta", "step"} <= set(state)
     assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert state["scheduler"]["last_epoch"] == 1 and state["optimizer"]["state"]  # AdamW moments saved
+
+
+def test_adamw_runs_fused_and_a_resume_from_an_unfused_checkpoint_stays_fused(
+    store: SyntheticStore, tmp_path: Path
+) -> None:
+    result = run_training(tiny_config(store, tmp_path, steps=1, batch_size=4))
+    state = read_checkpoint(result.checkpoint)
+    assert {group["fused"] for group in state["optimizer"]["param_groups"]} == {True}
+    for group in state["optimizer"]["param_groups"]:  # as a checkpoint from before the fused kernel says
+        group.update(fused=None, foreach=None)
+    trainer = build_trainer(tiny_config(store, tmp_path), 12, img_size=16, n_classes=len(state["meta"]["class_names"]))
+    trainer.load_state(state)
+    assert {(group["fused"], group["foreach"]) for group in trainer.optimizer.param_groups} == {(True, None)}
+    assert trainer.optimizer.state  # the moments were loaded
 
 
 @pytest.mark.slow
