@@ -8,27 +8,31 @@ batches (checked at start-up); the S3 side takes the loader's shard path (``Samp
 ranged GET of its index and one of its chunks, fetched a buffer ahead), its ranges fetched by obstore (the
 loader's default for ``s3://``) and, as a second S3 side, by s3fs.
 
-Rows, each at 2 cores' worth of loading: "0 workers + 2 decode threads" (the main-process path training uses) and
-"2 workers" (DataLoader processes, one decode thread each); "raw" batches 13 x 264 x 264 uint16 as training with
-``augment_on_device`` reads them, "CPU augment" one normalised 224 px crop per sample. Rounds alternate local and
-S3 so that the shared machine's noise hits both; a pass is ``--epochs`` epochs of the store through one loader,
-timed from its first batch request (the first fetches included). Per row: the best round's samples/s on each side,
-the median of the per-round S3/local ratios (the target: at least 0.7), the CPU-seconds of this process and of
-the S3 server per 1,000 samples (the server shares the machine's cores), and the CPU ratio: local CPU-seconds per
-sample over S3's (client + server), the throughput ratio when every core is busy.
+Rows, each at 2 cores' worth of loading: "0 workers + 2 decode threads" (the main-process path training uses) and "2
+workers" (DataLoader processes, one decode thread each; each pass in a new spawned process that has not used
+obstore, as ``softcon train``'s has not when it forks its workers, so they fetch through obstore too); "raw" batches
+13 x 264 x 264 uint16 as training with ``augment_on_device`` reads them, "CPU augment" one normalised 224 px crop
+per sample. Rounds alternate local and S3 so that the shared machine's noise hits both; a pass is ``--epochs``
+epochs of the store through one loader, timed from its first batch request (the first fetches included). Per row:
+the best round's samples/s on each side, the median of the per-round S3/local ratios (the target: at least 0.7), the
+CPU-seconds of this process and of the S3 server per 1,000 samples (the server shares the machine's cores), and the
+CPU ratio: local CPU-seconds per sample over S3's (client + server), the throughput ratio when every core is busy.
 
-    python bench/bench_loader_s3.py          # about 3 minutes on 2 cores
+    python bench/bench_loader_s3.py          # about 9 minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +77,8 @@ def measure(
     store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int, client: str = "obstore"
 ) -> Speed:
     """One pass of ``epochs`` epochs through a loader over a freshly opened store (opening it is not timed), an
-    S3 store's ranges fetched by ``client`` (DataLoader workers are forked, so they use it too)."""
+    S3 store's ranges fetched by ``client`` (DataLoader workers are forked, so they use it too, obstore only where
+    this process has not used it: ``measure_in_new_process``)."""
     softcon.models.data.range_reads = CLIENTS[client]  # type: ignore[assignment]
     data = dataset(store, raw=raw, threads=threads)
     me = psutil.Process()
@@ -83,6 +88,23 @@ def measure(
         seen += len(batch["raw" if raw else "image"])
     seconds = time.perf_counter() - started
     return Speed(seen / seconds, 1000 * (_cpu(me) - cpu_self) / seen, 1000 * (_cpu(server) - cpu_server) / seen)
+
+
+def measure_in_new_process(store: str, server_pid: int, **options: Any) -> Speed:
+    """``measure`` in a spawned process that has not used obstore, as ``softcon train``'s main process has not when
+    it forks its DataLoader workers: so they fetch through obstore (a worker forked from a process that used it
+    falls back on s3fs, ``models/range_reads.py``)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_by_pid, store, server_pid, options).result()
+
+
+def _measure_by_pid(store: str, server_pid: int, options: dict[str, Any]) -> Speed:
+    from softcon.models import range_reads
+
+    assert range_reads._runtime_pid is None, "obstore was used before the workers fork: they would fall back on s3fs"
+    multiprocessing.set_start_method("fork", force=True)  # as training's workers on Linux (a spawned child spawns)
+    torch.set_num_threads(1)
+    return measure(store, psutil.Process(server_pid), **options)
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -137,7 +159,9 @@ def main() -> None:
                 for row, options in rows.items():
                     for side, store, client in (("local", str(local), "obstore"), ("s3", url, "obstore"),
                                                 ("s3fs", url, "s3fs")):  # fmt: skip
-                        speed = measure(store, server, **options, epochs=args.epochs, client=client)  # type: ignore[arg-type]
+                        run = measure_in_new_process if options["workers"] else measure
+                        speed = run(store, server if run is measure else server.pid, **options,  # type: ignore[operator]
+                                    epochs=args.epochs, client=client)  # fmt: skip
                         results.setdefault(row, {}).setdefault(side, []).append(speed)
 
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; batch 32, buffer 4 shards of {BLOCK}")

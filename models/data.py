@@ -534,7 +534,6 @@ class StoreDataset(Dataset):
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
         state["_reader"] = state["_mask_reader"] = state["_local"] = state["_pool"] = state["_table"] = None
-        state["_batches"] = BatchPool()
         return state
 
     @property
@@ -819,6 +818,10 @@ class BatchPool:
         self.size = size
         self._kept: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[type[BatchPool], tuple[int]]:
+        # a copy (a spawned DataLoader worker's dataset) starts empty: the tensors and the lock stay in this process
+        return BatchPool, (self.size,)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised (shape, dtype) tensor that nothing else uses."""

@@ -204,6 +204,18 @@ def test_two_workers_give_the_same_batches_as_none(sharded: SyntheticStore) -> N
     _assert_batches_equal(in_process, in_workers)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_spawned_workers_give_the_same_batches_as_none(sharded: SyntheticStore, start_method: str) -> None:
+    """Workers that are not forked (macOS's default, Python 3.14's forkserver on Linux) get the dataset pickled: a
+    dataset that had already loaded batches in this process (its batch pool holds a lock) must pickle too."""
+    dataset = StoreDataset(sharded.path, crop_size=12, seed=9, channel_dropout=0.1)
+    sampler = BlockShuffleSampler(dataset, seed=9, buffer_blocks=2)
+    in_process = _batches(make_loader(dataset, 8, sampler=sampler))
+    loader = make_loader(dataset, 8, sampler=sampler, num_workers=2)
+    loader.multiprocessing_context = start_method
+    _assert_batches_equal(in_process, _batches(loader))
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_training_form_batch_sampler_loads_the_sampler_batches(sharded: SyntheticStore, num_workers: int) -> None:
     """Training passes ``batch_sampler=ShardedBatchSampler(...)``: the same batches as ``batch_size`` + ``sampler``."""

@@ -150,6 +150,39 @@ print("batches", len(first))
 """
 
 
+FRESH_WORKERS = """
+import sys, torch
+from softcon.models import range_reads
+from softcon.models.data import StoreDataset, make_loader
+local, url = sys.argv[1:3]
+def refuse(*args, **kwargs):
+    raise AssertionError("a DataLoader worker read through fsspec, not obstore")
+range_reads.FsspecRanges.ranges = range_reads.FsspecRanges.suffix = refuse  # inherited by the forked workers
+s3 = list(make_loader(StoreDataset(url, seed=3), 8, num_workers=2))
+assert range_reads._runtime_pid is None, "the main process used obstore"
+for one, other in zip(list(make_loader(StoreDataset(local, seed=3), 8)), s3, strict=True):
+    assert all(torch.equal(one[k], other[k]) for k in one)
+print("batches", len(s3))
+"""
+
+
+def test_dataloader_workers_of_a_process_that_has_not_used_obstore_read_through_it(s3_env, tmp_path: Path) -> None:
+    """As in ``softcon train`` with workers: the main process only opens the store, so each forked worker starts
+    obstore's runtime itself and fetches through it (fsspec is only the fallback after a fork)."""
+    import fsspec
+    from store_factory import write_store
+
+    local = write_store(tmp_path / "store.zarr", sharded=True, chunk=8).path
+    url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
+    fsspec.filesystem("s3").put(str(local), url, recursive=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_WORKERS, str(local), url], capture_output=True, text=True, timeout=180,
+        cwd=Path(__file__).resolve().parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batches" in result.stdout
+
+
 def test_dataloader_workers_forked_after_obstore_was_used_read_the_same_batches(s3_env, tmp_path: Path) -> None:
     """obstore's runtime does not survive a fork: forked workers of a process that used it read through fsspec
     (before, they hung)."""
