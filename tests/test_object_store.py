@@ -162,13 +162,20 @@ s3 = list(make_loader(StoreDataset(url, seed=3), 8, num_workers=2))
 assert range_reads._runtime_pid is None, "the main process used obstore"
 for one, other in zip(list(make_loader(StoreDataset(local, seed=3), 8)), s3, strict=True):
     assert all(torch.equal(one[k], other[k]) for k in one)
-print("batches", len(s3))
+from softcon.config import TrainConfig
+from softcon.tasks.train import run_training
+result = run_training(TrainConfig(
+    store=url, out=sys.argv[3], backbone="resnet18", steps=2, batch_size=8, warmup_steps=1, mask_patch=4,
+    embed_dim=16, device="cpu", num_workers=2,
+))
+assert range_reads._runtime_pid is None, "softcon train's main process used obstore"
+print("batches", len(s3), "steps", result.steps)
 """
 
 
 def test_dataloader_workers_of_a_process_that_has_not_used_obstore_read_through_it(s3_env, tmp_path: Path) -> None:
-    """As in ``softcon train`` with workers: the main process only opens the store, so each forked worker starts
-    obstore's runtime itself and fetches through it (fsspec is only the fallback after a fork)."""
+    """``make_loader`` and ``softcon train`` with workers: the main process only opens the store, so each forked
+    worker starts obstore's runtime itself and fetches through it (fsspec is only the fallback after a fork)."""
     import fsspec
     from store_factory import write_store
 
@@ -176,11 +183,12 @@ def test_dataloader_workers_of_a_process_that_has_not_used_obstore_read_through_
     url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
     fsspec.filesystem("s3").put(str(local), url, recursive=True)
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_WORKERS, str(local), url], capture_output=True, text=True, timeout=180,
+        [sys.executable, "-c", FRESH_WORKERS, str(local), url, str(tmp_path / "run")], capture_output=True,
+        text=True, timeout=180,
         cwd=Path(__file__).resolve().parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "batches" in result.stdout
+    assert "steps 2" in result.stdout
 
 
 def test_dataloader_workers_forked_after_obstore_was_used_read_the_same_batches(s3_env, tmp_path: Path) -> None:
