@@ -1002,7 +1002,8 @@ def make_loader(
             ``sampler`` and ``drop_last``: e.g. ``models.distributed.ShardedBatchSampler``, one rank's share of
             an epoch's global batches from a resumed position. When its ``sampler`` attribute is a
             ``BlockShuffleSampler``, the cache is raised to that sampler's buffer.
-        num_workers: worker processes reading and decoding (0: in the main process). On object storage, 0 also
+        num_workers: worker processes reading and decoding (0: in the main process), forked or spawned (the dataset
+            pickles without its readers, caches and batch pool). On object storage, 0 also
             fetches the shards one buffer ahead (``PrefetchingBatches``); a worker fetches its batch's shards when it
             gets the batch (each worker its own copy, so several workers fetch a buffer's shards several times).
         pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; default when CUDA is
