@@ -5,7 +5,7 @@
 #   bash bench/gpu_checks.sh --smoke [OUTPUT_FOLDER]    on a CPU: the same scripts at toy sizes
 #
 # Without --smoke and without a CUDA device it stops at once (exit 2) and says so. Steps, each under its own
-# timeout (caps summing to 715 s, each cut to what is left of GPU_CHECKS_BUDGET, default 700 s; a step is skipped
+# timeout (caps summing to 760 s, each cut to what is left of GPU_CHECKS_BUDGET, default 700 s; a step is skipped
 # under 20 s left), so that one failure or hang does not stop the rest; the most wanted figures first:
 #   env            nvidia-smi; torch / CUDA / cuDNN / NCCL versions, device name, capability, bf16 support
 #   store          a synthetic training store in the preprocess layout: 264 px, 12 bands, shards of 64 (2,048 samples)
@@ -22,8 +22,10 @@
 #   compiled       (not in smoke mode) the steps rows under torch.compile at batch 256 (compiling takes 30-60 s per row; rows are
 #                  written as they finish, so a timeout keeps the ones done) (compiled.json, compiled.md)
 #   pytest-cuda    the CUDA-only tests and the tests whose paths change when CUDA is visible
+#   optimizer      bench/bench_softcon_step.py --optimizer: the SoftCon step with AdamW fused (training's), foreach and
+#                  the per-tensor loop, ResNet-50 at batch 256, 224 px (optimizer.log)
 # The output folder gets: env.log store.log steps.{json,md,log} e2e.{json,log} loader.{json,log} ddp.log
-# ddp_all.{json,log} compiled.{json,md,log} pytest.log summary.md. Environment: PYTHON (default python3),
+# ddp_all.{json,log} compiled.{json,md,log} pytest.log optimizer.log summary.md. Environment: PYTHON (default python3),
 # GPU_CHECKS_BUDGET (seconds for all steps). Exit status 0 when no step failed, 2 without CUDA (no --smoke).
 set -u
 export PYTHONUNBUFFERED=1
@@ -298,6 +300,15 @@ else
         tests/test_bench_gpu_train.py
 fi
 
+# --- AdamW implementations in the SoftCon step (training uses the fused one) -----------------------------------------
+if ((SMOKE)); then
+    OPTIMIZER_SIZES=(--backbone resnet18 --size "$SIZE" --batch-size "$BATCH" --rounds 1 --steps-per-round 1)
+else
+    OPTIMIZER_SIZES=(--backbone resnet50 --size "$SIZE" --batch-size "$BATCH" --rounds 4)
+fi
+step optimizer 45 optimizer.log "$PY" bench/bench_softcon_step.py --optimizer --device "$DEVICE" --store "$STORE" \
+    "${OPTIMIZER_SIZES[@]}"
+
 # --- summary ----------------------------------------------------------------------------------------------------
 {
     echo "# softcon GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - START))s, smoke: $SMOKE"
@@ -315,6 +326,7 @@ fi
     done
     grep -h "^DDP vs plain\|^run_training on\|^all_reduce on" "$OUTDIR/ddp.log" 2>/dev/null
     grep -h -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$OUTDIR/pytest.log" 2>/dev/null
+    grep -h -E "^AdamW|^fused |^foreach |^per-tensor loop " "$OUTDIR/optimizer.log" 2>/dev/null
     echo
     echo "failed steps: $FAILED"
 } | tee "$OUTDIR/summary.md"
