@@ -18,7 +18,8 @@ the best round's samples/s on each side, the median of the per-round S3/local ra
 CPU-seconds of this process and of the S3 server per 1,000 samples (the server shares the machine's cores), and the
 CPU ratio: local CPU-seconds per sample over S3's (client + server), the throughput ratio when every core is busy.
 
-    python bench/bench_loader_s3.py          # about 9 minutes on 2 cores
+    python bench/bench_loader_s3.py                            # about 9 minutes on 2 cores
+    python bench/bench_loader_s3.py --real tests/data/real     # patches cut from real Sentinel-2 (0.56 MB each)
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-from bench_loader import BLOCK, CROP, synthetic_patches, write_store  # noqa: E402
+from bench_compression import read_s2  # noqa: E402
+from bench_loader import BLOCK, CROP, PATCH, synthetic_patches, write_store  # noqa: E402
 from gpu_train import EpochsSampler  # noqa: E402
 from s3_fixtures import BUCKET, aws_env, seaweedfs  # noqa: E402
 
@@ -71,6 +73,22 @@ def dataset(store: str, *, raw: bool, threads: int) -> StoreDataset:
     return StoreDataset(
         store, two_views=False, crop_size=None if raw else CROP, defer_augment=raw, decode_threads=threads
     )
+
+
+def real_patches(folder: Path, n: int) -> np.ndarray:
+    """(n, 13, 264, 264) uint16 cut from the real Sentinel-2 L1C crop (240 px, 12 bands; B10, absent there, repeated
+    from B09), reflected out to 264 px and varied by the 8 flips and turns and by shifts, so that a shard
+    compresses like real imagery (the synthetic patches' noise does not)."""
+    s2 = read_s2(folder)  # (12, 240, 240)
+    thirteen = np.concatenate([s2[:10], s2[9:10], s2[10:]])  # B01..B09, B10 := B09, B11, B12
+    pad = (PATCH - thirteen.shape[1]) // 2
+    patch = np.pad(thirteen, ((0, 0), (pad, PATCH - thirteen.shape[1] - pad), (pad, PATCH - thirteen.shape[2] - pad)),
+                   mode="reflect")  # fmt: skip
+    out = np.empty((n, *patch.shape), np.uint16)
+    for k in range(n):
+        turned = np.rot90(patch[:, :, ::-1] if k % 2 else patch, k // 2 % 4, axes=(1, 2))
+        out[k] = np.roll(turned, (k // 8 * 29, k // 8 * 17), axis=(1, 2))
+    return out
 
 
 def measure(
@@ -129,6 +147,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="samples in the store (shards of 64)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed pass")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--real", type=Path, metavar="DIR",
+                        help="patches cut from the real S2 crop in DIR/sentinel2_l1c_virginia (tests/data/real) "
+                             "instead of synthetic ones")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in bench_loader.py: the decode threads are the parallelism measured
 
@@ -140,7 +161,10 @@ def main() -> None:
             server = next(p for p in psutil.Process().children() if "weed" in p.name())
             started = time.perf_counter()
             local = work / "store.zarr"
-            write_store(local, args.samples, synthetic_patches(BLOCK, seed=0))
+            block = (
+                real_patches(args.real / "sentinel2_l1c_virginia", BLOCK) if args.real else synthetic_patches(BLOCK, 0)
+            )
+            write_store(local, args.samples, block)
             url = f"s3://{BUCKET}/store.zarr"
             fsspec.filesystem("s3").put(str(local), url, recursive=True)
             size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
