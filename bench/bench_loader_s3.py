@@ -6,11 +6,15 @@ on 127.0.0.1 (the test suite's server, ``tests/s3_fixtures.py``; credentials in 
 project reads them). Both sides go through ``make_loader`` with the same options and seed, so they deliver the same
 batches (checked at start-up); the S3 side takes the loader's shard path (``SampleReader.remote``: per shard one
 ranged GET of its index and one of its chunks, fetched a buffer ahead), its ranges fetched by obstore (the
-loader's default for ``s3://``) and, as a second S3 side, by s3fs.
+loader's default for ``s3://``) and, as a second S3 side, by s3fs (``--no-s3fs`` leaves it out).
 
 Rows, each at 2 cores' worth of loading: "0 workers + 2 decode threads" (the main-process path training uses) and "2
-workers" (DataLoader processes, one decode thread each; each pass in a new spawned process that has not used
-obstore, as ``softcon train``'s has not when it forks its workers, so they fetch through obstore too); "raw" batches
+workers" (DataLoader processes, one decode thread each; each pass in a new spawned process, as ``softcon train``'s
+main process before it forks its workers). With workers the main process fetches each shard once and shares it with
+them through a directory in /dev/shm (``models/remote_shards.py``); the "unshared" side is the same loader with the
+sharing failing (as when /dev/shm and TMPDIR are full), so that each worker fetches the shards of its own batches,
+as every worker did before the sharing (a worker forked from a process that used obstore fetches through s3fs,
+``models/range_reads.py``; these are forked before the main process fetches anything). "raw" batches
 13 x 264 x 264 uint16 as training with ``augment_on_device`` reads them, "CPU augment" one normalised 224 px crop
 per sample. Rounds alternate local and S3 so that the shared machine's noise hits both; a pass is ``--epochs``
 epochs of the store through one loader, timed from its first batch request (the first fetches included). Per row:
@@ -25,6 +29,7 @@ CPU ratio: local CPU-seconds per sample over S3's (client + server), the through
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import sys
@@ -52,6 +57,7 @@ from gpu_train import EpochsSampler  # noqa: E402
 from s3_fixtures import BUCKET, aws_env, seaweedfs  # noqa: E402
 
 import softcon.models.data  # noqa: E402
+import softcon.models.remote_shards  # noqa: E402
 from softcon.models.data import StoreDataset, make_loader  # noqa: E402
 from softcon.models.range_reads import FsspecRanges, range_reads  # noqa: E402
 
@@ -92,12 +98,17 @@ def real_patches(folder: Path, n: int) -> np.ndarray:
 
 
 def measure(
-    store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int, client: str = "obstore"
-) -> Speed:
+    store: str, server: psutil.Process, *, raw: bool, workers: int, threads: int, epochs: int, client: str = "obstore",
+    shared: bool = True,
+) -> Speed:  # fmt: skip
     """One pass of ``epochs`` epochs through a loader over a freshly opened store (opening it is not timed), an
-    S3 store's ranges fetched by ``client`` (DataLoader workers are forked, so they use it too, obstore only where
-    this process has not used it: ``measure_in_new_process``)."""
+    S3 store's ranges fetched by ``client``; with ``shared`` False the workers cannot be handed the main process's
+    shards and fetch their own (forked workers use ``client`` too, obstore only where this process has not used it:
+    ``measure_in_new_process``)."""
     softcon.models.data.range_reads = CLIENTS[client]  # type: ignore[assignment]
+    if not shared:
+        logging.getLogger("softcon.models.remote_shards").setLevel(logging.ERROR)
+        softcon.models.remote_shards.write_shard_file = _no_room  # type: ignore[assignment]
     data = dataset(store, raw=raw, threads=threads)
     me = psutil.Process()
     cpu_self, cpu_server = _cpu(me), _cpu(server)
@@ -106,6 +117,10 @@ def measure(
         seen += len(batch["raw" if raw else "image"])
     seconds = time.perf_counter() - started
     return Speed(seen / seconds, 1000 * (_cpu(me) - cpu_self) / seen, 1000 * (_cpu(server) - cpu_server) / seen)
+
+
+def _no_room(*args: Any) -> None:
+    raise OSError(28, "No space left on device (bench_loader_s3: the unshared side)")
 
 
 def measure_in_new_process(store: str, server_pid: int, **options: Any) -> Speed:
@@ -150,6 +165,7 @@ def main() -> None:
     parser.add_argument("--real", type=Path, metavar="DIR",
                         help="patches cut from the real S2 crop in DIR/sentinel2_l1c_virginia (tests/data/real) "
                              "instead of synthetic ones")  # fmt: skip
+    parser.add_argument("--no-s3fs", action="store_true", help="leave out the S3 side read through s3fs")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in bench_loader.py: the decode threads are the parallelism measured
 
@@ -178,28 +194,33 @@ def main() -> None:
                 ("CPU augment", "0 workers + 2 decode threads"): dict(raw=False, workers=0, threads=2),
                 ("CPU augment", "2 workers"): dict(raw=False, workers=2, threads=1),
             }
+            sides = [("local", str(local), "obstore", True), ("s3", url, "obstore", True)]
+            sides += [("unshared", url, "obstore", False)] + ([] if args.no_s3fs else [("s3fs", url, "s3fs", True)])
             results: dict[tuple[str, str], dict[str, list[Speed]]] = {}
             for _ in range(args.rounds):
                 for row, options in rows.items():
-                    for side, store, client in (("local", str(local), "obstore"), ("s3", url, "obstore"),
-                                                ("s3fs", url, "s3fs")):  # fmt: skip
+                    for side, store, client, shared in sides:
+                        if side == "unshared" and not options["workers"]:
+                            continue
                         run = measure_in_new_process if options["workers"] else measure
                         speed = run(store, server if run is measure else server.pid, **options,  # type: ignore[operator]
-                                    epochs=args.epochs, client=client)  # fmt: skip
+                                    epochs=args.epochs, client=client, shared=shared)  # fmt: skip
                         results.setdefault(row, {}).setdefault(side, []).append(speed)
 
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; batch 32, buffer 4 shards of {BLOCK}")
-    print(f"{'loader':<46} {'client':<8} {'local/s':>8} {'S3/s':>8} {'S3/local':>9} {'CPU-s/1k':>9} "
+    print(f"{'loader':<46} {'client':<17} {'local/s':>8} {'S3/s':>8} {'S3/local':>9} {'CPU-s/1k':>9} "
           f"{'S3 CPU-s/1k':>12} {'server CPU-s/1k':>16} {'CPU ratio':>9}  S3/local per round")  # fmt: skip
     for (kind, how), sides in results.items():
         local = sides["local"]
-        for side, client in (("s3", "obstore"), ("s3fs", "s3fs")):
+        for side, client in (("s3", "obstore"), ("unshared", "obstore, unshared"), ("s3fs", "s3fs")):
+            if side not in sides:
+                continue
             s3 = sides[side]
             ratios = [there.rate / here.rate for there, here in zip(s3, local, strict=True)]
             cpu_local, cpu_s3 = float(np.median([s.cpu for s in local])), float(np.median([s.cpu for s in s3]))
             cpu_server = float(np.median([s.server_cpu for s in s3]))
             print(
-                f"{kind + ', ' + how:<46} {client:<8} {max(s.rate for s in local):>8.0f} "
+                f"{kind + ', ' + how:<46} {client:<17} {max(s.rate for s in local):>8.0f} "
                 f"{max(s.rate for s in s3):>8.0f} {float(np.median(ratios)):>9.2f} {cpu_local:>9.2f} "
                 f"{cpu_s3:>12.2f} {cpu_server:>16.2f} "
                 f"{cpu_local / (cpu_s3 + cpu_server):>9.2f}  " + " ".join(f"{r:.2f}" for r in ratios)

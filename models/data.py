@@ -32,18 +32,19 @@ Two ways to apply normalization and augmentation, with identical results:
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
-import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from softcon.compat.torch_internals import storage_use_count
 from softcon.compat.zarr_internals import chunk_key, sharding_layout
-from softcon.models.range_reads import RangeReads, range_reads
+from softcon.models.range_reads import range_reads
+from softcon.models.remote_shards import EMPTY_CHUNK, RemoteShards, check_shard_index, shared_shard_dir
 from softcon.models.training_store import open_store
 
 Sensor = Literal["s2", "s1"]
@@ -61,132 +63,6 @@ SSL4EO_CROP_SIZE = 224
 """Random crop at training time of SSL4EO-S12 / SoftCon (from 264 px patches)."""
 N_AUG = 5
 """Per-view augmentation parameters: top, left, flip along width, flip along height, quarter turns."""
-
-
-_EMPTY_CHUNK = np.uint64(2**64 - 1)
-WHOLE_SHARD_FRACTION = 0.5
-"""On object storage a shard's chunks are fetched in one GET of the whole shard when the samples the dataset can
-ask for hold at least this fraction of its bytes; otherwise as coalesced byte ranges."""
-MAX_RANGE_GAP = 1 << 20
-"""Byte ranges of one shard closer than this are fetched as one (one request costs more than a MiB on the wire)."""
-
-
-def coalesce_ranges(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
-    """Sorted [start, stop) byte ranges, those at most ``max_gap`` apart merged into one."""
-    order = np.argsort(starts, kind="stable")
-    merged: list[tuple[int, int]] = []
-    for start, stop in zip(starts[order].tolist(), stops[order].tolist(), strict=True):
-        if merged and start - merged[-1][1] <= max_gap:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
-        else:
-            merged.append((start, stop))
-    return merged
-
-
-def check_shard_index(raw: bytes | memoryview, per_shard: int, where: str) -> np.ndarray:
-    """(per_shard, 2) uint64 offsets and sizes from a shard's index bytes (CRC32C checked)."""
-    raw = bytes(raw)  # 16 bytes per sample: the copy is nothing beside the fetch
-    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-        raise ValueError(f"shard index checksum mismatch in {where}: the training store is corrupt")
-    return np.frombuffer(raw[:-4], dtype="<u8").reshape(per_shard, 2)
-
-
-@dataclass(frozen=True)
-class FetchedShard:
-    """What was fetched of one shard on object storage: its index and the compressed bytes of its chunks."""
-
-    index: np.ndarray | None
-    """(per_shard, 2) offsets and sizes; None for a shard not written (every sample is the fill value)."""
-    chunks: dict[int, memoryview]
-    """Position in the shard -> that inner chunk's compressed bytes (the positions the dataset can ask for)."""
-
-
-class RemoteShards:
-    """The shards of one array on object storage, fetched ahead of use with ranged GETs and kept in an LRU.
-
-    A shard costs one GET of its index (a suffix range: its size is known from the codec, 16 bytes per inner
-    chunk + a CRC32C) and one GET of its chunks: the whole shard when the samples that can be asked for
-    (``wanted``, the dataset's split) hold most of its bytes, else their byte ranges, coalesced. Fetches run on
-    their own threads (``prefetch``), so the loader asks for the next shards while it decodes the current ones.
-    ``reads`` fetches the bytes (``models/range_reads.py``: obstore for ``s3://``, else fsspec), with the
-    credentials the rest of the project uses (the ``AWS_*`` variables for ``s3://``).
-    """
-
-    def __init__(
-        self, reads: RangeReads, path: Callable[[int], str], per_shard: int, wanted: np.ndarray | None
-    ) -> None:
-        self.reads = reads
-        self.path = path
-        self.per_shard = per_shard
-        self.wanted = wanted
-        self.capacity = 8
-        self.requests = 0
-        """GET requests made (index and chunk ranges): what the tests count."""
-        self._shards: OrderedDict[int, Future[FetchedShard]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(4, thread_name_prefix="softcon-fetch")
-
-    def prefetch(self, shards: Iterable[int]) -> None:
-        """Start fetching ``shards`` (those not already held or in flight)."""
-        for shard in shards:
-            self._future(shard)
-
-    def get(self, shard: int) -> FetchedShard:
-        """The fetched shard, waiting for it when it is still on its way."""
-        return self._future(shard).result()
-
-    def read_range(self, shard: int, start: int, stop: int) -> bytes | memoryview:
-        """Bytes [start, stop) of a shard, one GET (a chunk that was not among the wanted ones)."""
-        self._count(1)
-        return self.reads.ranges(self.path(shard), [start], [stop])[0]
-
-    def _count(self, requests: int) -> None:
-        with self._lock:
-            self.requests += requests
-
-    def _future(self, shard: int) -> Future[FetchedShard]:
-        with self._lock:
-            future = self._shards.get(shard)
-            if future is None:
-                future = self._shards[shard] = self._pool.submit(self._fetch, shard)
-            self._shards.move_to_end(shard)
-            while len(self._shards) > self.capacity:
-                self._shards.popitem(last=False)
-            return future
-
-    def _fetch(self, shard: int) -> FetchedShard:
-        path = self.path(shard)
-        self._count(1)
-        try:
-            raw = self.reads.suffix(path, 16 * self.per_shard + 4)
-        except FileNotFoundError:
-            return FetchedShard(None, {})
-        index = check_shard_index(raw, self.per_shard, path)
-        written = np.flatnonzero(index[:, 0] != _EMPTY_CHUNK)
-        positions = written
-        if self.wanted is not None:
-            first = shard * self.per_shard
-            lo, hi = np.searchsorted(self.wanted, [first, first + self.per_shard])
-            positions = np.intersect1d(written, self.wanted[lo:hi] - first)
-        if not len(positions):
-            return FetchedShard(index, {})
-        starts, sizes = index[positions, 0].astype(np.int64), index[positions, 1].astype(np.int64)
-        all_bytes = int(index[written, 1].sum())
-        if sizes.sum() >= WHOLE_SHARD_FRACTION * all_bytes:
-            every = index[written].astype(np.int64)
-            ranges = [(int(every[:, 0].min()), int((every[:, 0] + every[:, 1]).max()))]
-        else:
-            ranges = coalesce_ranges(starts, starts + sizes, MAX_RANGE_GAP)
-        self._count(len(ranges))
-        blobs = self.reads.ranges(path, [r[0] for r in ranges], [r[1] for r in ranges])
-        range_starts = np.array([r[0] for r in ranges], np.int64)
-        which = np.searchsorted(range_starts, starts, side="right") - 1  # the range holding each chunk
-        chunks = {}
-        for position, start, size, r in zip(positions.tolist(), starts.tolist(), sizes.tolist(), which.tolist(),
-                                            strict=True):  # fmt: skip
-            offset = start - ranges[r][0]
-            chunks[position] = memoryview(blobs[r])[offset : offset + size]
-        return FetchedShard(index, chunks)
 
 
 class SampleReader:
@@ -250,6 +126,12 @@ class SampleReader:
             self.remote.capacity = self.index_cache
             self.remote.prefetch(sorted({sample // self.per_shard for sample in samples}))
 
+    def hand_out(self, samples: Iterable[int], batch: int, keep: int) -> None:
+        """The main process of a loader with workers hands out batch number ``batch``, which reads ``samples``:
+        see ``RemoteShards.hand_out`` (nothing for a local store)."""
+        if self.remote is not None:
+            self.remote.hand_out(sorted({sample // self.per_shard for sample in samples}), batch, keep)
+
     def _index(self, shard: int) -> np.ndarray | None:
         """(per_shard, 2) uint64 offsets and sizes of a shard's samples, None for a shard not written."""
         with self._lock:
@@ -303,7 +185,7 @@ class SampleReader:
         if self.remote is not None:
             self.remote.capacity = self.index_cache
             fetched = self.remote.get(shard)
-            if fetched.index is None or fetched.index[position, 0] == _EMPTY_CHUNK:
+            if fetched.index is None or fetched.index[position, 0] == EMPTY_CHUNK:
                 return None
             data = fetched.chunks.get(position)
             if data is None:  # a sample outside ``wanted``
@@ -311,7 +193,7 @@ class SampleReader:
                 return self.remote.read_range(shard, offset, offset + size)
             return data
         index = self._index(shard)
-        if index is None or index[position, 0] == _EMPTY_CHUNK:
+        if index is None or index[position, 0] == EMPTY_CHUNK:
             return None
         offset, size = (int(v) for v in index[position])
         assert self.root is not None
@@ -518,6 +400,9 @@ class StoreDataset(Dataset):
         self._pool: ThreadPoolExecutor | None = None  # the decode threads
         self._table: np.ndarray | None = None  # (C, 65536) normalised values of uint16 (or uint8) inputs
         self._batches = BatchPool()  # batch tensors of the main-process path, handed out again once free
+        self._process = os.getpid()  # the process the readers and threads above belong to
+        self.shared_shards: tuple[str, int] | None = None
+        """(directory, pid of the loader's main process) while ``make_loader`` shares fetched shards with workers."""
 
     @property
     def in_chans(self) -> int:
@@ -534,25 +419,60 @@ class StoreDataset(Dataset):
         # DataLoader workers reopen the store and start with an empty cache
         state = self.__dict__.copy()
         state["_reader"] = state["_mask_reader"] = state["_local"] = state["_pool"] = state["_table"] = None
+        state["_process"] = None
         return state
+
+    def _own_process(self) -> None:
+        """Drop the readers and threads of another process: a forked worker inherits the dataset unpickled, with
+        thread pools whose threads (and fetches in flight) stayed behind in its parent."""
+        if self._process != os.getpid():
+            self._reader = self._mask_reader = self._local = self._pool = self._table = None
+            self._batches = BatchPool()
+            self._process = os.getpid()
 
     @property
     def reader(self) -> SampleReader:
         """This process's reader of the image array (opened on first use, so again in each worker)."""
+        self._own_process()
         if self._reader is None:
-            array = _array(zarr.open_group(self.store, mode="r"), self.sensor)
-            self._reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
+            self._reader = self._open_reader(self.sensor)
         self._reader.index_cache = self.cache_blocks  # make_loader may have raised it
         return self._reader
 
     @property
     def mask_reader(self) -> SampleReader:
         """This process's reader of the ``masks`` array (opened on first use)."""
+        self._own_process()
         if self._mask_reader is None:
-            array = _array(zarr.open_group(self.store, mode="r"), "masks")
-            self._mask_reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
+            self._mask_reader = self._open_reader("masks")
         self._mask_reader.index_cache = self.cache_blocks
         return self._mask_reader
+
+    def _open_reader(self, name: str) -> SampleReader:
+        array = _array(zarr.open_group(self.store, mode="r"), name)
+        reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
+        if reader.remote is not None and self.shared_shards is not None and self.shared_shards[1] != os.getpid():
+            reader.remote.shared = Path(self.shared_shards[0]) / name  # a worker: the main process fetches
+        return reader
+
+    def _readers(self) -> list[SampleReader]:
+        return [self.reader, self.mask_reader] if self.masks else [self.reader]
+
+    def share_shards(self, directory: Path | None) -> None:
+        """Have the workers of the next loader read the shards this process fetches from files in ``directory``
+        (None: each process fetches its own)."""
+        self.shared_shards = (str(directory), os.getpid()) if directory is not None else None
+        for reader in self._readers():
+            if reader.remote is not None:
+                reader.remote.start_publishing(None)
+
+    def publish_shards(self, on: bool) -> None:
+        """Start (or stop) writing the shards this process fetches to the ``share_shards`` directory."""
+        if self.shared_shards is None:
+            return
+        for name, reader in zip((self.sensor, "masks"), self._readers(), strict=False):
+            if reader.remote is not None:
+                reader.remote.start_publishing(Path(self.shared_shards[0]) / name if on else None)
 
     def view_size(self) -> tuple[int, int]:
         """(H', W') of a view: the crop, or the whole patch."""
@@ -571,12 +491,30 @@ class StoreDataset(Dataset):
         return self.reader.indexes
 
     def prefetch(self, positions: Iterable[int]) -> None:
-        """Start fetching what the samples at dataset ``positions`` need from object storage (their shards), so
-        that it arrives while earlier batches decode; nothing for a local store."""
-        samples = self.indices[np.asarray(list(positions), dtype=np.int64)].tolist()
-        self.reader.prefetch(samples)
+        """Start fetching what the samples at dataset ``positions`` need from object storage (their shards, and
+        for two views those of their locations' first and last dates), so that it arrives while earlier batches
+        decode; nothing for a local store."""
+        samples = self.indices[np.asarray(list(positions), dtype=np.int64)]
+        self.reader.prefetch(self._reads(samples))
         if self.masks:
-            self.mask_reader.prefetch(samples)
+            self.mask_reader.prefetch(samples.tolist())
+
+    def hand_out(self, positions: Iterable[int], batch: int, keep: int) -> None:
+        """The loader's main process hands batch number ``batch`` (``positions``) to a worker: wait until what it
+        reads is fetched and shared, and delete what no batch since ``batch - keep`` reads."""
+        samples = self.indices[np.asarray(list(positions), dtype=np.int64)]
+        self.reader.hand_out(self._reads(samples), batch, keep)
+        if self.masks:
+            self.mask_reader.hand_out(samples.tolist(), batch, keep)
+
+    def _reads(self, samples: np.ndarray) -> list[int]:
+        """Store samples whose shards a batch of ``samples`` reads: themselves and, for view b, another date of
+        the same location (a location's dates are consecutive in the store: its first and last cover them)."""
+        if not self.two_views:
+            return samples.tolist()
+        i = np.searchsorted(self.indices, samples)
+        first, last = self._by_location[self._run_start[i]], self._by_location[self._run_stop[i] - 1]
+        return np.concatenate([samples, first, last]).tolist()
 
     def read_sample(self, sample: int) -> np.ndarray:
         """Raw (C, H, W) values of one store sample: one byte-range read of its shard, one decode."""
@@ -722,6 +660,7 @@ class StoreDataset(Dataset):
             for b in range(n):
                 work(b)
             return
+        self._own_process()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="softcon-decode")
         for _ in self._pool.map(work, range(n)):  # re-raises the first error
@@ -942,27 +881,53 @@ class BlockShuffleSampler(Sampler[int]):
 class PrefetchingBatches(Sampler[list[int]]):
     """A batch sampler's batches, each handed to ``dataset.prefetch`` ``ahead`` samples before it is loaded.
 
-    For a store on object storage read in the main process (``num_workers=0``): the shards of the next buffer are
-    on their way while the current one decodes. The batches themselves are ``batches``' own, unchanged.
+    For a store on object storage: the shards of the next buffer are on their way while the current one decodes.
+    With DataLoader workers (``share``: the directory ``make_loader`` made) this process is the only one that
+    fetches: every shard it fetches is written there for the workers, a batch goes to a worker only once its
+    shards are written, and a shard's file is deleted once ``keep`` later batches went out (the DataLoader has
+    at most ``num_workers * prefetch_factor`` batches in flight, so the worker that read it is done). The
+    directory goes with this object. The batches themselves are ``batches``' own, unchanged.
     """
 
-    def __init__(self, batches: Sampler[list[int]], dataset: StoreDataset, ahead: int) -> None:
+    def __init__(
+        self, batches: Sampler[list[int]], dataset: StoreDataset, ahead: int, *, share: Path | None = None,
+        keep: int = 0,
+    ) -> None:  # fmt: skip
         self.batches = batches
         self.sampler = getattr(batches, "sampler", None)
         self.dataset = dataset
         self.ahead = ahead
+        self.share = share
+        self.keep = keep
+        if share is not None:
+            weakref.finalize(self, shutil.rmtree, share, ignore_errors=True)
 
     def __iter__(self) -> Iterator[list[int]]:
-        queue: deque[list[int]] = deque()
-        queued = 0  # samples in the queue
-        for batch in self.batches:
-            self.dataset.prefetch(batch)
-            queue.append(batch)
-            queued += len(batch)
-            while queued - len(queue[0]) >= self.ahead:  # the batches behind the first cover the look-ahead
-                queued -= len(queue[0])
-                yield queue.popleft()
-        yield from queue
+        if self.share is not None:
+            self.dataset.publish_shards(True)
+        handed = 0
+        try:
+            queue: deque[list[int]] = deque()
+            queued = 0  # samples in the queue
+            for batch in self.batches:
+                self.dataset.prefetch(batch)
+                queue.append(batch)
+                queued += len(batch)
+                while queued - len(queue[0]) >= self.ahead:  # the batches behind the first cover the look-ahead
+                    queued -= len(queue[0])
+                    yield self._handed_out(queue.popleft(), handed)
+                    handed += 1
+            for batch in queue:
+                yield self._handed_out(batch, handed)
+                handed += 1
+        finally:
+            if self.share is not None:
+                self.dataset.publish_shards(False)
+
+    def _handed_out(self, batch: list[int], number: int) -> list[int]:
+        if self.share is not None:
+            self.dataset.hand_out(batch, number, self.keep)
+        return batch
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
@@ -1003,9 +968,10 @@ def make_loader(
             an epoch's global batches from a resumed position. When its ``sampler`` attribute is a
             ``BlockShuffleSampler``, the cache is raised to that sampler's buffer.
         num_workers: worker processes reading and decoding (0: in the main process), forked or spawned (the dataset
-            pickles without its readers, caches and batch pool). On object storage, 0 also
-            fetches the shards one buffer ahead (``PrefetchingBatches``); a worker fetches its batch's shards when it
-            gets the batch (each worker its own copy, so several workers fetch a buffer's shards several times).
+            pickles without its readers, caches and batch pool). On object storage the main process fetches
+            the shards one buffer ahead (``PrefetchingBatches``); with workers it fetches each shard once for all
+            of them and shares it through a temporary directory (``/dev/shm`` when it has room, else ``TMPDIR``;
+            a few buffers of shards at a time, removed with the loader), see ``models/remote_shards.py``.
         pin_memory: page-locked batches for fast, asynchronous host-to-GPU copies; default when CUDA is
             available.
         drop_last: drop the last incomplete batch.
@@ -1029,11 +995,18 @@ def make_loader(
     order = getattr(batch_sampler, "sampler", None)  # BatchSampler and ShardedBatchSampler keep the order they cut
     buffer_blocks = order.buffer_blocks if isinstance(order, BlockShuffleSampler) else 1
     dataset.cache_blocks = max(dataset.cache_blocks, buffer_blocks)
+    dataset.share_shards(None)
+    ahead = buffer_blocks * dataset.block_size
     if num_workers == 0 and dataset.reader.remote is not None:
         # Object storage: the next buffer's shards are fetched while this one decodes, so twice the buffer is held
         # (and a shard each side for other dates across a shard's edge).
         dataset.cache_blocks = max(dataset.cache_blocks, 2 * buffer_blocks + 2)
-        batch_sampler = PrefetchingBatches(batch_sampler, dataset, buffer_blocks * dataset.block_size)
+        batch_sampler = PrefetchingBatches(batch_sampler, dataset, ahead)
+    elif dataset.reader.remote is not None:
+        share = shared_shard_dir()
+        dataset.share_shards(share)  # before the DataLoader forks or pickles the dataset for its workers
+        keep = num_workers * prefetch_factor + 1
+        batch_sampler = PrefetchingBatches(batch_sampler, dataset, ahead, share=share, keep=keep)
     workers: dict[str, Any] = (
         {"prefetch_factor": prefetch_factor, "worker_init_fn": _one_thread_per_worker} if num_workers else {}
     )

@@ -21,11 +21,11 @@ from softcon.models.data import (
     SampleReader,
     StoreDataset,
     apply_view_params,
-    coalesce_ranges,
     collate_batch,
     make_loader,
 )
 from softcon.models.distributed import ShardedBatchSampler
+from softcon.models.remote_shards import coalesce_ranges
 
 
 @pytest.fixture(scope="module")

@@ -138,8 +138,12 @@ def test_loader_reads_an_s3_store_by_shards_with_the_local_batches(
 
 FORKED_READ = """
 import sys, torch
+from softcon.models import remote_shards
 from softcon.models.data import StoreDataset, make_loader
 local, url = sys.argv[1:3]
+def full(*args):
+    raise OSError(28, "No space left on device")
+remote_shards.write_shard_file = full  # nothing can be shared: every worker fetches its own shards
 def batches(store, workers):
     return list(make_loader(StoreDataset(store, seed=3), 8, num_workers=workers))
 first = batches(url, 0)  # obstore's runtime starts in this process
@@ -150,50 +154,74 @@ print("batches", len(first))
 """
 
 
-FRESH_WORKERS = """
-import sys, torch
-from softcon.models import range_reads
+SHARED_FETCHES = """
+import gc, os, sys, torch
+from pathlib import Path
+from softcon.models import remote_shards
 from softcon.models.data import StoreDataset, make_loader
-local, url = sys.argv[1:3]
-def refuse(*args, **kwargs):
-    raise AssertionError("a DataLoader worker read through fsspec, not obstore")
-range_reads.FsspecRanges.ranges = range_reads.FsspecRanges.suffix = refuse  # inherited by the forked workers
-s3 = list(make_loader(StoreDataset(url, seed=3), 8, num_workers=2))
-assert range_reads._runtime_pid is None, "the main process used obstore"
-for one, other in zip(list(make_loader(StoreDataset(local, seed=3), 8)), s3, strict=True):
-    assert all(torch.equal(one[k], other[k]) for k in one)
+local, url, out, fetches = sys.argv[1:5]
+fetch = remote_shards.RemoteShards._fetch_remote
+def logged(self, shard):  # inherited by forked workers: every GET of a shard, by process
+    with open(fetches, "a") as file:
+        file.write(f"{os.getpid()} {self.path(shard)}\\n")
+    return fetch(self, shard)
+remote_shards.RemoteShards._fetch_remote = logged
+expected = list(make_loader(StoreDataset(local, seed=3), 8))
+dataset = StoreDataset(url, seed=3)
+loader = make_loader(dataset, 8, num_workers=2)
+share = Path(dataset.shared_shards[0])
+for epoch in range(2):  # the second epoch's workers are forked after this process used obstore
+    for one, other in zip(expected, loader, strict=True):
+        assert all(torch.equal(one[k], other[k]) for k in one)
+    print("epoch", epoch, "files left", sum(1 for _ in share.rglob("*")))
+del loader
+gc.collect()
+assert not share.exists(), "the shared shards outlived their loader"
 from softcon.config import TrainConfig
 from softcon.tasks.train import run_training
 result = run_training(TrainConfig(
-    store=url, out=sys.argv[3], backbone="resnet18", steps=2, batch_size=8, warmup_steps=1, mask_patch=4,
+    store=url, out=out, backbone="resnet18", steps=2, batch_size=8, warmup_steps=1, mask_patch=4,
     embed_dim=16, device="cpu", num_workers=2,
 ))
-assert range_reads._runtime_pid is None, "softcon train's main process used obstore"
-print("batches", len(s3), "steps", result.steps)
+print("main", os.getpid(), "steps", result.steps)
 """
 
 
-def test_dataloader_workers_of_a_process_that_has_not_used_obstore_read_through_it(s3_env, tmp_path: Path) -> None:
-    """``make_loader`` and ``softcon train`` with workers: the main process only opens the store, so each forked
-    worker starts obstore's runtime itself and fetches through it (fsspec is only the fallback after a fork)."""
+def test_dataloader_workers_read_the_shards_the_main_process_fetched_once(s3_env, tmp_path: Path) -> None:
+    """With workers (``make_loader`` and ``softcon train``) the main process fetches each shard once per epoch and
+    the workers read it from the shared directory, never from S3: before, every worker fetched every shard of its
+    batches (the traffic times the workers). Batches equal the local store's; the directory goes with the loader."""
     import fsspec
+    import numpy as np
     from store_factory import write_store
+
+    from softcon.models.data import StoreDataset
 
     local = write_store(tmp_path / "store.zarr", sharded=True, chunk=8).path
     url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
     fsspec.filesystem("s3").put(str(local), url, recursive=True)
+    fetches = tmp_path / "fetches.txt"
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_WORKERS, str(local), url, str(tmp_path / "run")], capture_output=True,
-        text=True, timeout=180,
-        cwd=Path(__file__).resolve().parent,
+        [sys.executable, "-c", SHARED_FETCHES, str(local), url, str(tmp_path / "run"), str(fetches)],
+        capture_output=True, text=True, timeout=180, cwd=Path(__file__).resolve().parent,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    main = result.stdout.split("main ")[1].split()[0]
     assert "steps 2" in result.stdout
+    lines = [line.split() for line in fetches.read_text().splitlines()]
+    assert {pid for pid, _ in lines} == {main}, "a DataLoader worker fetched a shard from S3"
+    dataset = StoreDataset(local, seed=3)
+    shards = len(np.unique(dataset.indices // dataset.block_size))
+    loader_fetches = lines[: 2 * shards]  # the two epochs of make_loader; run_training's follow
+    assert len({path for _, path in loader_fetches}) == shards  # each shard once per epoch
+    for epoch in range(2):
+        assert len({path for _, path in loader_fetches[epoch * shards : (epoch + 1) * shards]}) == shards
 
 
 def test_dataloader_workers_forked_after_obstore_was_used_read_the_same_batches(s3_env, tmp_path: Path) -> None:
-    """obstore's runtime does not survive a fork: forked workers of a process that used it read through fsspec
-    (before, they hung)."""
+    """When the shards cannot be shared (``/dev/shm`` or ``TMPDIR`` full) each worker fetches its own; obstore's
+    runtime does not survive a fork, so forked workers of a process that used it read through fsspec (before,
+    they hung)."""
     import fsspec
     from store_factory import write_store
 
@@ -206,6 +234,7 @@ def test_dataloader_workers_forked_after_obstore_was_used_read_the_same_batches(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batches" in result.stdout
+    assert "cannot share fetched shards" in result.stderr
 
 
 def test_obstore_range_reads_match_s3fs_and_raise_the_built_in_errors(s3_env) -> None:
