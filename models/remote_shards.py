@@ -39,6 +39,7 @@ MAX_RANGE_GAP = 1 << 20
 SHM_FREE_BYTES = 2 << 30
 """``/dev/shm`` holds the shared shards when it has at least this much free (a container's default 64 MB has not)."""
 _FILE_MAGIC = b"softcon-shard-v1"
+_DIR_PREFIX = "softcon-shards-"
 
 
 def coalesce_ranges(starts: np.ndarray, stops: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
@@ -117,12 +118,33 @@ def read_shard_file(path: Path, per_shard: int) -> FetchedShard | None:
 
 def shared_shard_dir() -> Path:
     """A new directory for the shards a loader's main process shares with its workers: in ``/dev/shm`` (memory)
-    when it has ``SHM_FREE_BYTES`` free, else in the temporary directory (``TMPDIR``)."""
-    root = None
+    when it has ``SHM_FREE_BYTES`` free, else in the temporary directory (``TMPDIR``). The loader removes it; those
+    left by a killed process (its pid is in the name) are removed here."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= SHM_FREE_BYTES:
-        root = shm
-    return Path(tempfile.mkdtemp(prefix="softcon-shards-", dir=root))
+    roots = [shm] if shm.is_dir() and os.access(shm, os.W_OK) else []
+    roots.append(Path(tempfile.gettempdir()))
+    for root in roots:
+        remove_orphaned_shard_dirs(root)
+    root = shm if roots[0] == shm and shutil.disk_usage(shm).free >= SHM_FREE_BYTES else None
+    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=root))
+
+
+def remove_orphaned_shard_dirs(root: Path) -> None:
+    """Remove the shared-shard directories in ``root`` whose process is gone."""
+    for folder in root.glob(f"{_DIR_PREFIX}*-*"):
+        pid = folder.name[len(_DIR_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class RemoteShards:

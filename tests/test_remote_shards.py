@@ -5,6 +5,7 @@ files go once no batch in flight can need them, and a full directory leaves the 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,3 +140,20 @@ def test_a_full_directory_leaves_the_workers_to_fetch_their_own(
     worker = shards(MemoryReads(objects))
     worker.shared = tmp_path
     assert len(worker.get(2).chunks) == PER_SHARD  # no file: the worker fetches
+
+
+def test_share_directories_left_by_a_killed_process_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from softcon.models.remote_shards import remove_orphaned_shard_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"softcon-shards-{int(gone.stdout)}-abc"
+    mine = tmp_path / f"softcon-shards-{os.getpid()}-def"
+    other = tmp_path / "softcon-shards-notapid-x"
+    for folder in (orphan, mine, other):
+        folder.mkdir()
+        (folder / "0").write_bytes(b"x")
+    remove_orphaned_shard_dirs(tmp_path)
+    assert not orphan.exists() and mine.exists() and other.exists()
