@@ -900,7 +900,7 @@ class PrefetchingBatches(Sampler[list[int]]):
         self.share = share
         self.keep = keep
         if share is not None:
-            weakref.finalize(self, shutil.rmtree, share, ignore_errors=True)
+            weakref.finalize(self, _remove_share, share, os.getpid())
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.share is not None:
@@ -931,6 +931,12 @@ class PrefetchingBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
+
+
+def _remove_share(share: Path, owner: int) -> None:
+    """Remove a loader's shared-shard directory, in its own process only (not in a forked child that exits)."""
+    if os.getpid() == owner:
+        shutil.rmtree(share, ignore_errors=True)
 
 
 def _one_thread_per_worker(worker_id: int) -> None:
