@@ -201,14 +201,14 @@ class RemoteShards:
 
     def start_publishing(self, directory: Path | None) -> None:
         """Write every shard fetched from now on to ``directory`` (None: stop). Either way the shards held are
-        forgotten, so that none is held without its file or without its chunks; starting again deletes the files
-        of the last run (its workers are gone)."""
+        forgotten, so that none is held without its file or without its chunks; starting again empties the
+        directory (the last run's workers are gone)."""
         with self._lock:
             self._shards.clear()
             if directory is not None:
                 directory.mkdir(parents=True, exist_ok=True)
-                for shard in self._handed:
-                    (directory / str(shard)).unlink(missing_ok=True)
+                for file in directory.iterdir():
+                    file.unlink(missing_ok=True)
                 self._handed.clear()
             self.publish = directory
             self._unwritable = False
