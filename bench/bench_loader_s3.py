@@ -22,7 +22,7 @@ the best round's samples/s on each side, the median of the per-round S3/local ra
 CPU-seconds of this process and of the S3 server per 1,000 samples (the server shares the machine's cores), and the
 CPU ratio: local CPU-seconds per sample over S3's (client + server), the throughput ratio when every core is busy.
 
-    python bench/bench_loader_s3.py                            # about 9 minutes on 2 cores
+    python bench/bench_loader_s3.py                            # about 13 minutes on 2 cores (10 with --no-s3fs)
     python bench/bench_loader_s3.py --real tests/data/real     # patches cut from real Sentinel-2 (0.56 MB each)
 """
 
