@@ -277,3 +277,35 @@ def test_wrong_credentials_stop_preprocess_with_the_cube_named_and_the_secret_un
     assert f"PermissionError: access to cube {cube!r} was denied" in result.stderr
     assert "AWS_SECRET_ACCESS_KEY" in result.stderr  # says where the credentials come from
     assert wrong not in result.stderr + result.stdout
+
+
+CORRUPT_SHARD = """
+import sys
+from softcon.models.data import StoreDataset, make_loader
+try:
+    list(make_loader(StoreDataset(sys.argv[1], seed=3), 8, num_workers=2))
+except ValueError as error:
+    print("raised:", error)
+"""
+
+
+def test_a_corrupt_shard_stops_a_loader_with_workers_with_the_shard_named(s3_env, tmp_path: Path) -> None:
+    """The main process fetches for the workers, so a shard whose index fails its checksum raises there, naming the
+    shard, instead of leaving workers waiting for a file that never comes."""
+    import fsspec
+    from store_factory import write_store
+
+    local = write_store(tmp_path / "store.zarr", sharded=True, chunk=8).path
+    url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr"
+    fs = fsspec.filesystem("s3")
+    fs.put(str(local), url, recursive=True)
+    shard = sorted(fs.find(f"{url}/s2/c"))[1]
+    data = fs.cat_file(shard)
+    fs.pipe_file(shard, data[:-4] + bytes(4))  # the index's CRC32C no longer matches
+    result = subprocess.run(
+        [sys.executable, "-c", CORRUPT_SHARD, url], capture_output=True, text=True, timeout=180,
+        cwd=Path(__file__).resolve().parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raised: shard index checksum mismatch in" in result.stdout
+    assert shard.split("/", 1)[1] in result.stdout and "the training store is corrupt" in result.stdout
