@@ -125,8 +125,8 @@ def shared_shard_dir() -> Path:
     roots.append(Path(tempfile.gettempdir()))
     for root in roots:
         remove_orphaned_shard_dirs(root)
-    root = shm if roots[0] == shm and shutil.disk_usage(shm).free >= SHM_FREE_BYTES else None
-    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=root))
+    in_memory = roots[0] == shm and shutil.disk_usage(shm).free >= SHM_FREE_BYTES
+    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=shm if in_memory else None))
 
 
 def remove_orphaned_shard_dirs(root: Path) -> None:
