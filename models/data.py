@@ -452,7 +452,7 @@ class StoreDataset(Dataset):
         array = _array(zarr.open_group(self.store, mode="r"), name)
         reader = SampleReader(array, index_cache=self.cache_blocks, wanted=self.indices)
         if reader.remote is not None and self.shared_shards is not None and self.shared_shards[1] != os.getpid():
-            reader.remote.shared = Path(self.shared_shards[0]) / name  # a worker: the main process fetches
+            reader.remote.shared = Path(self.shared_shards[0]) / array.path  # a worker: the main process fetches
         return reader
 
     def _readers(self) -> list[SampleReader]:
@@ -470,9 +470,9 @@ class StoreDataset(Dataset):
         """Start (or stop) writing the shards this process fetches to the ``share_shards`` directory."""
         if self.shared_shards is None:
             return
-        for name, reader in zip((self.sensor, "masks"), self._readers(), strict=False):
+        for reader in self._readers():
             if reader.remote is not None:
-                reader.remote.start_publishing(Path(self.shared_shards[0]) / name if on else None)
+                reader.remote.start_publishing(Path(self.shared_shards[0]) / reader.array.path if on else None)
 
     def view_size(self) -> tuple[int, int]:
         """(H', W') of a view: the crop, or the whole patch."""
